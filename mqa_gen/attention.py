@@ -1,0 +1,95 @@
+"""The attention block of a decoder layer: Multi-Query / Grouped-Query self-attention with RoPE.
+
+For one layer and T new tokens x [T, d_model] (Shazeer 2019; Ainslie et al. 2023; Su et al. 2021):
+
+    q = x W_qᵀ → [T, n_heads,    head_dim]      RoPE(q) at absolute positions
+    k = x W_kᵀ → [T, n_kv_heads, head_dim]      RoPE(k), then k and v are written into the cache
+    v = x W_vᵀ → [T, n_kv_heads, head_dim]
+    o_h = softmax(q_h Kᵀ_{h//G} / √head_dim) V_{h//G}   causal, G = n_heads / n_kv_heads
+    out = concat_h(o_h) W_oᵀ → [T, d_model]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cache import KVCache
+from .kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rope
+from .kernels.attention import DECODE_BLOCK
+
+
+class DecodeScratch:
+    """Reusable float32 work buffers of the decode attention kernel, sized for ``max_seq_len``:
+    ``scores`` [n_heads, max_seq_len] and ``partial`` [ceil(max_seq_len / block), n_heads, head_dim]."""
+
+    def __init__(self, n_heads: int, head_dim: int, max_seq_len: int):
+        n_blocks = -(-max_seq_len // DECODE_BLOCK)
+        self.max_seq_len = max_seq_len
+        self.scores = np.empty((n_heads, max_seq_len), dtype=np.float32)
+        self.partial = np.empty((n_blocks, n_heads, head_dim), dtype=np.float32)
+        self.out = np.empty((n_heads, head_dim), dtype=np.float32)
+
+
+class Attention:
+    """Causal MQA/GQA/MHA self-attention with RoPE over a :class:`~mqa_gen.cache.KVCache`.
+
+    Args:
+        wq: float32 [n_heads·head_dim, d_model]; wk, wv: float32 [n_kv_heads·head_dim, d_model];
+            wo: float32 [d_model, n_heads·head_dim] (PyTorch ``Linear`` layout: y = x Wᵀ).
+        n_heads, n_kv_heads, head_dim: ints, n_heads divisible by n_kv_heads.
+        rope_interleaved: RoPE pairing the Q/K rows expect (True for GGUF llama files).
+
+    Raises:
+        ValueError: inconsistent shapes or head counts.
+    """
+
+    def __init__(self, wq, wk, wv, wo, n_heads: int, n_kv_heads: int, head_dim: int, rope_interleaved: bool):
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+        if wq.shape[0] != n_heads * head_dim or wo.shape[1] != n_heads * head_dim:
+            raise ValueError(f"W_q/W_o do not fit {n_heads} heads of {head_dim}")
+        if wk.shape[0] != n_kv_heads * head_dim or wv.shape != wk.shape:
+            raise ValueError(f"W_k/W_v do not fit {n_kv_heads} KV heads of {head_dim}")
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_interleaved = rope_interleaved
+        self.scale = np.float32(1.0 / np.sqrt(head_dim))
+
+    def __call__(self, x: np.ndarray, cache: KVCache, layer: int, cos: np.ndarray, sin: np.ndarray,
+                 scratch: DecodeScratch) -> np.ndarray:
+        """Attend T new tokens x (float32 [T, d_model]) at positions cache.length .. +T-1.
+
+        cos, sin: float32 [T, head_dim/2] for those positions. Writes this layer's K/V rows into
+        ``cache`` (the caller advances ``cache.length`` after the last layer). Returns float32
+        [T, d_model].
+        """
+        T = x.shape[0]
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = (x @ self.wq.T).reshape(T, H, D)  # (T, H, D)
+        k = (x @ self.wk.T).reshape(T, KV, D)  # (T, KV, D)
+        v = (x @ self.wv.T).reshape(T, KV, D)  # (T, KV, D)
+        rope(q, cos, sin, self.rope_interleaved)
+        rope(k, cos, sin, self.rope_interleaved)
+        cache.write(layer, k, v)
+        start = cache.length
+        k_cache, v_cache = cache.keys[layer], cache.values[layer]
+        if T == 1:
+            attention_decode(q[0], k_cache, v_cache, start + 1, self.scale, HALF_TO_FLOAT,
+                             scratch.scores, scratch.partial, scratch.out)
+            o = scratch.out.reshape(1, H * D)
+        else:
+            o = np.empty((T, H, D), dtype=np.float32)
+            attention_prefill(q, k_cache, v_cache, start, self.scale, HALF_TO_FLOAT, o)
+            o = o.reshape(T, H * D)
+        return o @ self.wo.T  # (T, d_model)
+
+
+def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of the RoPE angles pos · θ^(-2i/head_dim), i < head_dim/2 (Su et al. 2021).
+
+    positions: int [T] absolute token positions. Returns two float32 [T, head_dim/2] arrays;
+    the angles are computed in float64 so long positions keep their precision.
+    """
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (D/2,)
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, D/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

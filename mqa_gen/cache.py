@@ -1,0 +1,129 @@
+"""The per-layer KV cache: preallocated, head-major, written in place.
+
+Layout per layer: K and V arrays of shape [n_kv_heads, max_seq_len, head_dim], so the decode kernel
+reads each KV head's history as one contiguous block. Decode writes row ``length`` in place;
+nothing is concatenated or reallocated per token. A float16 cache stores its values as uint16 bit
+patterns (Numba has no float16 on the CPU; kernels decode them with a lookup table).
+
+Bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × itemsize — the quantity MQA
+shrinks by a factor n_heads relative to MHA (Shazeer 2019).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CACHE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of K and V one token occupies across all layers (int, bytes)."""
+    return 2 * n_layers * n_kv_heads * head_dim * itemsize
+
+
+class KVCache:
+    """K and V arrays for every layer, preallocated for ``max_seq_len`` tokens.
+
+    Args:
+        n_layers, n_kv_heads, head_dim: model dimensions (ints > 0).
+        max_seq_len: capacity in tokens (int > 0).
+        dtype: ``"float32"`` or ``"float16"`` (stored as uint16 bits).
+
+    Attributes:
+        keys, values: lists of n_layers arrays [n_kv_heads, max_seq_len, head_dim], dtype float32
+            or uint16.
+        length: tokens stored (int); positions ``0 .. length-1`` are valid in every layer.
+
+    Raises:
+        ValueError: a dimension ≤ 0 or an unknown dtype.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: str = "float32"):
+        if min(n_layers, n_kv_heads, head_dim, max_seq_len) <= 0:
+            raise ValueError("KV cache dimensions must all be > 0")
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+        self.n_layers = n_layers
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.dtype = dtype
+        storage = np.float32 if dtype == "float32" else np.uint16
+        shape = (n_kv_heads, max_seq_len, head_dim)
+        self.keys = [np.zeros(shape, dtype=storage) for _ in range(n_layers)]
+        self.values = [np.zeros(shape, dtype=storage) for _ in range(n_layers)]
+        self.length = 0
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per stored element: 4 (float32) or 2 (float16)."""
+        return np.dtype(CACHE_DTYPES[self.dtype]).itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token's K and V occupy across all layers."""
+        return kv_bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, self.itemsize)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's arrays (allocated for max_seq_len tokens)."""
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the ``length`` tokens stored so far."""
+        return self.length * self.bytes_per_token
+
+    @property
+    def remaining(self) -> int:
+        """Tokens that still fit."""
+        return self.max_seq_len - self.length
+
+    def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store K and V rows for the next tokens of one layer at positions length .. length+T-1.
+
+        k, v: float32 [T, n_kv_heads, head_dim]. ``length`` is not advanced: call :meth:`advance`
+        once after every layer has written.
+
+        Raises:
+            ValueError: the rows do not fit in the remaining capacity.
+        """
+        T = k.shape[0]
+        if self.length + T > self.max_seq_len:
+            raise ValueError(f"KV cache full: {self.length} + {T} tokens > capacity {self.max_seq_len}")
+        span = slice(self.length, self.length + T)
+        if self.dtype == "float32":
+            self.keys[layer][:, span, :] = k.transpose(1, 0, 2)
+            self.values[layer][:, span, :] = v.transpose(1, 0, 2)
+        else:
+            self.keys[layer][:, span, :] = k.transpose(1, 0, 2).astype(np.float16).view(np.uint16)
+            self.values[layer][:, span, :] = v.transpose(1, 0, 2).astype(np.float16).view(np.uint16)
+
+    def advance(self, n_tokens: int) -> None:
+        """Mark ``n_tokens`` more positions as stored (after every layer wrote them)."""
+        if self.length + n_tokens > self.max_seq_len:
+            raise ValueError("KV cache advanced past its capacity")
+        self.length += n_tokens
+
+    def truncate(self, n_tokens: int) -> None:
+        """Keep only the first ``n_tokens`` positions (0 ≤ n_tokens ≤ length); nothing is copied.
+
+        Raises:
+            ValueError: n_tokens outside 0 .. length.
+        """
+        if not 0 <= n_tokens <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n_tokens}")
+        self.length = n_tokens
+
+    def reset(self) -> None:
+        """Forget every stored token (equivalent to ``truncate(0)``)."""
+        self.length = 0
+
+    def layer_view(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of one layer's stored tokens as float32 [n_kv_heads, length, head_dim] copies
+        (for tests and analysis; the kernels read the raw arrays)."""
+        k = self.keys[layer][:, : self.length]
+        v = self.values[layer][:, : self.length]
+        if self.dtype == "float16":
+            k, v = k.view(np.float16), v.view(np.float16)
+        return k.astype(np.float32), v.astype(np.float32)

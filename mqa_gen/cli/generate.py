@@ -1,0 +1,134 @@
+"""``mqa-gen generate``: stream text from a prompt (GUIDE.md §3 is the contract)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import PromptError
+from ..sampling import SamplingParams
+from .common import ensure_kernels, load_model, mib, model_option, set_threads, stderr, threads_option
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text from ``--prompt``, ``--prompt -`` (stdin) or ``--prompt-file``.
+
+    Raises:
+        click.UsageError: neither or both given. PromptError: unreadable file or empty prompt.
+    """
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give exactly one of --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
+    if prompt == "-":
+        text = sys.stdin.read()
+    elif prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PromptError(f"cannot read prompt file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+    else:
+        text = prompt
+    if not text.strip():
+        raise PromptError("the prompt is empty")
+    return text
+
+
+def build_prompt_ids(loaded, text: str, chat: bool | None) -> tuple[list[int], set[int], bool]:
+    """Token ids of the prompt, the end-of-sequence ids, and whether the chat template was used."""
+    from ..chat import end_of_turn_ids, render_chat
+
+    tok = loaded.tokenizer
+    use_chat = tok.chat_template is not None if chat is None else chat
+    eos = {tok.eos_id} if tok.eos_id is not None else set()
+    if use_chat:
+        if tok.chat_template is None:
+            raise PromptError("--chat: this model has no chat template")
+        text = render_chat(tok.chat_template, [{"role": "user", "content": text}], add_generation_prompt=True)
+        eos |= end_of_turn_ids(tok)
+    return tok.encode(text), eos, use_chat
+
+
+def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
+    """One compact block of figures on stderr."""
+    s = stats
+    kind = {1: "MQA"}.get(s.n_kv_heads, "")
+    stderr.print(
+        f"[bold]prompt[/bold] {s.prompt_tokens} tok, {s.prefill_tokens_per_s:,.1f} tok/s  "
+        f"[bold]generated[/bold] {s.generated_tokens} tok, {s.decode_tokens_per_s:,.1f} tok/s  "
+        f"[bold]finish[/bold] {finish_reason or 'interrupted'}\n"
+        f"[bold]KV cache[/bold] {mib(s.kv_cache_bytes)} used ({s.kv_bytes_per_token:,} B/token, "
+        f"{s.n_kv_heads} KV heads{' ' + kind if kind else ''}), {mib(s.kv_cache_capacity_bytes)} reserved  "
+        f"[bold]peak RSS[/bold] {mib(s.peak_rss_bytes)}  [bold]load[/bold] {load_seconds:.2f} s"
+    )
+
+
+@click.command()
+@click.option("-p", "--prompt", default=None, help="Prompt text, or - to read it from stdin.")
+@click.option("-f", "--prompt-file", type=click.Path(dir_okay=False), default=None, help="Read the prompt from a file.")
+@model_option
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens; 0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass; 1 = off.")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p × p(best); 0 = off.")
+@click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Repetition penalty; 1 = off.")
+@click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Tokens the penalty looks back over; -1 = all.")
+@click.option("--seed", type=int, default=None, help="Random seed (same seed and options → same text).")
+@click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); it is not printed.")
+@click.option("--ctx-size", type=int, default=None, help="Context in tokens (default: the model's).")
+@click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA.")
+@click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--chat/--no-chat", default=None, help="Apply the model's chat template (default: on if it has one).")
+@click.option("--json", "as_json", is_flag=True, help="No streaming; print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No stats or progress on stderr.")
+@threads_option
+def generate(prompt, prompt_file, model, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+             repeat_last_n, seed, stop, ctx_size, kv_heads, cache_dtype, chat, as_json, quiet, threads):
+    """Generate text from a prompt, streaming it to stdout."""
+    from ..generate import stream_generate
+    from ..regroup import regroup_model
+
+    text = read_prompt(prompt, prompt_file)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    params.validate()
+    if max_tokens <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--max-tokens")
+    if ctx_size is not None and ctx_size <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--ctx-size")
+    set_threads(threads)
+    ensure_kernels(quiet)
+    loaded = load_model(model, quiet)
+    net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
+    ids, eos_ids, _ = build_prompt_ids(loaded, text, chat)
+    gen = stream_generate(net, loaded.tokenizer, ids, params=params, max_tokens=max_tokens, stop=stop,
+                          eos_ids=eos_ids, ctx_size=ctx_size, cache_dtype=cache_dtype)
+
+    out = sys.stdout
+    interrupted = False
+    try:
+        for step in gen:
+            if step.text and not as_json:
+                out.write(step.text)
+                out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    if gen.finish_reason == "context" and not quiet:
+        stderr.print(f"[yellow]stopped: the context of {gen.cache.max_seq_len} tokens is full "
+                     "(raise --ctx-size)[/yellow]")
+    if as_json:
+        stats = gen.stats.as_dict()
+        stats["load_seconds"] = loaded.load_seconds
+        json.dump({"model": loaded.name, "prompt_tokens": len(ids), "token_ids": gen.token_ids,
+                   "text": gen.text, "finish_reason": gen.finish_reason or "interrupted",
+                   "stats": stats}, out, ensure_ascii=False)
+        out.write("\n")
+    elif out.isatty() and gen.text and not gen.text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    if not quiet:
+        print_stats(gen.stats, gen.finish_reason, loaded.load_seconds)
+    if interrupted:
+        sys.exit(130)

@@ -1,0 +1,44 @@
+"""``mqa-gen info``: what a GGUF model is — config, parameters, tensor types, KV bytes per token."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .common import model_option
+
+
+@click.command()
+@model_option
+def info(model: str) -> None:
+    """Print a model's configuration, parameter count, tensor types and KV-cache cost."""
+    from ..config import config_from_gguf
+    from ..gguf_file import read_gguf
+    from ..registry import resolve_model
+    from ..weights import check_tensor_types
+
+    gguf = read_gguf(resolve_model(model))
+    config = config_from_gguf(gguf)
+    check_tensor_types(gguf)
+    n_params = sum(int(__import__("math").prod(t.shape)) for t in gguf.tensors.values())
+    types = Counter(t.type_name for t in gguf.tensors.values())
+
+    console = Console()
+    table = Table(title=f"{config.name or model}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("file", f"{gguf.path} ({gguf.size_bytes / 2**20:,.1f} MiB)")
+    for field in ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                  "vocab_size", "context_length", "rope_theta", "norm_eps", "tie_embeddings"):
+        table.add_row(field, str(getattr(config, field)))
+    table.add_row("attention", f"{config.attention_kind} ({config.group_size} query heads per KV head)")
+    table.add_row("parameters", f"{n_params:,}")
+    table.add_row("tensor types", ", ".join(f"{k} ×{v}" for k, v in types.most_common()))
+    for label, n_kv in (("MQA", 1), (f"native ({config.attention_kind})", config.n_kv_heads), ("MHA", config.n_heads)):
+        per_token = config.with_kv_heads(n_kv).kv_bytes_per_token(4)
+        table.add_row(f"KV bytes/token {label}", f"{per_token:,} (float32), {per_token // 2:,} (float16); "
+                      f"{per_token * config.context_length / 2**20:,.0f} MiB at {config.context_length} tokens")
+    console.print(table)

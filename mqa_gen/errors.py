@@ -1,0 +1,40 @@
+"""Errors that the CLI turns into one line on stderr and an exit code.
+
+Every error a user can cause with bad input derives from :class:`MqaGenError`; the CLI prints
+``error: <message>`` and exits with :attr:`MqaGenError.exit_code` (2, click's convention for bad
+usage or bad input). Anything else is a bug or a runtime failure and exits with 1.
+"""
+
+
+class MqaGenError(Exception):
+    """Base class for errors caused by the user's input. ``exit_code`` is 2."""
+
+    exit_code = 2
+
+
+class ModelFileError(MqaGenError):
+    """A model file that is missing, unreadable, truncated, corrupt or not GGUF."""
+
+
+class UnsupportedModelError(MqaGenError):
+    """A GGUF file whose architecture, tensor type or tensor set this project does not support."""
+
+
+class ModelNotInstalledError(MqaGenError):
+    """A known model name whose package is not installed; the message gives the pip command."""
+
+
+class ConfigError(MqaGenError):
+    """Inconsistent model dimensions (for example n_heads not divisible by n_kv_heads)."""
+
+
+class PromptError(MqaGenError):
+    """An empty prompt, or one longer than the context."""
+
+
+class SamplingError(MqaGenError):
+    """A sampling parameter outside its valid range (for example top-p 1.5 or a negative temperature)."""
+
+
+class ChatTemplateError(MqaGenError):
+    """A chat template that fails to parse or render, or that tries something the sandbox forbids."""

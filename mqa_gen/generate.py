@@ -1,0 +1,238 @@
+"""The generation loop: prefill the prompt, then decode one token at a time into the KV cache.
+
+:func:`stream_generate` returns a :class:`Generation`; iterating it yields one
+:class:`GenerationStep` per sampled token, carrying the text that became printable at that step
+(whole UTF-8 characters only, with any text that may still turn into a ``stop`` string held back).
+The last step carries the ``finish_reason``:
+
+* ``eos``     — an end-of-sequence id was sampled (not yielded as text, not in ``token_ids``);
+* ``length``  — ``max_tokens`` tokens were generated;
+* ``stop``    — a stop string appeared (no part of it is yielded);
+* ``context`` — prompt + generated tokens filled the context (``ctx_size``).
+
+The loop reads like llama2.c's ``generate`` and mlx-lm's ``stream_generate``; the CLI only prints
+what it yields.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .cache import KVCache
+from .errors import PromptError
+from .sampling import SamplingParams, make_sampler
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    """Figures of one generation. Times in seconds, speeds in tokens/s, sizes in bytes."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    kv_cache_bytes: int = 0
+    kv_cache_capacity_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    n_kv_heads: int = 0
+    peak_rss_bytes: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first generated token comes from the prefill's logits; decode steps are the rest.
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """Plain dict with the derived speeds, for ``--json``."""
+        d = asdict(self)
+        d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+
+@dataclass
+class GenerationStep:
+    """One sampled token: ``token_id``, the ``text`` made printable by it (may be empty),
+    its ``logprob`` (natural log) and, on the last step, the ``finish_reason``."""
+
+    token_id: int
+    text: str
+    logprob: float
+    finish_reason: str | None = None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+class _StopStringFilter:
+    """Holds back text that might be the start of a stop string; reports the first stop found."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to print now, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Generation:
+    """A generation in progress. Iterate it for :class:`GenerationStep` s; ``token_ids``, ``text``,
+    ``finish_reason`` and ``stats`` are kept current, so they are valid after an interruption too."""
+
+    model: object
+    tokenizer: Tokenizer
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: Sequence[str]
+    eos_ids: frozenset[int]
+    cache: KVCache
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def __iter__(self) -> Iterator[GenerationStep]:
+        sampler = make_sampler(self.params)
+        detok = self.tokenizer.detokenizer()
+        stops = _StopStringFilter(self.stop)
+        cache, stats = self.cache, self.stats
+        stats.prompt_tokens = len(self.prompt_ids)
+        stats.kv_bytes_per_token = cache.bytes_per_token
+        stats.kv_cache_capacity_bytes = cache.nbytes
+        stats.n_kv_heads = cache.n_kv_heads
+        history = list(self.prompt_ids)
+
+        t0 = time.perf_counter()
+        logits = self.model.forward(self.prompt_ids, cache)
+        stats.prefill_seconds = time.perf_counter() - t0
+        decode_start = time.perf_counter()
+        try:
+            while True:
+                token, logprob = sampler(logits, history)
+                reason = None
+                if token in self.eos_ids:
+                    piece, reason = detok.finalize(), "eos"
+                else:
+                    self.token_ids.append(token)
+                    history.append(token)
+                    piece = detok.add_token(token)
+                    stats.generated_tokens = len(self.token_ids)
+                    if len(self.token_ids) >= self.max_tokens:
+                        piece, reason = piece + detok.finalize(), "length"
+                    elif len(history) >= cache.max_seq_len:  # prompt + generated fill the context
+                        piece, reason = piece + detok.finalize(), "context"
+                out, hit = stops.push(piece)
+                if hit:
+                    reason = "stop"
+                elif reason is not None:
+                    out += stops.flush()
+                self.text += out
+                if reason is not None:
+                    self.finish_reason = reason
+                    yield GenerationStep(token, out, logprob, reason)
+                    return
+                yield GenerationStep(token, out, logprob)
+                logits = self.model.forward([token], cache)
+                stats.decode_seconds = time.perf_counter() - decode_start
+        finally:
+            stats.decode_seconds = time.perf_counter() - decode_start
+            stats.kv_cache_bytes = cache.used_bytes
+            stats.peak_rss_bytes = peak_rss_bytes()
+
+
+def stream_generate(
+    model,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    params: SamplingParams | None = None,
+    max_tokens: int = 256,
+    stop: Iterable[str] = (),
+    eos_ids: Iterable[int] | None = None,
+    ctx_size: int | None = None,
+    cache_dtype: str = "float32",
+    cache: KVCache | None = None,
+) -> Generation:
+    """Start generating from ``prompt_ids`` (int token ids); iterate the result to run it.
+
+    Args:
+        model: an object with ``config``, ``forward(tokens, cache)`` and ``new_cache(n, dtype)``
+            (e.g. :class:`~mqa_gen.models.llama.LlamaModel`).
+        params: sampling parameters (validated here); default greedy.
+        max_tokens: most tokens to generate (> 0).
+        stop: strings that end generation; no part of them is emitted.
+        eos_ids: ids that end generation; default the tokenizer's EOS.
+        ctx_size: context in tokens (prompt + generated); default the model's context length.
+        cache_dtype: ``"float32"`` or ``"float16"`` for a new cache.
+        cache: an empty cache to use instead of a new one (its capacity is the context).
+
+    Raises:
+        PromptError: an empty prompt, or one that leaves no room in the context.
+        SamplingError: invalid sampling parameters or ``max_tokens`` ≤ 0.
+    """
+    from .errors import SamplingError
+
+    params = params or SamplingParams()
+    params.validate()
+    if max_tokens <= 0:
+        raise SamplingError(f"max-tokens must be > 0, got {max_tokens}")
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        raise PromptError("the prompt is empty")
+    if cache is None:
+        ctx = ctx_size or model.config.context_length
+        if ctx <= 0:
+            raise PromptError(f"ctx-size must be > 0, got {ctx}")
+        if len(prompt_ids) >= ctx:
+            raise PromptError(
+                f"the prompt has {len(prompt_ids)} tokens but the context is {ctx} tokens "
+                "(raise --ctx-size or shorten the prompt)"
+            )
+        cache = model.new_cache(ctx, cache_dtype)
+    if eos_ids is None:
+        eos_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return Generation(model, tokenizer, prompt_ids, params, max_tokens, list(stop), frozenset(eos_ids), cache)
+
+
+def forward_logits(model, prompt_ids: Sequence[int]) -> np.ndarray:
+    """Logits at every position of ``prompt_ids`` from one fresh forward pass: float32 [T, vocab]."""
+    cache = model.new_cache(len(prompt_ids))
+    return model.forward(prompt_ids, cache, all_logits=True)

@@ -1,0 +1,115 @@
+"""Causal multi-query / grouped-query attention over a head-major KV cache.
+
+softmax(q kᵀ / √head_dim) v per query head, where query head h reads KV head h // G with
+G = n_heads / n_kv_heads (Shazeer 2019, "Fast Transformer Decoding: One Write-Head is All You
+Need"; Ainslie et al. 2023 for GQA). n_kv_heads = 1 is MQA, n_kv_heads = n_heads is MHA.
+
+Both kernels loop over KV heads on the outside and over the G query heads that share a KV head on
+the inside, so every K and V row is read from memory once per group rather than once per query
+head: that is where MQA's decode speed comes from.
+
+Cache arrays are [n_kv_heads, max_seq_len, head_dim], float32, or uint16 holding float16 bits
+(read through ``lut``, see :mod:`mqa_gen.kernels.halfprec`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .elementwise import softmax_inplace
+from .flags import FASTMATH
+from .halfprec import as_f32
+
+#: Cache positions handled by one decode task; several blocks keep both cores busy even for MQA.
+DECODE_BLOCK = 128
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def attention_prefill(q, k_cache, v_cache, start, scale, lut, out):
+    """Causal attention for T new query rows whose K/V rows are already in the cache.
+
+    q: float32 [T, n_heads, head_dim], RoPE applied; row t sits at absolute position start + t and
+    attends to cache positions 0 .. start + t. k_cache, v_cache: [n_kv_heads, S, head_dim] with
+    S ≥ start + T. scale: usually 1/√head_dim. lut: float32 [65536] (used for uint16 caches).
+    out: float32 [T, n_heads, head_dim], overwritten.
+    """
+    T, H, D = q.shape
+    KV = k_cache.shape[0]
+    G = H // KV
+    for task in prange(KV * T):
+        g = task % KV
+        i = task // KV
+        # Zig-zag over rows (0, T-1, 1, T-2, ...) so each thread's contiguous share of tasks mixes
+        # short and long causal prefixes.
+        t = i // 2 if i % 2 == 0 else T - 1 - i // 2
+        n = start + t + 1
+        scores = np.empty((G, n), dtype=np.float32)
+        for s in range(n):
+            for j in range(G):
+                h = g * G + j
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[t, h, d] * as_f32(k_cache[g, s, d], lut)
+                scores[j, s] = acc * scale
+        for j in range(G):
+            softmax_inplace(scores[j])
+            for d in range(D):
+                out[t, g * G + j, d] = 0.0
+        for s in range(n):
+            for j in range(G):
+                p = scores[j, s]
+                h = g * G + j
+                for d in range(D):
+                    out[t, h, d] += p * as_f32(v_cache[g, s, d], lut)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def attention_decode(q, k_cache, v_cache, length, scale, lut, scores, partial, out):
+    """Attention of one new query row per head over the first ``length`` cache positions.
+
+    q: float32 [n_heads, head_dim], RoPE applied; its own K/V row is already at position length-1.
+    k_cache, v_cache: [n_kv_heads, S, head_dim]. scale: usually 1/√head_dim. lut: float32 [65536].
+    scores: float32 scratch [n_heads, ≥ length]; partial: float32 scratch
+    [≥ ceil(length / DECODE_BLOCK), n_heads, head_dim]. out: float32 [n_heads, head_dim], overwritten.
+
+    Work is split into (KV head, block of DECODE_BLOCK positions) tasks in two passes — scores,
+    then the weighted sum of V — so both cores stay busy even when n_kv_heads = 1.
+    """
+    H, D = q.shape
+    KV = k_cache.shape[0]
+    G = H // KV
+    n_blocks = (length + DECODE_BLOCK - 1) // DECODE_BLOCK
+    for task in prange(KV * n_blocks):
+        g = task // n_blocks
+        s0 = (task % n_blocks) * DECODE_BLOCK
+        s1 = min(s0 + DECODE_BLOCK, length)
+        for s in range(s0, s1):
+            for j in range(G):
+                h = g * G + j
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[h, d] * as_f32(k_cache[g, s, d], lut)
+                scores[h, s] = acc * scale
+    for h in prange(H):
+        softmax_inplace(scores[h, :length])
+    for task in prange(KV * n_blocks):
+        g = task // n_blocks
+        b = task % n_blocks
+        s0 = b * DECODE_BLOCK
+        s1 = min(s0 + DECODE_BLOCK, length)
+        for j in range(G):
+            for d in range(D):
+                partial[b, g * G + j, d] = 0.0
+        for s in range(s0, s1):
+            for j in range(G):
+                h = g * G + j
+                p = scores[h, s]
+                for d in range(D):
+                    partial[b, h, d] += p * as_f32(v_cache[g, s, d], lut)
+    for h in prange(H):
+        for d in range(D):
+            acc = np.float32(0.0)
+            for b in range(n_blocks):
+                acc += partial[b, h, d]
+            out[h, d] = acc

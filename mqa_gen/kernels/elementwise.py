@@ -1,0 +1,79 @@
+"""Row-wise kernels: RMSNorm, RoPE, SwiGLU and softmax, all float32.
+
+Sources: RMSNorm — Zhang & Sennrich 2019; RoPE — Su et al. 2021 (RoFormer); SwiGLU — Shazeer 2020.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .flags import FASTMATH
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def rmsnorm(x, weight, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]²) + eps) * weight.
+
+    x, out: float32 [T, d]; weight: float32 [d]; eps: float. The mean of squares is accumulated in
+    float32 as the reference (Hugging Face ``LlamaRMSNorm``) does.
+    """
+    T, d = x.shape
+    for t in prange(T):
+        ss = np.float32(0.0)
+        for i in range(d):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+        for i in range(d):
+            out[t, i] = (x[t, i] * inv) * weight[i]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def rope(x, cos, sin, interleaved):
+    """Rotate x in place by the RoPE angles of each row's position.
+
+    x: float32 [T, H, head_dim]; cos, sin: float32 [T, head_dim // 2] (angle = pos · θ^(-2i/head_dim)).
+    ``interleaved=True`` rotates adjacent pairs (x[2i], x[2i+1]) — RoFormer's form, and how GGUF
+    stores llama Q/K (its converter permutes the rows to make this so). ``interleaved=False``
+    rotates the halves (x[i], x[i + head_dim/2]) — the "NeoX" form Hugging Face uses.
+    """
+    T, H, D = x.shape
+    half = D // 2
+    for t in prange(T):
+        for h in range(H):
+            for i in range(half):
+                if interleaved:
+                    a, b = 2 * i, 2 * i + 1
+                else:
+                    a, b = i, i + half
+                x0 = x[t, h, a]
+                x1 = x[t, h, b]
+                x[t, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
+                x[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def swiglu(gate, up, out):
+    """out = silu(gate) * up, with silu(g) = g / (1 + e^-g). gate, up, out: float32 [T, d_ff]."""
+    T, F = gate.shape
+    for t in prange(T):
+        for i in range(F):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def softmax_inplace(row):
+    """Numerically stable softmax over a float32 [n] row, in place; -inf entries become 0."""
+    m = -np.inf
+    for i in range(row.shape[0]):
+        if row[i] > m:
+            m = row[i]
+    total = np.float32(0.0)
+    for i in range(row.shape[0]):
+        e = np.exp(row[i] - m)
+        row[i] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for i in range(row.shape[0]):
+        row[i] *= inv

@@ -1,0 +1,44 @@
+"""Load a model by name or path: GGUF → config, weights and tokenizer, in one object."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .config import ModelConfig, config_from_gguf
+from .gguf_file import GGUFFile, read_gguf
+from .models import build_model
+from .registry import resolve_model
+from .tokenizer import Tokenizer
+from .weights import check_tensor_types
+
+
+@dataclass
+class LoadedModel:
+    """Everything generation needs: ``model`` (forward/new_cache), its ``config``, ``tokenizer``,
+    the parsed ``gguf`` file, the resolved ``path`` and ``load_seconds`` (wall time of loading)."""
+
+    name: str
+    path: str
+    config: ModelConfig
+    model: object
+    tokenizer: Tokenizer
+    gguf: GGUFFile
+    load_seconds: float
+
+
+def load(name_or_path: str) -> LoadedModel:
+    """Resolve, parse and load a model (a known name such as ``smollm2-135m-instruct`` or a path).
+
+    Raises:
+        ModelNotInstalledError, ModelFileError, UnsupportedModelError, ConfigError: see
+        :mod:`mqa_gen.errors`; each carries a one-line message.
+    """
+    start = time.perf_counter()
+    path = resolve_model(name_or_path)
+    gguf = read_gguf(path)
+    config = config_from_gguf(gguf)
+    check_tensor_types(gguf)
+    tokenizer = Tokenizer.from_gguf(gguf)
+    model = build_model(gguf, config)
+    return LoadedModel(name_or_path, path, config, model, tokenizer, gguf, time.perf_counter() - start)

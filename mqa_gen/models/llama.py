@@ -1,0 +1,138 @@
+"""Llama-architecture decoder (Touvron et al. 2023), as SmolLM2 uses it.
+
+    h⁰ = E[tokens]                                         embedding   (T, d_model)
+    for each layer ℓ:
+        a = hˡ + Attention(RMSNorm(hˡ))                     MQA/GQA + RoPE, KV cache
+        hˡ⁺¹ = a + W_down(silu(W_gate x) ⊙ W_up x), x = RMSNorm(a)   SwiGLU MLP
+    logits = RMSNorm(hᴸ) W_outᵀ                             W_out = E when embeddings are tied
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..attention import Attention, DecodeScratch, rope_cos_sin
+from ..cache import KVCache
+from ..config import ModelConfig
+from ..gguf_file import GGUFFile
+from ..kernels import rmsnorm, swiglu
+from ..weights import tensor_f32
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of float32 [T, d] rows with gain ``weight`` [d]; returns a new float32 [T, d]."""
+    out = np.empty_like(x)
+    rmsnorm(x, weight, eps, out)
+    return out
+
+
+class SwiGLU:
+    """Gated MLP W_down(silu(W_gate x) ⊙ W_up x) (Shazeer 2020). w_gate, w_up: float32
+    [d_ff, d_model]; w_down: float32 [d_model, d_ff]."""
+
+    def __init__(self, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray):
+        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 [T, d_model] → float32 [T, d_model]."""
+        gate = x @ self.w_gate.T  # (T, d_ff)
+        up = x @ self.w_up.T  # (T, d_ff)
+        swiglu(gate, up, gate)
+        return gate @ self.w_down.T  # (T, d_model)
+
+
+class Block:
+    """One pre-norm decoder layer: attention and MLP, each wrapped in RMSNorm and a residual."""
+
+    def __init__(self, attn_norm: np.ndarray, attention: Attention, mlp_norm: np.ndarray, mlp: SwiGLU, eps: float):
+        self.attn_norm, self.attention = attn_norm, attention
+        self.mlp_norm, self.mlp = mlp_norm, mlp
+        self.eps = eps
+
+    def __call__(self, x, cache, layer, cos, sin, scratch):
+        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), cache, layer, cos, sin, scratch)
+        return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
+
+
+class LlamaModel:
+    """A llama decoder over float32 weights.
+
+    Args:
+        config: the model's :class:`~mqa_gen.config.ModelConfig`.
+        embeddings: float32 [vocab_size, d_model]. blocks: one :class:`Block` per layer.
+        final_norm: float32 [d_model]. output: float32 [vocab_size, d_model] (the embeddings when tied).
+    """
+
+    def __init__(self, config: ModelConfig, embeddings, blocks: list[Block], final_norm, output):
+        self.config = config
+        self.embeddings, self.blocks = embeddings, blocks
+        self.final_norm, self.output = final_norm, output
+        self._scratch: DecodeScratch | None = None
+
+    def new_cache(self, max_seq_len: int | None = None, dtype: str = "float32") -> KVCache:
+        """An empty KV cache for this model; ``max_seq_len`` defaults to the context length."""
+        c = self.config
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_seq_len or c.context_length, dtype)
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run T tokens (int [T]) at positions cache.length .. +T-1 and store their K/V rows.
+
+        Returns the logits, float32 [vocab_size] of the last position, or [T, vocab_size] with
+        ``all_logits``. Prefill and decode are the same call (T > 1 or T = 1).
+
+        Raises:
+            ValueError: the tokens do not fit in the cache, or an id is outside the vocabulary.
+        """
+        c = self.config
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = tokens.shape[0]
+        if T == 0:
+            raise ValueError("forward needs at least one token")
+        if cache.length + T > cache.max_seq_len:
+            raise ValueError(f"{cache.length} + {T} tokens exceed the KV cache capacity {cache.max_seq_len}")
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise ValueError("token id outside the vocabulary")
+        if self._scratch is None or self._scratch.max_seq_len < cache.max_seq_len:
+            self._scratch = DecodeScratch(c.n_heads, c.head_dim, cache.max_seq_len)
+
+        x = self.embeddings[tokens]  # (T, d_model)
+        cos, sin = rope_cos_sin(cache.length + np.arange(T), c.head_dim, c.rope_theta)  # (T, D/2)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, cos, sin, self._scratch)
+        cache.advance(T)
+        if not all_logits:
+            x = x[-1:]
+        logits = rms_norm(x, self.final_norm, c.norm_eps) @ self.output.T  # (T or 1, vocab)
+        return logits if all_logits else logits[0]
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, config: ModelConfig) -> "LlamaModel":
+        """Load every tensor of a llama GGUF as float32 (GGUF names: ``token_embd``,
+        ``blk.N.attn_q`` …, ``output_norm``, ``output``).
+
+        Raises:
+            UnsupportedModelError: a missing tensor, unsupported type or unexpected shape.
+        """
+        c = config
+        d, hd = c.d_model, c.head_dim
+        embeddings = tensor_f32(gguf, "token_embd.weight", (c.vocab_size, d))
+        blocks = []
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            attention = Attention(
+                tensor_f32(gguf, p + "attn_q.weight", (c.n_heads * hd, d)),
+                tensor_f32(gguf, p + "attn_k.weight", (c.n_kv_heads * hd, d)),
+                tensor_f32(gguf, p + "attn_v.weight", (c.n_kv_heads * hd, d)),
+                tensor_f32(gguf, p + "attn_output.weight", (d, c.n_heads * hd)),
+                c.n_heads, c.n_kv_heads, hd, c.rope_interleaved,
+            )
+            mlp = SwiGLU(
+                tensor_f32(gguf, p + "ffn_gate.weight", (c.d_ff, d)),
+                tensor_f32(gguf, p + "ffn_up.weight", (c.d_ff, d)),
+                tensor_f32(gguf, p + "ffn_down.weight", (d, c.d_ff)),
+            )
+            blocks.append(Block(tensor_f32(gguf, p + "attn_norm.weight", (d,)), attention,
+                                tensor_f32(gguf, p + "ffn_norm.weight", (d,)), mlp, c.norm_eps))
+        final_norm = tensor_f32(gguf, "output_norm.weight", (d,))
+        output = embeddings if c.tie_embeddings else tensor_f32(gguf, "output.weight", (c.vocab_size, d))
+        return cls(config, embeddings, blocks, final_norm, output)

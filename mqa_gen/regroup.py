@@ -1,0 +1,76 @@
+"""Rewrite a model's K/V projections to a different number of KV heads.
+
+* Expansion (target a multiple of the native count, up to n_heads = MHA): every KV head is
+  replicated for the query heads that read it. Exact: the logits do not change.
+* Reduction (target divides the native count, down to 1 = MQA): the K and V projection heads of
+  each group are mean-pooled, the checkpoint conversion of Ainslie et al. 2023, "GQA: Training
+  Generalized Multi-Query Transformer Models from Multi-Head Checkpoints", §2.1. Without the
+  paper's uptraining this loses quality; ``mqa-gen bench-cache`` measures how much.
+
+KV head j of the native model serves query heads j·G … (j+1)·G−1 (G = n_heads / n_kv_heads), so
+merging or splitting *consecutive* heads keeps every query head reading the right K/V.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def valid_kv_heads(n_heads: int, native: int) -> list[int]:
+    """KV-head counts reachable from ``native``: divisors of it, and multiples of it dividing n_heads."""
+    return [n for n in range(1, n_heads + 1)
+            if n_heads % n == 0 and (native % n == 0 or n % native == 0)]
+
+
+def regroup_kv_projection(w: np.ndarray, native: int, target: int, head_dim: int) -> np.ndarray:
+    """Regroup a K or V projection from ``native`` to ``target`` heads.
+
+    w: float32 [native·head_dim, d_model] (rows grouped by head). Returns a new float32
+    [target·head_dim, d_model] array.
+
+    Raises:
+        ValueError: target is neither a multiple nor a divisor of native.
+    """
+    heads = w.reshape(native, head_dim, -1)  # (KV, D, d_model)
+    if target % native == 0:
+        heads = np.repeat(heads, target // native, axis=0)  # each head copied for its readers
+    elif native % target == 0:
+        heads = heads.reshape(target, native // target, head_dim, -1).mean(axis=1)  # Ainslie §2.1
+    else:
+        raise ValueError(f"cannot regroup {native} KV heads into {target}")
+    return np.ascontiguousarray(heads.reshape(target * head_dim, -1), dtype=np.float32)
+
+
+def regroup_model(model, n_kv_heads: int):
+    """A copy of ``model`` whose attention blocks use ``n_kv_heads`` KV heads (other weights shared).
+
+    Raises:
+        ConfigError: n_kv_heads is not one of :func:`valid_kv_heads` (the message lists them).
+    """
+    config = model.config
+    native = config.n_kv_heads
+    if n_kv_heads == native:
+        return model
+    valid = valid_kv_heads(config.n_heads, native)
+    if n_kv_heads not in valid:
+        raise ConfigError(
+            f"--kv-heads {n_kv_heads} is not valid for this model "
+            f"(n_heads={config.n_heads}, native n_kv_heads={native}); valid: {', '.join(map(str, valid))}"
+        )
+    new = copy.copy(model)
+    new.config = config.with_kv_heads(n_kv_heads)
+    new._scratch = None
+    new.blocks = []
+    for block in model.blocks:
+        block = copy.copy(block)
+        attn = copy.copy(block.attention)
+        attn.wk = regroup_kv_projection(attn.wk, native, n_kv_heads, attn.head_dim)
+        attn.wv = regroup_kv_projection(attn.wv, native, n_kv_heads, attn.head_dim)
+        attn.n_kv_heads = n_kv_heads
+        block.attention = attn
+        new.blocks.append(block)
+    return new

@@ -1,0 +1,116 @@
+"""Each Numba kernel against a plain-NumPy reference written from the defining equations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mqa_gen.kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rmsnorm, rope, softmax_inplace, swiglu
+from mqa_gen.kernels.attention import DECODE_BLOCK
+
+RNG = np.random.default_rng(1234)
+
+
+def reference_attention(q, K, V, start):
+    """softmax(q kᵀ/√D) v with causal masking; q [T,H,D], K/V [KV,S,D] float32 → [T,H,D] float64."""
+    T, H, D = q.shape
+    G = H // K.shape[0]
+    out = np.zeros((T, H, D))
+    for t in range(T):
+        n = start + t + 1
+        for h in range(H):
+            s = K[h // G, :n].astype(np.float64) @ q[t, h] / np.sqrt(D)
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ V[h // G, :n]
+    return out
+
+
+def random(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 3, 9])
+@pytest.mark.parametrize("T,start", [(1, 0), (2, 0), (17, 0), (5, 11)])
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_attention_matches_numpy(n_kv_heads, T, start, storage):
+    H, D, S = 9, 64, 40
+    K, V, q = random(n_kv_heads, S, D), random(n_kv_heads, S, D), random(T, H, D)
+    if storage == "float16":
+        K, V = K.astype(np.float16).astype(np.float32), V.astype(np.float16).astype(np.float32)
+        k_arg, v_arg = K.astype(np.float16).view(np.uint16), V.astype(np.float16).view(np.uint16)
+    else:
+        k_arg, v_arg = K, V
+    expected = reference_attention(q, K, V, start)
+    scale = np.float32(1 / np.sqrt(D))
+
+    out = np.empty_like(q)
+    attention_prefill(q, k_arg, v_arg, start, scale, HALF_TO_FLOAT, out)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+
+    # The decode kernel answers the last row alone.
+    scores = np.empty((H, S), np.float32)
+    partial = np.empty((-(-S // DECODE_BLOCK), H, D), np.float32)
+    last = np.empty((H, D), np.float32)
+    attention_decode(q[-1], k_arg, v_arg, start + T, scale, HALF_TO_FLOAT, scores, partial, last)
+    np.testing.assert_allclose(last, expected[-1], atol=2e-5)
+
+
+@pytest.mark.parametrize("length", [1, DECODE_BLOCK - 1, DECODE_BLOCK, DECODE_BLOCK + 1, 3 * DECODE_BLOCK + 7])
+def test_decode_across_block_boundaries(length):
+    H, KV, D = 4, 1, 16
+    K, V, q = random(KV, length, D), random(KV, length, D), random(1, H, D)
+    scores = np.empty((H, length), np.float32)
+    partial = np.empty((-(-length // DECODE_BLOCK), H, D), np.float32)
+    out = np.empty((H, D), np.float32)
+    attention_decode(q[0], K, V, length, np.float32(0.25), HALF_TO_FLOAT, scores, partial, out)
+    np.testing.assert_allclose(out, reference_attention(q, K, V, length - 1)[0], atol=2e-5)
+
+
+def test_rmsnorm():
+    x, w = random(7, 33), random(33)
+    out = np.empty_like(x)
+    rmsnorm(x, w, 1e-5, out)
+    expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_rotates_each_pair_by_its_angle(interleaved):
+    T, H, D = 5, 3, 8
+    x = random(T, H, D)
+    angles = RNG.uniform(-np.pi, np.pi, (T, D // 2))
+    rotated = x.copy()
+    rope(rotated, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), interleaved)
+    # Reference: view each pair as a complex number and multiply by e^{iθ} (RoFormer eq. 34).
+    if interleaved:
+        z = x[..., 0::2] + 1j * x[..., 1::2]
+    else:
+        z = x[..., : D // 2] + 1j * x[..., D // 2:]
+    z = z * np.exp(1j * angles)[:, None, :]
+    expected = np.empty_like(x)
+    if interleaved:
+        expected[..., 0::2], expected[..., 1::2] = z.real, z.imag
+    else:
+        expected[..., : D // 2], expected[..., D // 2:] = z.real, z.imag
+    np.testing.assert_allclose(rotated, expected, atol=1e-6)
+
+
+def test_swiglu():
+    g, u = random(3, 50), random(3, 50)
+    out = np.empty_like(g)
+    swiglu(g, u, out)
+    np.testing.assert_allclose(out, g / (1 + np.exp(-g.astype(np.float64))) * u, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_handles_minus_inf():
+    row = np.array([1.0, -np.inf, 3.0, 2.0], np.float32)
+    expected = np.exp(row - 3.0) / np.exp(row - 3.0).sum()
+    softmax_inplace(row)
+    np.testing.assert_allclose(row, expected, rtol=1e-6)
+    assert row[1] == 0.0
+
+
+def test_half_lookup_table_is_numpys_cast():
+    bits = np.arange(0, 65536, 997, dtype=np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    np.testing.assert_array_equal(HALF_TO_FLOAT[bits][finite], bits.view(np.float16).astype(np.float32)[finite])
