@@ -75,41 +75,65 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     GGUF spec's "LLM" section).
 
     Raises:
-        UnsupportedModelError: an architecture other than llama, or RoPE scaling we do not implement.
-        ConfigError: a missing or inconsistent dimension.
+        UnsupportedModelError: an architecture other than llama, per-layer head counts, or RoPE
+            scaling we do not implement.
+        ConfigError: a missing, mistyped or inconsistent dimension; the message names the file.
     """
+    path = gguf.path
     arch = gguf.get("general.architecture")
+    if arch is None:
+        raise UnsupportedModelError(f"GGUF file {path} does not say its architecture (no general.architecture)")
     if arch != "llama":
-        raise UnsupportedModelError(f"unsupported model architecture {arch!r} (supported: llama)")
+        raise UnsupportedModelError(f"unsupported model architecture {arch!r} in {path} (supported: llama)")
 
-    def key(name: str, default=None, required: bool = True):
-        value = gguf.get(f"{arch}.{name}", default)
-        if value is None and required:
-            raise ConfigError(f"GGUF metadata lacks {arch}.{name}")
-        return value
+    def key(name: str, kind: type, default=None):
+        # One place that turns absent or oddly typed metadata into a one-line error naming the key.
+        full = f"{arch}.{name}"
+        value = gguf.get(full, default)
+        if value is None:
+            raise ConfigError(f"GGUF metadata lacks {full} in {path}")
+        if isinstance(value, list):
+            raise UnsupportedModelError(f"per-layer values for {full} are not supported ({path})")
+        ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool):
+            raise ConfigError(f"GGUF metadata {full} must be {'an integer' if kind is int else 'a number'}, "
+                              f"got {value!r} in {path}")
+        return kind(value)
 
     scaling = gguf.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise UnsupportedModelError(f"unsupported RoPE scaling {scaling!r} in {gguf.path}")
+        raise UnsupportedModelError(f"unsupported RoPE scaling {scaling!r} in {path}")
 
-    n_heads = int(key("attention.head_count"))
-    d_model = int(key("embedding_length"))
-    head_dim = int(key("attention.key_length", d_model // n_heads))
+    n_heads = key("attention.head_count", int)
+    d_model = key("embedding_length", int)
+    if gguf.get(f"{arch}.attention.key_length") is not None:
+        head_dim = key("attention.key_length", int)
+    elif n_heads > 0 and d_model % n_heads == 0:
+        head_dim = d_model // n_heads
+    elif n_heads > 0:
+        raise ConfigError(f"embedding_length ({d_model}) is not divisible by head_count ({n_heads}) in {path}")
+    else:
+        head_dim = 0  # ModelConfig reports the zero head count itself
     tokens = gguf.get("tokenizer.ggml.tokens")
-    vocab = int(key("vocab_size", len(tokens) if tokens else None))
-    return ModelConfig(
-        architecture=arch,
-        name=str(gguf.get("general.name", "")),
-        n_layers=int(key("block_count")),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-        head_dim=head_dim,
-        d_ff=int(key("feed_forward_length")),
-        vocab_size=vocab,
-        context_length=int(key("context_length")),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in gguf.tensors,
-        rope_interleaved=True,
+    dims = dict(
+        n_layers=key("block_count", int),
+        n_kv_heads=key("attention.head_count_kv", int, n_heads),
+        d_ff=key("feed_forward_length", int),
+        vocab_size=key("vocab_size", int, len(tokens) if tokens else None),
+        context_length=key("context_length", int),
+        rope_theta=key("rope.freq_base", float, 10000.0),
+        norm_eps=key("attention.layer_norm_rms_epsilon", float),
     )
+    try:
+        return ModelConfig(
+            architecture=arch,
+            name=str(gguf.get("general.name", "")),
+            d_model=d_model,
+            n_heads=n_heads,
+            head_dim=head_dim,
+            tie_embeddings="output.weight" not in gguf.tensors,
+            rope_interleaved=True,
+            **dims,
+        )
+    except ConfigError as e:  # ModelConfig's own checks do not know the file
+        raise ConfigError(f"invalid model dimensions in {path}: {e}") from None

@@ -10,7 +10,7 @@ from .gguf_file import GGUFFile, read_gguf
 from .models import build_model
 from .registry import resolve_model
 from .tokenizer import Tokenizer
-from .weights import check_tensor_types
+from .weights import check_tensors
 
 
 @dataclass
@@ -38,7 +38,7 @@ def load(name_or_path: str) -> LoadedModel:
     path = resolve_model(name_or_path)
     gguf = read_gguf(path)
     config = config_from_gguf(gguf)
-    check_tensor_types(gguf)
+    check_tensors(gguf, config)
     tokenizer = Tokenizer.from_gguf(gguf)
     model = build_model(gguf, config)
     return LoadedModel(name_or_path, path, config, model, tokenizer, gguf, time.perf_counter() - start)

@@ -52,7 +52,10 @@ def resolve_model(name_or_path: str) -> str:
     """
     known = KNOWN_MODELS.get(name_or_path.lower())
     if known is not None:
-        spec = importlib.util.find_spec(known.package)
+        try:
+            spec = importlib.util.find_spec(known.package)
+        except (ImportError, ValueError):  # a broken or half-removed install counts as not installed
+            spec = None
         locations = list(spec.submodule_search_locations or []) if spec else []
         for folder in locations:
             candidate = os.path.join(folder, known.filename)

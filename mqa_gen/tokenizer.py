@@ -45,21 +45,15 @@ _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # applied in order (each one splits the pieces the previous one left; matches are kept as pieces).
 #
 # "smollm": llama.cpp (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_SMOLLM) first isolates every single
-# \p{N} character, then applies the GPT-2 split (without its final ``\s+`` alternative, which
-# changes nothing here); that is also what SmolLM2's own tokenizer.json does (a Digits pre-tokenizer
-# with individual digits, which is how llama.cpp's converter recognised it). transformers' GGUF
-# loader, our oracle, has no entry for "smollm" and uses the plain GPT-2 split. We follow the oracle.
-# The two differ only around numeric characters: the vocabulary has no token joining a digit to
-# anything, so digits come out one per token either way, but the whitespace before a number is
-# grouped differently: "a  5" is [a, Ġ, Ġ, 5] here and [a, ĠĠ, 5] in llama.cpp; "    10" is
-# [ĠĠĠ, Ġ, 1, 0] here and [ĠĠĠĠ, 1, 0] there; and " ①" / " ٣" (non-ASCII \p{N}) may merge the
-# space with the character's first byte here, while llama.cpp keeps the space alone. To follow
-# llama.cpp instead, use _SMOLLM_LLAMA_CPP for "smollm".
-_SMOLLM_LLAMA_CPP = (r"\p{N}", _GPT2_SPLIT)
+# \p{N} character, then applies the GPT-2 split; SmolLM2's own tokenizer.json does the same (a
+# Digits pre-tokenizer with individual digits). We follow the file, as llama.cpp does, so prompts
+# are cut the way the model was trained. transformers' GGUF loader (our oracle elsewhere) has no
+# entry for "smollm" and falls back to the plain GPT-2 split; the two differ only in the whitespace
+# before a number ("a  5" is [a, ĠĠ, 5] here, [a, Ġ, Ġ, 5] there). The fixture records both.
 _PRE_SPLITS: dict[str, tuple[str, ...]] = {
     "default": (_GPT2_SPLIT,),  # llama.cpp's name when the file gives no pre-tokenizer
     "gpt2": (_GPT2_SPLIT,),
-    "smollm": (_GPT2_SPLIT,),
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
 }
 
 

@@ -1,11 +1,13 @@
-"""Read named GGUF tensors as float32 arrays (dequantised by the ``gguf`` package)."""
+"""Read named GGUF tensors as float32 arrays (dequantised by the ``gguf`` package), and check up
+front that a file holds every tensor its architecture needs, in a type we can load."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, GGUFTensor
 
 #: ggml tensor types we load. The ``gguf`` package dequantises all of these to float32.
 SUPPORTED_TENSOR_TYPES = frozenset(
@@ -13,17 +15,50 @@ SUPPORTED_TENSOR_TYPES = frozenset(
 )
 
 
-def check_tensor_types(gguf: GGUFFile) -> None:
-    """Raise :class:`UnsupportedModelError` naming the first tensor whose type we cannot load."""
+def llama_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a llama GGUF must hold, name → shape in PyTorch order (rows first).
+
+    GGUF names: ``token_embd``, ``blk.N.attn_q`` …, ``output_norm``; ``output`` only when the
+    output head is not tied to the embeddings (``config.tie_embeddings`` is False).
+    """
+    c = config
+    d, hd = c.d_model, c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, d)}
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": (d,),
+            p + "attn_q.weight": (c.n_heads * hd, d),
+            p + "attn_k.weight": (c.n_kv_heads * hd, d),
+            p + "attn_v.weight": (c.n_kv_heads * hd, d),
+            p + "attn_output.weight": (d, c.n_heads * hd),
+            p + "ffn_norm.weight": (d,),
+            p + "ffn_gate.weight": (c.d_ff, d),
+            p + "ffn_up.weight": (c.d_ff, d),
+            p + "ffn_down.weight": (d, c.d_ff),
+        })
+    shapes["output_norm.weight"] = (d,)
+    if not c.tie_embeddings:
+        shapes["output.weight"] = (c.vocab_size, d)
+    return shapes
+
+
+def check_tensors(gguf: GGUFFile, config: ModelConfig) -> None:
+    """Check, before any weight is read, that the file can be loaded as ``config`` says.
+
+    Raises:
+        UnsupportedModelError: naming the first tensor whose type we cannot load, else the first
+            required tensor that is missing or has the wrong shape (with the file's path).
+    """
     for t in gguf.tensors.values():
-        if t.type_name not in SUPPORTED_TENSOR_TYPES:
-            raise UnsupportedModelError(
-                f"unsupported tensor type {t.type_name} for {t.name} in {gguf.path} "
-                f"(supported: {', '.join(sorted(SUPPORTED_TENSOR_TYPES))})"
-            )
+        _check_type(gguf, t)
+    if config.architecture != "llama":  # the only architecture whose tensor set we know
+        return
+    for name, shape in llama_tensor_shapes(config).items():
+        _check_shape(gguf, require_tensor(gguf, name), shape)
 
 
-def require_tensor(gguf: GGUFFile, name: str):
+def require_tensor(gguf: GGUFFile, name: str) -> GGUFTensor:
     """The :class:`~mqa_gen.gguf_file.GGUFTensor` called ``name``.
 
     Raises:
@@ -46,9 +81,23 @@ def tensor_f32(gguf: GGUFFile, name: str, shape: tuple[int, ...] | None = None) 
     from gguf import dequantize
 
     tensor = require_tensor(gguf, name)
-    if tensor.type_name not in SUPPORTED_TENSOR_TYPES:
-        raise UnsupportedModelError(f"unsupported tensor type {tensor.type_name} for {name}")
-    if shape is not None and tuple(tensor.shape) != tuple(shape):
-        raise UnsupportedModelError(f"tensor {name} has shape {tensor.shape}, expected {shape}")
+    _check_type(gguf, tensor)
+    if shape is not None:
+        _check_shape(gguf, tensor, shape)
     array = dequantize(np.asarray(tensor.data), tensor.ggml_type)
     return np.ascontiguousarray(array.reshape(tensor.shape), dtype=np.float32)
+
+
+def _check_type(gguf: GGUFFile, tensor: GGUFTensor) -> None:
+    if tensor.type_name not in SUPPORTED_TENSOR_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported tensor type {tensor.type_name} for {tensor.name} in {gguf.path} "
+            f"(supported: {', '.join(sorted(SUPPORTED_TENSOR_TYPES))})"
+        )
+
+
+def _check_shape(gguf: GGUFFile, tensor: GGUFTensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise UnsupportedModelError(
+            f"tensor {tensor.name} in {gguf.path} has shape {tensor.shape}, expected {tuple(shape)}"
+        )

@@ -83,6 +83,16 @@ TOKENIZER_STRINGS: list[tuple[str, str]] = [
     ("endoftext", "<|endoftext|>"),
     ("url", "https://example.com/path/to/page?query=1&lang=en#section-2"),
     ("empty", ""),
+    ("circled_digits", " \u2460 \u2461"),
+    ("arabic_indic_digit", " \u0663"),
+    ("spaces_before_digit", "a  5"),
+    ("indented_number", "    10"),
+    ("numbered_list", "1.\n    2"),
+    ("two_newlines", "\n\n"),
+    ("partial_special", "<|im_start"),
+    ("spaced_special", "< |im_start|>"),
+    ("control_byte", "a\x04b"),
+    ("supplementary_plane", "x\U00040000y"),
 ]
 
 # Conversations for the chat-template renderer.
@@ -229,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     strings = []
     for name, text in TOKENIZER_STRINGS:
         ids = encode(text)
-        entry = {"name": name, "text": text, "ids": ids, "pieces": tok.convert_ids_to_tokens(ids)}
+        entry = {"name": name, "text": text, "ids": ids, "pieces": tok.convert_ids_to_tokens(ids),
+                 # what the oracle decodes the ids back to (differs from text where the vocabulary
+                 # lacks a byte, e.g. control characters)
+                 "decoded": tok.decode(ids, skip_special_tokens=False)}
         native_ids = native_encode(text)
         if native_ids != ids:
             entry["native_ids"] = native_ids

@@ -66,3 +66,13 @@ def test_perplexity_matches_transformers(smollm2):
     nll = logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
     np.testing.assert_allclose(nll, fx["token_nll"], atol=1e-3)
     assert np.exp(nll.mean()) == pytest.approx(fx["perplexity"], rel=1e-4)
+
+
+def test_installed_model_is_the_one_the_fixtures_were_made_from(smollm2_path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(smollm2_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    assert digest.hexdigest() == load_fixture("logits.json")["model_sha256"]

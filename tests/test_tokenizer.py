@@ -61,14 +61,20 @@ def byte_ids(tok: Tokenizer, data: bytes) -> list[int]:
 # -- the oracle fixture ---------------------------------------------------------------------------
 
 
+def expected_ids(e: dict) -> list[int]:
+    """The ids the file's own pre-tokenizer gives: the oracle's, except where the fixture records
+    ``native_ids`` (transformers ignores the "smollm" digit split; see mqa_gen/tokenizer.py)."""
+    return e.get("native_ids", e["ids"])
+
+
 def test_encode_matches_oracle(tok: Tokenizer, oracle: list[dict]) -> None:
     ours = [tok.encode(e["text"]) for e in oracle]
-    wrong = [(e["text"], e["ids"], got) for e, got in zip(oracle, ours) if got != e["ids"]]
+    wrong = [(e["text"], expected_ids(e), got) for e, got in zip(oracle, ours) if got != expected_ids(e)]
     assert not wrong, f"{len(wrong)} of {len(oracle)} strings differ (text, oracle, ours): {wrong}"
 
 
 def test_decode_of_oracle_ids_gives_text_back(tok: Tokenizer, oracle: list[dict]) -> None:
-    wrong = [(e["text"], tok.decode(e["ids"])) for e in oracle if tok.decode(e["ids"]) != e["text"]]
+    wrong = [(e["decoded"], tok.decode(e["ids"])) for e in oracle if tok.decode(e["ids"]) != e["decoded"]]
     assert not wrong
 
 
@@ -82,7 +88,7 @@ def test_streaming_oracle_ids_rebuilds_text(tok: Tokenizer, oracle: list[dict]) 
     for e in oracle:
         detok = tok.detokenizer()
         out = "".join(detok.add_token(i) for i in e["ids"]) + detok.finalize()
-        assert out == e["text"] == detok.text
+        assert out == e["decoded"] == detok.text
 
 
 # -- the real vocabulary --------------------------------------------------------------------------

