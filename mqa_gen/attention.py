@@ -16,6 +16,7 @@ import numpy as np
 from .cache import KVCache
 from .kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rope
 from .kernels.attention import DECODE_BLOCK
+from .linear import DenseLinear
 
 
 class DecodeScratch:
@@ -34,8 +35,9 @@ class Attention:
     """Causal MQA/GQA/MHA self-attention with RoPE over a :class:`~mqa_gen.cache.KVCache`.
 
     Args:
-        wq: float32 [n_heads·head_dim, d_model]; wk, wv: float32 [n_kv_heads·head_dim, d_model];
-            wo: float32 [d_model, n_heads·head_dim] (PyTorch ``Linear`` layout: y = x Wᵀ).
+        wq: [n_heads·head_dim, d_model]; wk, wv: [n_kv_heads·head_dim, d_model];
+            wo: [d_model, n_heads·head_dim] (PyTorch ``Linear`` layout: y = x Wᵀ). Each is a
+            float32 array or a :mod:`mqa_gen.linear` object (e.g. quantised).
         n_heads, n_kv_heads, head_dim: ints, n_heads divisible by n_kv_heads.
         rope_interleaved: RoPE pairing the Q/K rows expect (True for GGUF llama files).
 
@@ -46,9 +48,10 @@ class Attention:
     def __init__(self, wq, wk, wv, wo, n_heads: int, n_kv_heads: int, head_dim: int, rope_interleaved: bool):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
-        if wq.shape[0] != n_heads * head_dim or wo.shape[1] != n_heads * head_dim:
+        wq, wk, wv, wo = (w if hasattr(w, "out_features") else DenseLinear(w) for w in (wq, wk, wv, wo))
+        if wq.out_features != n_heads * head_dim or wo.in_features != n_heads * head_dim:
             raise ValueError(f"W_q/W_o do not fit {n_heads} heads of {head_dim}")
-        if wk.shape[0] != n_kv_heads * head_dim or wv.shape != wk.shape:
+        if wk.out_features != n_kv_heads * head_dim or wv.out_features != wk.out_features:
             raise ValueError(f"W_k/W_v do not fit {n_kv_heads} KV heads of {head_dim}")
         self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -65,9 +68,9 @@ class Attention:
         """
         T = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = (x @ self.wq.T).reshape(T, H, D)  # (T, H, D)
-        k = (x @ self.wk.T).reshape(T, KV, D)  # (T, KV, D)
-        v = (x @ self.wv.T).reshape(T, KV, D)  # (T, KV, D)
+        q = self.wq(x).reshape(T, H, D)  # (T, H, D)
+        k = self.wk(x).reshape(T, KV, D)  # (T, KV, D)
+        v = self.wv(x).reshape(T, KV, D)  # (T, KV, D)
         rope(q, cos, sin, self.rope_interleaved)
         rope(k, cos, sin, self.rope_interleaved)
         cache.write(layer, k, v)
@@ -81,7 +84,7 @@ class Attention:
             o = np.empty((T, H, D), dtype=np.float32)
             attention_prefill(q, k_cache, v_cache, start, self.scale, HALF_TO_FLOAT, o)
             o = o.reshape(T, H * D)
-        return o @ self.wo.T  # (T, d_model)
+        return self.wo(o)  # (T, d_model)
 
 
 def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ import copy
 import numpy as np
 
 from .errors import ConfigError
+from .linear import DenseLinear
 
 
 def valid_kv_heads(n_heads: int, native: int) -> list[int]:
@@ -68,8 +69,9 @@ def regroup_model(model, n_kv_heads: int):
     for block in model.blocks:
         block = copy.copy(block)
         attn = copy.copy(block.attention)
-        attn.wk = regroup_kv_projection(attn.wk, native, n_kv_heads, attn.head_dim)
-        attn.wv = regroup_kv_projection(attn.wv, native, n_kv_heads, attn.head_dim)
+        # Regrouped projections are new float32 matrices; the rest stays as loaded (quantised).
+        attn.wk = DenseLinear(regroup_kv_projection(attn.wk.dequantize(), native, n_kv_heads, attn.head_dim))
+        attn.wv = DenseLinear(regroup_kv_projection(attn.wv.dequantize(), native, n_kv_heads, attn.head_dim))
         attn.n_kv_heads = n_kv_heads
         block.attention = attn
         new.blocks.append(block)

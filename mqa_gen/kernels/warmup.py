@@ -22,6 +22,15 @@ from . import _user_cache_dir
 from .attention import DECODE_BLOCK, attention_decode, attention_prefill
 from .elementwise import rmsnorm, rope, softmax_inplace, swiglu
 from .halfprec import HALF_TO_FLOAT
+from .quant import (
+    TILE,
+    q4_1_dequantize_rows,
+    q4_1_matvec,
+    q8_0_dequantize_rows,
+    q8_0_matvec,
+    repack_q4_1,
+    repack_q8_0,
+)
 
 
 def _marker_path() -> Path:
@@ -56,6 +65,13 @@ def compile_kernels() -> None:
         scores = np.empty((2, 4), f32)
         partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4), f32)
         attention_decode(q[0], k, k, 3, f32(0.5), HALF_TO_FLOAT, scores, partial, np.empty((2, 4), f32))
+    x, rows = np.ones(32, f32), np.arange(2)
+    codes, scales, mins = repack_q4_1(np.zeros((TILE, 20), np.uint8), TILE, 32)
+    q4_1_matvec(codes, scales, mins, x, np.empty(TILE, f32))
+    q4_1_dequantize_rows(codes, scales, mins, rows, np.empty((2, 32), f32))
+    codes, scales = repack_q8_0(np.zeros((TILE, 34), np.uint8), TILE, 32)
+    q8_0_matvec(codes, scales, x, np.empty(TILE, f32))
+    q8_0_dequantize_rows(codes, scales, rows, np.empty((2, 32), f32))
     marker = _marker_path()
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..gguf_file import GGUFFile
 from ..kernels import rmsnorm, swiglu
+from ..linear import linear_from_gguf
 from ..weights import tensor_f32
 
 
@@ -27,18 +28,18 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 class SwiGLU:
-    """Gated MLP W_down(silu(W_gate x) ⊙ W_up x) (Shazeer 2020). w_gate, w_up: float32
-    [d_ff, d_model]; w_down: float32 [d_model, d_ff]."""
+    """Gated MLP W_down(silu(W_gate x) ⊙ W_up x) (Shazeer 2020). w_gate, w_up: [d_ff, d_model];
+    w_down: [d_model, d_ff] — :mod:`mqa_gen.linear` objects (y = x Wᵀ)."""
 
     def __init__(self, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray):
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: float32 [T, d_model] → float32 [T, d_model]."""
-        gate = x @ self.w_gate.T  # (T, d_ff)
-        up = x @ self.w_up.T  # (T, d_ff)
+        gate = self.w_gate(x)  # (T, d_ff)
+        up = self.w_up(x)  # (T, d_ff)
         swiglu(gate, up, gate)
-        return gate @ self.w_down.T  # (T, d_model)
+        return self.w_down(gate)  # (T, d_model)
 
 
 class Block:
@@ -55,12 +56,15 @@ class Block:
 
 
 class LlamaModel:
-    """A llama decoder over float32 weights.
+    """A llama decoder.
+
+    Weight matrices are :mod:`mqa_gen.linear` objects: Q4_1/Q8_0 tensors stay quantised.
 
     Args:
         config: the model's :class:`~mqa_gen.config.ModelConfig`.
-        embeddings: float32 [vocab_size, d_model]. blocks: one :class:`Block` per layer.
-        final_norm: float32 [d_model]. output: float32 [vocab_size, d_model] (the embeddings when tied).
+        embeddings: [vocab_size, d_model] (``rows(ids)`` looks tokens up). blocks: one
+            :class:`Block` per layer. final_norm: float32 [d_model]. output: [vocab_size, d_model]
+            (the embeddings when tied).
     """
 
     def __init__(self, config: ModelConfig, embeddings, blocks: list[Block], final_norm, output):
@@ -95,44 +99,44 @@ class LlamaModel:
         if self._scratch is None or self._scratch.max_seq_len < cache.max_seq_len:
             self._scratch = DecodeScratch(c.n_heads, c.head_dim, cache.max_seq_len)
 
-        x = self.embeddings[tokens]  # (T, d_model)
+        x = self.embeddings.rows(tokens)  # (T, d_model)
         cos, sin = rope_cos_sin(cache.length + np.arange(T), c.head_dim, c.rope_theta)  # (T, D/2)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, cos, sin, self._scratch)
         cache.advance(T)
         if not all_logits:
             x = x[-1:]
-        logits = rms_norm(x, self.final_norm, c.norm_eps) @ self.output.T  # (T or 1, vocab)
+        logits = self.output(rms_norm(x, self.final_norm, c.norm_eps))  # (T or 1, vocab)
         return logits if all_logits else logits[0]
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, config: ModelConfig) -> "LlamaModel":
-        """Load every tensor of a llama GGUF as float32 (GGUF names: ``token_embd``,
-        ``blk.N.attn_q`` …, ``output_norm``, ``output``).
+        """Load a llama GGUF (tensor names ``token_embd``, ``blk.N.attn_q`` …, ``output_norm``,
+        ``output``); Q4_1/Q8_0 matrices stay quantised, norms are float32.
 
         Raises:
             UnsupportedModelError: a missing tensor, unsupported type or unexpected shape.
         """
         c = config
         d, hd = c.d_model, c.head_dim
-        embeddings = tensor_f32(gguf, "token_embd.weight", (c.vocab_size, d))
+        embeddings = linear_from_gguf(gguf, "token_embd.weight", (c.vocab_size, d))
         blocks = []
         for i in range(c.n_layers):
             p = f"blk.{i}."
             attention = Attention(
-                tensor_f32(gguf, p + "attn_q.weight", (c.n_heads * hd, d)),
-                tensor_f32(gguf, p + "attn_k.weight", (c.n_kv_heads * hd, d)),
-                tensor_f32(gguf, p + "attn_v.weight", (c.n_kv_heads * hd, d)),
-                tensor_f32(gguf, p + "attn_output.weight", (d, c.n_heads * hd)),
+                linear_from_gguf(gguf, p + "attn_q.weight", (c.n_heads * hd, d)),
+                linear_from_gguf(gguf, p + "attn_k.weight", (c.n_kv_heads * hd, d)),
+                linear_from_gguf(gguf, p + "attn_v.weight", (c.n_kv_heads * hd, d)),
+                linear_from_gguf(gguf, p + "attn_output.weight", (d, c.n_heads * hd)),
                 c.n_heads, c.n_kv_heads, hd, c.rope_interleaved,
             )
             mlp = SwiGLU(
-                tensor_f32(gguf, p + "ffn_gate.weight", (c.d_ff, d)),
-                tensor_f32(gguf, p + "ffn_up.weight", (c.d_ff, d)),
-                tensor_f32(gguf, p + "ffn_down.weight", (d, c.d_ff)),
+                linear_from_gguf(gguf, p + "ffn_gate.weight", (c.d_ff, d)),
+                linear_from_gguf(gguf, p + "ffn_up.weight", (c.d_ff, d)),
+                linear_from_gguf(gguf, p + "ffn_down.weight", (d, c.d_ff)),
             )
             blocks.append(Block(tensor_f32(gguf, p + "attn_norm.weight", (d,)), attention,
                                 tensor_f32(gguf, p + "ffn_norm.weight", (d,)), mlp, c.norm_eps))
         final_norm = tensor_f32(gguf, "output_norm.weight", (d,))
-        output = embeddings if c.tie_embeddings else tensor_f32(gguf, "output.weight", (c.vocab_size, d))
+        output = embeddings if c.tie_embeddings else linear_from_gguf(gguf, "output.weight", (c.vocab_size, d))
         return cls(config, embeddings, blocks, final_norm, output)

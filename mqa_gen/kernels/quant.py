@@ -1,0 +1,140 @@
+"""Matrix × vector on GGUF-quantised weights, computed from the packed blocks in float32.
+
+Block formats (ggml, see ggml-common.h / the GGUF spec): 32 weights per block.
+* Q4_1: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q; w = d·q + m. Byte i holds weight i
+  in its low nibble and weight i + 16 in its high nibble.
+* Q8_0: fp16 scale d, 32 int8 codes q; w = d·q.
+
+At load time each matrix is repacked (:func:`repack_q4_1`, :func:`repack_q8_0`) into *row tiles* of
+``TILE`` output rows laid side by side: codes [n_tiles, n_blocks, bytes_per_block, TILE], scales
+[n_tiles, n_blocks, TILE]. The innermost loop then runs across the TILE rows with one x element
+broadcast, which LLVM turns into wide SIMD; a per-row dot product over packed nibbles vectorises
+poorly. The tile loops run to the tile width read from the array's shape, not a compile-time
+constant: LLVM then vectorises them (with run-time alias checks) instead of unrolling them into
+scalar code. Results equal dequantise-then-matmul up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .flags import FASTMATH
+
+#: Output rows per tile: 32 float32 lanes = two AVX-512 or four AVX2 registers of accumulators.
+TILE = 32
+BLOCK = 32  # weights per quantisation block (QK4_1 = QK8_0 = 32)
+
+
+def _tile_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """[rows, nb, ...] → [n_tiles, nb, ..., TILE], zero-padding rows to a multiple of TILE."""
+    pad = (-rows) % TILE
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    tiles = a.reshape((a.shape[0] // TILE, TILE) + a.shape[1:])
+    order = (0,) + tuple(range(2, tiles.ndim)) + (1,)
+    return np.ascontiguousarray(tiles.transpose(order))
+
+
+def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
+    return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.float16)[:, :, 0].astype(np.float32)
+
+
+def repack_q4_1(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_1 bytes uint8 [rows, cols/32·20] → (codes uint8 [n_tiles, nb, 16, TILE],
+    scales float32 [n_tiles, nb, TILE], minimums float32 [n_tiles, nb, TILE])."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 20)
+    return _tile_rows(blocks[:, :, 4:20], rows), _tile_rows(_fp16_field(blocks, 0), rows), \
+        _tile_rows(_fp16_field(blocks, 2), rows)
+
+
+def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q8_0 bytes uint8 [rows, cols/32·34] → (codes int8 [n_tiles, nb, 32, TILE],
+    scales float32 [n_tiles, nb, TILE])."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 34)
+    return _tile_rows(blocks[:, :, 2:34].view(np.int8), rows), _tile_rows(_fp16_field(blocks, 0), rows)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q4_1_matvec(codes, scales, mins, x, y):
+    """y = W x for a repacked Q4_1 W. x: float32 [cols]; y: float32 [rows], overwritten.
+
+    Σ_j w_j x_j = Σ_blocks (d · Σ_i q_i x_i + m · Σ_i x_i): the block sums of x are shared by all rows.
+    """
+    n_tiles, nb, T = codes.shape[0], codes.shape[1], codes.shape[3]
+    rows = y.shape[0]
+    xsum = np.empty(nb, np.float32)
+    for b in range(nb):
+        s = np.float32(0.0)
+        for i in range(BLOCK):
+            s += x[b * BLOCK + i]
+        xsum[b] = s
+    for t in prange(n_tiles):
+        acc = np.zeros(T, np.float32)
+        blk = np.empty(T, np.float32)
+        for b in range(nb):
+            for r in range(T):
+                blk[r] = 0.0
+            for i in range(16):
+                lo = x[b * BLOCK + i]
+                hi = x[b * BLOCK + 16 + i]
+                for r in range(T):
+                    q = codes[t, b, i, r]
+                    blk[r] += np.float32(q & 15) * lo + np.float32(q >> 4) * hi
+            for r in range(T):
+                acc[r] += scales[t, b, r] * blk[r] + mins[t, b, r] * xsum[b]
+        for r in range(T):
+            row = t * T + r
+            if row < rows:
+                y[row] = acc[r]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q8_0_matvec(codes, scales, x, y):
+    """y = W x for a repacked Q8_0 W. x: float32 [cols]; y: float32 [rows], overwritten."""
+    n_tiles, nb, T = codes.shape[0], codes.shape[1], codes.shape[3]
+    rows = y.shape[0]
+    for t in prange(n_tiles):
+        acc = np.zeros(T, np.float32)
+        blk = np.empty(T, np.float32)
+        for b in range(nb):
+            for r in range(T):
+                blk[r] = 0.0
+            for i in range(BLOCK):
+                xi = x[b * BLOCK + i]
+                for r in range(T):
+                    blk[r] += np.float32(codes[t, b, i, r]) * xi
+            for r in range(T):
+                acc[r] += scales[t, b, r] * blk[r]
+        for r in range(T):
+            row = t * T + r
+            if row < rows:
+                y[row] = acc[r]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q4_1_dequantize_rows(codes, scales, mins, row_ids, out):
+    """Float32 rows ``row_ids`` (int [n]) of a repacked Q4_1 matrix into out [n, cols]."""
+    nb = codes.shape[1]
+    for k in prange(row_ids.shape[0]):
+        row = row_ids[k]
+        t, r = row // TILE, row % TILE
+        for b in range(nb):
+            d, m = scales[t, b, r], mins[t, b, r]
+            for i in range(16):
+                q = codes[t, b, i, r]
+                out[k, b * BLOCK + i] = d * np.float32(q & 15) + m
+                out[k, b * BLOCK + 16 + i] = d * np.float32(q >> 4) + m
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q8_0_dequantize_rows(codes, scales, row_ids, out):
+    """Float32 rows ``row_ids`` (int [n]) of a repacked Q8_0 matrix into out [n, cols]."""
+    nb = codes.shape[1]
+    for k in prange(row_ids.shape[0]):
+        row = row_ids[k]
+        t, r = row // TILE, row % TILE
+        for b in range(nb):
+            d = scales[t, b, r]
+            for i in range(BLOCK):
+                out[k, b * BLOCK + i] = d * np.float32(codes[t, b, i, r])

@@ -1,0 +1,126 @@
+"""Weight matrices as y = x Wᵀ, kept in the file's quantised form when we have kernels for it.
+
+* :class:`QuantizedLinear` — Q4_1 or Q8_0 blocks, repacked once at load (see
+  :mod:`mqa_gen.kernels.quant`). Decode (one row of x) runs the quantised matrix × vector kernel,
+  reading 5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32. Prefill (many rows) dequantises the
+  matrix into a temporary float32 array and multiplies with BLAS through NumPy: prompt-sized
+  products are compute-bound, and no float32 copy outlives the call.
+* :class:`DenseLinear` — a float32 matrix (F32/F16 tensors, other quantisation types, and the
+  K/V projections that ``--kv-heads`` rewrites).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gguf_file import GGUFFile
+from .kernels.quant import (
+    q4_1_dequantize_rows,
+    q4_1_matvec,
+    q8_0_dequantize_rows,
+    q8_0_matvec,
+    repack_q4_1,
+    repack_q8_0,
+)
+from .weights import require_tensor, tensor_f32
+
+#: Tensor types kept quantised in memory (others are dequantised to float32 at load).
+QUANTIZED_KERNEL_TYPES = ("Q4_1", "Q8_0")
+
+
+class DenseLinear:
+    """y = x Wᵀ with a float32 W [out_features, in_features]."""
+
+    def __init__(self, weight: np.ndarray):
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
+        self.out_features, self.in_features = self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data held."""
+        return self.weight.nbytes
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 [T, in_features] → float32 [T, out_features]."""
+        return x @ self.weight.T
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of W as float32 [len(ids), in_features] (an embedding lookup)."""
+        return self.weight[ids]
+
+    def dequantize(self) -> np.ndarray:
+        """W as float32 [out_features, in_features]."""
+        return self.weight
+
+
+class QuantizedLinear:
+    """y = x Wᵀ with W stored as repacked Q4_1 or Q8_0 blocks.
+
+    Args:
+        raw: the tensor's GGUF bytes, uint8 [out_features, in_features / 32 · block_bytes].
+        type_name: ``"Q4_1"`` or ``"Q8_0"``.
+        out_features, in_features: W's shape; in_features a multiple of 32.
+
+    Raises:
+        ValueError: another type, or in_features not a multiple of 32.
+    """
+
+    def __init__(self, raw: np.ndarray, type_name: str, out_features: int, in_features: int):
+        if in_features % 32:
+            raise ValueError(f"in_features must be a multiple of 32 for {type_name}, got {in_features}")
+        self.type_name = type_name
+        self.out_features, self.in_features = out_features, in_features
+        if type_name == "Q4_1":
+            self.codes, self.scales, self.mins = repack_q4_1(raw, out_features, in_features)
+        elif type_name == "Q8_0":
+            self.codes, self.scales = repack_q8_0(raw, out_features, in_features)
+            self.mins = None
+        else:
+            raise ValueError(f"no quantised kernel for {type_name}")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data held (codes and scales)."""
+        return sum(a.nbytes for a in (self.codes, self.scales, self.mins) if a is not None)
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """W x for one float32 vector x [in_features] → float32 [out_features] (``out`` if given)."""
+        y = np.empty(self.out_features, np.float32) if out is None else out
+        if self.mins is not None:
+            q4_1_matvec(self.codes, self.scales, self.mins, x, y)
+        else:
+            q8_0_matvec(self.codes, self.scales, x, y)
+        return y
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 [T, in_features] → float32 [T, out_features]."""
+        if x.shape[0] == 1:
+            return self.matvec(np.ascontiguousarray(x[0]))[None]
+        return x @ self.dequantize().T
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of W, dequantised to float32 [len(ids), in_features] (an embedding lookup)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.empty((ids.shape[0], self.in_features), np.float32)
+        if self.mins is not None:
+            q4_1_dequantize_rows(self.codes, self.scales, self.mins, ids, out)
+        else:
+            q8_0_dequantize_rows(self.codes, self.scales, ids, out)
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        """W as a new float32 [out_features, in_features] array."""
+        return self.rows(np.arange(self.out_features))
+
+
+def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):
+    """Tensor ``name`` as a :class:`QuantizedLinear` when its type has kernels, else a
+    :class:`DenseLinear` dequantised by the ``gguf`` package.
+
+    Raises:
+        UnsupportedModelError: missing tensor, unsupported type or unexpected shape.
+    """
+    tensor = require_tensor(gguf, name)
+    if tensor.type_name in QUANTIZED_KERNEL_TYPES and shape[1] % 32 == 0 and tuple(tensor.shape) == tuple(shape):
+        return QuantizedLinear(np.asarray(tensor.data), tensor.type_name, *shape)
+    return DenseLinear(tensor_f32(gguf, name, shape))

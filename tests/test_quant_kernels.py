@@ -1,0 +1,56 @@
+"""Quantised matrix × vector kernels against dequantise-then-NumPy (the ``gguf`` package's
+reference dequantisation), on odd shapes as well as the real model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, dequantize, quantize
+
+from mqa_gen.kernels.quant import TILE
+from mqa_gen.linear import QuantizedLinear, linear_from_gguf
+
+RNG = np.random.default_rng(3)
+
+
+def quantized(rows: int, cols: int, type_name: str):
+    w = RNG.standard_normal((rows, cols)).astype(np.float32)
+    qtype = GGMLQuantizationType[type_name]
+    raw = quantize(w, qtype)  # uint8 [rows, bytes per row]
+    reference = dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
+    return QuantizedLinear(raw, type_name, rows, cols), reference
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows,cols", [(1, 32), (TILE - 1, 64), (TILE + 3, 96), (100, 576), (192, 576)])
+def test_matvec_equals_dequantised_matmul(type_name, rows, cols):
+    lin, w = quantized(rows, cols, type_name)
+    x = RNG.standard_normal(cols).astype(np.float32)
+    expected = w.astype(np.float64) @ x
+    magnitude = np.abs(w).astype(np.float64) @ np.abs(x)  # Σ|w x| per row: float32 rounding scales with it
+    assert np.all(np.abs(lin.matvec(x) - expected) <= 1e-5 * magnitude)
+    np.testing.assert_allclose(lin(x[None])[0], lin.matvec(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+def test_rows_and_prefill_path(type_name):
+    lin, w = quantized(TILE + 5, 64, type_name)
+    ids = np.array([0, TILE + 4, 7, 7])
+    np.testing.assert_array_equal(lin.rows(ids), w[ids])
+    np.testing.assert_array_equal(lin.dequantize(), w)
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(lin(x), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_real_model_tensors_stay_quantised(smollm2):
+    gguf = smollm2.gguf
+    q = linear_from_gguf(gguf, "blk.0.attn_q.weight", (576, 576))
+    emb = linear_from_gguf(gguf, "token_embd.weight", (49152, 576))
+    assert isinstance(q, QuantizedLinear) and q.type_name == "Q4_1"
+    assert isinstance(emb, QuantizedLinear) and emb.type_name == "Q8_0"
+    # Held bytes: 4-bit codes plus two float32 per 32 weights (Q4_1), 8-bit codes plus one (Q8_0).
+    assert q.nbytes == 576 * 576 // 2 + 2 * 4 * 576 * 576 // 32
+    assert emb.nbytes == 49152 * 576 + 4 * 49152 * 576 // 32
+    x = RNG.standard_normal(576).astype(np.float32)
+    w = dequantize(np.asarray(gguf.tensors["blk.0.attn_q.weight"].data), GGMLQuantizationType.Q4_1)
+    np.testing.assert_allclose(q.matvec(x), w @ x, rtol=1e-5, atol=1e-4)
