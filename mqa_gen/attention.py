@@ -16,7 +16,7 @@ import numpy as np
 from .cache import KVCache
 from .kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rope
 from .kernels.attention import DECODE_BLOCK
-from .linear import DenseLinear
+from .linear import DenseLinear, matvec_many
 
 
 class DecodeScratch:
@@ -68,9 +68,13 @@ class Attention:
         """
         T = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.wq(x).reshape(T, H, D)  # (T, H, D)
-        k = self.wk(x).reshape(T, KV, D)  # (T, KV, D)
-        v = self.wv(x).reshape(T, KV, D)  # (T, KV, D)
+        if T == 1:
+            q, k, v = matvec_many((self.wq, self.wk, self.wv), x[0])
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.reshape(T, H, D)  # (T, H, D)
+        k = k.reshape(T, KV, D)  # (T, KV, D)
+        v = v.reshape(T, KV, D)  # (T, KV, D)
         rope(q, cos, sin, self.rope_interleaved)
         rope(k, cos, sin, self.rope_interleaved)
         cache.write(layer, k, v)

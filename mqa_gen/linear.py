@@ -15,8 +15,10 @@ import numpy as np
 
 from .gguf_file import GGUFFile
 from .kernels.quant import (
+    TILE,
     q4_1_dequantize_rows,
     q4_1_matvec,
+    q4_1_matvec3,
     q8_0_dequantize_rows,
     q8_0_matvec,
     repack_q4_1,
@@ -111,6 +113,25 @@ class QuantizedLinear:
     def dequantize(self) -> np.ndarray:
         """W as a new float32 [out_features, in_features] array."""
         return self.rows(np.arange(self.out_features))
+
+
+_NO_Q4_1 = (np.zeros((0, 1, 16, TILE), np.uint8), np.zeros((0, 1, TILE), np.float32),
+            np.zeros((0, 1, TILE), np.float32), np.zeros(0, np.float32))
+
+
+def matvec_many(linears, x: np.ndarray) -> list[np.ndarray]:
+    """[W x for W in linears] for one float32 vector x [in_features], each float32 [out_features].
+
+    Two or three Q4_1 matrices (W_q/W_k/W_v, W_gate/W_up) run in one fused kernel launch.
+    """
+    x = np.ascontiguousarray(x)
+    if 2 <= len(linears) <= 3 and all(getattr(w, "type_name", None) == "Q4_1" for w in linears):
+        outs = [np.empty(w.out_features, np.float32) for w in linears]
+        slots = [(w.codes, w.scales, w.mins, y) for w, y in zip(linears, outs)]
+        slots += [_NO_Q4_1] * (3 - len(slots))
+        q4_1_matvec3(*slots[0], *slots[1], *slots[2], x)
+        return outs
+    return [w(x[None])[0] for w in linears]
 
 
 def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):

@@ -54,3 +54,13 @@ def test_real_model_tensors_stay_quantised(smollm2):
     x = RNG.standard_normal(576).astype(np.float32)
     w = dequantize(np.asarray(gguf.tensors["blk.0.attn_q.weight"].data), GGMLQuantizationType.Q4_1)
     np.testing.assert_allclose(q.matvec(x), w @ x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shapes", [[(64, 96), (TILE + 1, 96), (3, 96)], [(40, 64), (70, 64)]])
+def test_fused_matvec_equals_separate_products(shapes):
+    from mqa_gen.linear import matvec_many
+
+    pairs = [quantized(rows, cols, "Q4_1") for rows, cols in shapes]
+    x = RNG.standard_normal(shapes[0][1]).astype(np.float32)
+    for (lin, _), fused in zip(pairs, matvec_many([lin for lin, _ in pairs], x)):
+        np.testing.assert_array_equal(fused, lin.matvec(x))

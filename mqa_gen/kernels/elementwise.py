@@ -1,17 +1,20 @@
 """Row-wise kernels: RMSNorm, RoPE, SwiGLU and softmax, all float32.
 
 Sources: RMSNorm — Zhang & Sennrich 2019; RoPE — Su et al. 2021 (RoFormer); SwiGLU — Shazeer 2020.
+
+These run on one thread: they touch a few kilobytes per token, less work than it costs to start a
+parallel region (which, on a busy machine, can mean waiting for a time slice).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .flags import FASTMATH
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH)
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]²) + eps) * weight.
 
@@ -19,7 +22,7 @@ def rmsnorm(x, weight, eps, out):
     float32 as the reference (Hugging Face ``LlamaRMSNorm``) does.
     """
     T, d = x.shape
-    for t in prange(T):
+    for t in range(T):
         ss = np.float32(0.0)
         for i in range(d):
             ss += x[t, i] * x[t, i]
@@ -28,7 +31,7 @@ def rmsnorm(x, weight, eps, out):
             out[t, i] = (x[t, i] * inv) * weight[i]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH)
 def rope(x, cos, sin, interleaved):
     """Rotate x in place by the RoPE angles of each row's position.
 
@@ -39,7 +42,7 @@ def rope(x, cos, sin, interleaved):
     """
     T, H, D = x.shape
     half = D // 2
-    for t in prange(T):
+    for t in range(T):
         for h in range(H):
             for i in range(half):
                 if interleaved:
@@ -52,11 +55,11 @@ def rope(x, cos, sin, interleaved):
                 x[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, with silu(g) = g / (1 + e^-g). gate, up, out: float32 [T, d_ff]."""
     T, F = gate.shape
-    for t in prange(T):
+    for t in range(T):
         for i in range(F):
             g = gate[t, i]
             out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]

@@ -55,38 +55,66 @@ def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.n
     return _tile_rows(blocks[:, :, 2:34].view(np.int8), rows), _tile_rows(_fp16_field(blocks, 0), rows)
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def q4_1_matvec(codes, scales, mins, x, y):
-    """y = W x for a repacked Q4_1 W. x: float32 [cols]; y: float32 [rows], overwritten.
-
-    Σ_j w_j x_j = Σ_blocks (d · Σ_i q_i x_i + m · Σ_i x_i): the block sums of x are shared by all rows.
-    """
-    n_tiles, nb, T = codes.shape[0], codes.shape[1], codes.shape[3]
-    rows = y.shape[0]
+@njit(cache=True, fastmath=FASTMATH)
+def _block_sums(x):
+    """Σ of each 32-element block of x (float32 [cols] → float32 [cols / 32])."""
+    nb = x.shape[0] // BLOCK
     xsum = np.empty(nb, np.float32)
     for b in range(nb):
         s = np.float32(0.0)
         for i in range(BLOCK):
             s += x[b * BLOCK + i]
         xsum[b] = s
-    for t in prange(n_tiles):
-        acc = np.zeros(T, np.float32)
-        blk = np.empty(T, np.float32)
-        for b in range(nb):
-            for r in range(T):
-                blk[r] = 0.0
-            for i in range(16):
-                lo = x[b * BLOCK + i]
-                hi = x[b * BLOCK + 16 + i]
-                for r in range(T):
-                    q = codes[t, b, i, r]
-                    blk[r] += np.float32(q & 15) * lo + np.float32(q >> 4) * hi
-            for r in range(T):
-                acc[r] += scales[t, b, r] * blk[r] + mins[t, b, r] * xsum[b]
+    return xsum
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _q4_1_tile(codes, scales, mins, x, xsum, t, y):
+    """Rows of tile t of y = W x (Q4_1): Σ_blocks (d · Σ_i q_i x_i + m · Σ_i x_i)."""
+    nb, T = codes.shape[1], codes.shape[3]
+    acc = np.zeros(T, np.float32)
+    blk = np.empty(T, np.float32)
+    for b in range(nb):
         for r in range(T):
-            row = t * T + r
-            if row < rows:
-                y[row] = acc[r]
+            blk[r] = 0.0
+        for i in range(16):
+            lo = x[b * BLOCK + i]
+            hi = x[b * BLOCK + 16 + i]
+            for r in range(T):
+                q = codes[t, b, i, r]
+                blk[r] += np.float32(q & 15) * lo + np.float32(q >> 4) * hi
+        for r in range(T):
+            acc[r] += scales[t, b, r] * blk[r] + mins[t, b, r] * xsum[b]
+    for r in range(min(T, y.shape[0] - t * T)):
+        y[t * T + r] = acc[r]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q4_1_matvec(codes, scales, mins, x, y):
+    """y = W x for a repacked Q4_1 W. x: float32 [cols]; y: float32 [rows], overwritten.
+
+    The block sums of x are shared by all rows (the m·Σx term of each block).
+    """
+    xsum = _block_sums(x)
+    for t in prange(codes.shape[0]):
+        _q4_1_tile(codes, scales, mins, x, xsum, t, y)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q4_1_matvec3(codes_a, scales_a, mins_a, y_a, codes_b, scales_b, mins_b, y_b,
+                 codes_c, scales_c, mins_c, y_c, x):
+    """Three Q4_1 products of the same x in one parallel region (e.g. W_q, W_k, W_v, or W_gate,
+    W_up with an empty third): one start-up of the worker threads instead of three, and the
+    tiles of all three matrices share the cores evenly. Pass 0-tile arrays for an unused slot."""
+    xsum = _block_sums(x)
+    na, nb = codes_a.shape[0], codes_b.shape[0]
+    for task in prange(na + nb + codes_c.shape[0]):
+        if task < na:
+            _q4_1_tile(codes_a, scales_a, mins_a, x, xsum, task, y_a)
+        elif task < na + nb:
+            _q4_1_tile(codes_b, scales_b, mins_b, x, xsum, task - na, y_b)
+        else:
+            _q4_1_tile(codes_c, scales_c, mins_c, x, xsum, task - na - nb, y_c)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)

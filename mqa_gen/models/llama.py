@@ -16,7 +16,7 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..gguf_file import GGUFFile
 from ..kernels import rmsnorm, swiglu
-from ..linear import linear_from_gguf
+from ..linear import linear_from_gguf, matvec_many
 from ..weights import tensor_f32
 
 
@@ -36,8 +36,10 @@ class SwiGLU:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: float32 [T, d_model] → float32 [T, d_model]."""
-        gate = self.w_gate(x)  # (T, d_ff)
-        up = self.w_up(x)  # (T, d_ff)
+        if x.shape[0] == 1:
+            gate, up = (y[None] for y in matvec_many((self.w_gate, self.w_up), x[0]))
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)  # (T, d_ff)
         swiglu(gate, up, gate)
         return self.w_down(gate)  # (T, d_model)
 
