@@ -7,6 +7,13 @@ patterns (Numba has no float16 on the CPU; kernels decode them with a lookup tab
 
 Bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × itemsize — the quantity MQA
 shrinks by a factor n_heads relative to MHA (Shazeer 2019).
+
+The cache also remembers which token id produced each stored position (``token_ids``), so a later
+prompt can reuse the longest common prefix (:meth:`KVCache.common_prefix`). The model's
+``forward`` only writes K/V rows; whoever knows the ids labels them with
+:meth:`KVCache.label_tokens` (the generation loop does). A position nobody labelled is "unknown"
+(-1) and never matches, so an unlabelled cache is never silently reused. :meth:`KVCache.save` and
+:meth:`KVCache.load` persist the stored rows and their ids (format in :mod:`mqa_gen.prompt_cache`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class KVCache:
         keys, values: lists of n_layers arrays [n_kv_heads, max_seq_len, head_dim], dtype float32
             or uint16.
         length: tokens stored (int); positions ``0 .. length-1`` are valid in every layer.
+        token_ids: int64 [length] view of the id stored at each position (-1 = unknown).
 
     Raises:
         ValueError: a dimension ≤ 0 or an unknown dtype.
@@ -52,6 +60,7 @@ class KVCache:
         shape = (n_kv_heads, max_seq_len, head_dim)
         self.keys = [np.zeros(shape, dtype=storage) for _ in range(n_layers)]
         self.values = [np.zeros(shape, dtype=storage) for _ in range(n_layers)]
+        self._ids = np.full(max_seq_len, -1, dtype=np.int64)  # token id per position, -1 = unknown
         self.length = 0
 
     @property
@@ -100,10 +109,42 @@ class KVCache:
             self.values[layer][:, span, :] = v.transpose(1, 0, 2).astype(np.float16).view(np.uint16)
 
     def advance(self, n_tokens: int) -> None:
-        """Mark ``n_tokens`` more positions as stored (after every layer wrote them)."""
+        """Mark ``n_tokens`` more positions as stored (after every layer wrote them). Their token
+        ids start unknown (-1) until :meth:`label_tokens` names them."""
         if self.length + n_tokens > self.max_seq_len:
             raise ValueError("KV cache advanced past its capacity")
+        self._ids[self.length : self.length + n_tokens] = -1
         self.length += n_tokens
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """Read-only int64 [length] view: the token id stored at each position, -1 where unknown."""
+        view = self._ids[: self.length]
+        view.flags.writeable = False
+        return view
+
+    def label_tokens(self, ids) -> None:
+        """Record that the last ``len(ids)`` stored positions hold the tokens ``ids`` (ints ≥ 0),
+        e.g. right after ``model.forward(ids, cache)``.
+
+        Raises:
+            ValueError: more ids than stored positions, or a negative id.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = ids.shape[0]
+        if n > self.length:
+            raise ValueError(f"cannot label {n} tokens: the cache stores only {self.length}")
+        if n and ids.min() < 0:
+            raise ValueError("token ids must be >= 0")
+        self._ids[self.length - n : self.length] = ids
+
+    def common_prefix(self, ids) -> int:
+        """How many leading ``ids`` (ints) equal the stored positions' token ids: an int in
+        0 .. min(len(ids), length). Unknown positions never match."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = min(ids.shape[0], self.length)
+        mismatch = np.flatnonzero(self._ids[:n] != ids[:n])
+        return int(mismatch[0]) if mismatch.size else n
 
     def truncate(self, n_tokens: int) -> None:
         """Keep only the first ``n_tokens`` positions (0 ≤ n_tokens ≤ length); nothing is copied.
@@ -127,3 +168,38 @@ class KVCache:
         if self.dtype == "float16":
             k, v = k.view(np.float16), v.view(np.float16)
         return k.astype(np.float32), v.astype(np.float32)
+
+    def save(self, path, model_id: str, extra: dict | None = None) -> int:
+        """Write the ``length`` stored rows, their token ids and ``model_id`` (see
+        :func:`mqa_gen.prompt_cache.model_identity`) to ``path`` atomically; returns bytes written.
+
+        Only the stored rows are written (not the whole capacity). ``extra`` is a JSON-able dict
+        kept in the file (``mqa-gen chat`` keeps the conversation there).
+
+        Raises:
+            PromptCacheError: the file cannot be written (the previous file, if any, is untouched).
+        """
+        from .prompt_cache import save_prompt_cache
+
+        return save_prompt_cache(path, self, model_id, extra)
+
+    @classmethod
+    def load(cls, path, model_id: str, *, config=None, dtype: str | None = None,
+             max_seq_len: int | None = None) -> "KVCache":
+        """Read a cache written by :meth:`save`, refusing it unless it matches.
+
+        Args:
+            model_id: the identity of the model that will use it; a file made by another model is refused.
+            config: the (possibly regrouped) model's config: n_layers, n_kv_heads and head_dim must match.
+            dtype: the cache dtype the caller expects (``"float32"``/``"float16"``); None accepts either.
+            max_seq_len: capacity of the returned cache (default: the stored length); if it is smaller
+                than the stored length, only the first ``max_seq_len`` positions are kept.
+
+        Raises:
+            PromptCacheError: missing, truncated, corrupt, another format version, another model,
+                other KV heads or dtype. The message is one line.
+        """
+        from .prompt_cache import load_prompt_cache
+
+        cache, _extra = load_prompt_cache(path, model_id, config=config, dtype=dtype, max_seq_len=max_seq_len)
+        return cache

@@ -10,6 +10,13 @@ The last step carries the ``finish_reason``:
 * ``stop``    — a stop string appeared (no part of it is yielded);
 * ``context`` — prompt + generated tokens filled the context (``ctx_size``).
 
+A cache handed in may already hold tokens (a reloaded prompt cache, the previous turn of a chat):
+the longest common prefix of its token ids and the prompt is kept, the rest of the cache is
+dropped, and only the remaining prompt tokens are prefilled (at least one, since the logits of the
+last prompt position are needed). ``stats.reused_tokens`` says how many were reused. After the
+generation the cache holds the prompt and every generated token but the last, each labelled with
+its id, so it can be reused again or saved (:meth:`~mqa_gen.cache.KVCache.save`).
+
 The loop reads like llama2.c's ``generate`` and mlx-lm's ``stream_generate``; the CLI only prints
 what it yields.
 """
@@ -32,12 +39,20 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class GenerationStats:
-    """Figures of one generation. Times in seconds, speeds in tokens/s, sizes in bytes."""
+    """Figures of one generation. Times in seconds, speeds in tokens/s, sizes in bytes.
+
+    ``prompt_tokens`` counts the whole prompt, ``reused_tokens`` the part found in the cache (not
+    recomputed); ``prefill_tokens`` = the difference, what the prefill actually ran.
+    ``first_token_seconds`` is the time from the start of the iteration to the first sampled token
+    (cache reuse + prefill + sampling).
+    """
 
     prompt_tokens: int = 0
+    reused_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    first_token_seconds: float = 0.0
     kv_cache_bytes: int = 0
     kv_cache_capacity_bytes: int = 0
     kv_bytes_per_token: int = 0
@@ -45,8 +60,14 @@ class GenerationStats:
     peak_rss_bytes: int = 0
 
     @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the prefill computed (the prompt minus the reused prefix)."""
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        """Prefilled (not reused) tokens per second of prefill."""
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -57,6 +78,7 @@ class GenerationStats:
     def as_dict(self) -> dict:
         """Plain dict with the derived speeds, for ``--json``."""
         d = asdict(self)
+        d["prefill_tokens"] = self.prefill_tokens
         d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         d["decode_tokens_per_s"] = self.decode_tokens_per_s
         return d
@@ -141,12 +163,20 @@ class Generation:
         history = list(self.prompt_ids)
 
         t0 = time.perf_counter()
-        logits = self.model.forward(self.prompt_ids, cache)
+        # Keep the longest common prefix of the cache and the prompt; prefill at least one token.
+        reused = min(cache.common_prefix(self.prompt_ids), len(self.prompt_ids) - 1)
+        cache.truncate(reused)
+        stats.reused_tokens = reused
+        suffix = self.prompt_ids[reused:]
+        logits = self.model.forward(suffix, cache)
+        cache.label_tokens(suffix)
         stats.prefill_seconds = time.perf_counter() - t0
         decode_start = time.perf_counter()
         try:
             while True:
                 token, logprob = sampler(logits, history)
+                if not stats.first_token_seconds:
+                    stats.first_token_seconds = time.perf_counter() - t0
                 reason = None
                 if token in self.eos_ids:
                     piece, reason = detok.finalize(), "eos"
@@ -171,6 +201,7 @@ class Generation:
                     return
                 yield GenerationStep(token, out, logprob)
                 logits = self.model.forward([token], cache)
+                cache.label_tokens([token])
                 stats.decode_seconds = time.perf_counter() - decode_start
         finally:
             stats.decode_seconds = time.perf_counter() - decode_start
@@ -202,11 +233,14 @@ def stream_generate(
         eos_ids: ids that end generation; default the tokenizer's EOS.
         ctx_size: context in tokens (prompt + generated); default the model's context length.
         cache_dtype: ``"float32"`` or ``"float16"`` for a new cache.
-        cache: an empty cache to use instead of a new one (its capacity is the context).
+        cache: a cache to use instead of a new one (its capacity is the context). If it holds
+            tokens, the longest common prefix with the prompt is reused and the rest of it dropped
+            (see the module docstring); it is updated in place as generation runs.
 
     Raises:
         PromptError: an empty prompt, or one that leaves no room in the context.
         SamplingError: invalid sampling parameters or ``max_tokens`` ≤ 0.
+        ValueError: ``cache`` has other layer, KV-head or head-size dimensions than the model.
     """
     from .errors import SamplingError
 
@@ -227,6 +261,18 @@ def stream_generate(
                 "(raise --ctx-size or shorten the prompt)"
             )
         cache = model.new_cache(ctx, cache_dtype)
+    else:
+        c = model.config
+        if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (c.n_layers, c.n_kv_heads, c.head_dim):
+            raise ValueError(
+                f"the cache has {cache.n_layers} layers × {cache.n_kv_heads} KV heads × {cache.head_dim}, "
+                f"the model {c.n_layers} × {c.n_kv_heads} × {c.head_dim}"
+            )
+        if len(prompt_ids) >= cache.max_seq_len:
+            raise PromptError(
+                f"the prompt has {len(prompt_ids)} tokens but the context is {cache.max_seq_len} tokens "
+                "(raise --ctx-size or shorten the prompt)"
+            )
     if eos_ids is None:
         eos_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     return Generation(model, tokenizer, prompt_ids, params, max_tokens, list(stop), frozenset(eos_ids), cache)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import click
 
@@ -72,8 +74,9 @@ def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
     """One compact block of figures on stderr."""
     s = stats
     kind = {1: "MQA"}.get(s.n_kv_heads, "")
+    reuse = f" ({s.reused_tokens} reused, {s.prefill_tokens} prefilled)" if s.reused_tokens else ""
     stderr.print(
-        f"[bold]prompt[/bold] {s.prompt_tokens} tok, {s.prefill_tokens_per_s:,.1f} tok/s  "
+        f"[bold]prompt[/bold] {s.prompt_tokens} tok{reuse}, {s.prefill_tokens_per_s:,.1f} tok/s  "
         f"[bold]generated[/bold] {s.generated_tokens} tok, {s.decode_tokens_per_s:,.1f} tok/s  "
         f"[bold]finish[/bold] {finish_reason or 'interrupted'}\n"
         f"[bold]KV cache[/bold] {mib(s.kv_cache_bytes)} used ({s.kv_bytes_per_token:,} B/token, "
@@ -82,47 +85,104 @@ def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
     )
 
 
+def generation_options(f):
+    """The options ``generate`` and ``chat`` share, in --help order: -n, the sampling flags
+    (--temp … --seed), --stop, --ctx-size, --kv-heads, --cache-dtype."""
+    for option in reversed(_GENERATION_OPTIONS):
+        f = option(f)
+    return f
+
+
+_GENERATION_OPTIONS = [
+    click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
+    click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy."),
+    click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens; 0 = off."),
+    click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass; 1 = off."),
+    click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p × p(best); 0 = off."),
+    click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Repetition penalty; 1 = off."),
+    click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Tokens the penalty looks back over; -1 = all."),
+    click.option("--seed", type=int, default=None, help="Random seed (same seed and options → same text)."),
+    click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); it is not printed."),
+    click.option("--ctx-size", type=int, default=None, help="Context in tokens (default: the model's)."),
+    click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA."),
+    click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
+]
+
+
+def check_generation_options(params: SamplingParams, max_tokens: int, ctx_size: int | None) -> None:
+    """Validate what :func:`generation_options` collected; errors name the CLI flag.
+
+    Raises:
+        SamplingError: a sampling value out of range, or --max-tokens ≤ 0.
+        PromptError: --ctx-size ≤ 0.
+    """
+    validate_with_flag_names(params)
+    if max_tokens <= 0:
+        raise SamplingError(f"--max-tokens must be > 0, got {max_tokens}")
+    if ctx_size is not None and ctx_size <= 0:
+        raise PromptError(f"--ctx-size must be > 0, got {ctx_size}")
+
+
+def open_prompt_cache(path: str, loaded, net, ctx_size: int | None, cache_dtype: str):
+    """``(model identity, cache)`` for ``--prompt-cache path``: the file's cache with capacity
+    ctx_size (default the model's context), or a new empty one when the file does not exist yet.
+
+    Raises:
+        PromptCacheError: the file does not fit this model, --kv-heads or --cache-dtype, is
+            truncated or corrupt; or its folder does not exist (checked before generating).
+    """
+    from ..prompt_cache import PromptCacheError, load_prompt_cache, model_identity
+
+    model_id = model_identity(loaded.gguf)
+    ctx = ctx_size or net.config.context_length
+    if os.path.exists(path):
+        cache, _ = load_prompt_cache(path, model_id, config=net.config, dtype=cache_dtype, max_seq_len=ctx)
+        return model_id, cache
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise PromptCacheError(f"cannot create prompt cache {path}: folder {folder} does not exist")
+    return model_id, net.new_cache(ctx, cache_dtype)
+
+
 @click.command()
 @click.option("-p", "--prompt", default=None, help="Prompt text, or - to read it from stdin.")
 @click.option("-f", "--prompt-file", type=click.Path(dir_okay=False), default=None, help="Read the prompt from a file.")
 @model_option
-@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
-@click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens; 0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass; 1 = off.")
-@click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p × p(best); 0 = off.")
-@click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Repetition penalty; 1 = off.")
-@click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Tokens the penalty looks back over; -1 = all.")
-@click.option("--seed", type=int, default=None, help="Random seed (same seed and options → same text).")
-@click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); it is not printed.")
-@click.option("--ctx-size", type=int, default=None, help="Context in tokens (default: the model's).")
-@click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA.")
-@click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@generation_options
 @click.option("--chat/--no-chat", default=None, help="Apply the model's chat template (default: on if it has one).")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Reuse the KV cache saved in FILE for the prompt's common prefix, then save this run's cache there.")
 @click.option("--json", "as_json", is_flag=True, help="No streaming; print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No stats or progress on stderr.")
 @threads_option
 def generate(prompt, prompt_file, model, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, stop, ctx_size, kv_heads, cache_dtype, chat, as_json, quiet, threads):
-    """Generate text from a prompt, streaming it to stdout."""
+             repeat_last_n, seed, stop, ctx_size, kv_heads, cache_dtype, chat, prompt_cache, as_json, quiet,
+             threads):
+    """Generate text from a prompt, streaming it to stdout.
+
+    With --prompt-cache FILE, the KV cache and its token ids are kept in FILE: the next run reuses
+    the longest common prefix of the cached tokens and its prompt, prefills only the rest, and
+    updates FILE. A FILE made by another model, --kv-heads or --cache-dtype is refused (exit 2).
+    """
     from ..generate import stream_generate
     from ..regroup import regroup_model
 
     text = read_prompt(prompt, prompt_file)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-    validate_with_flag_names(params)
-    if max_tokens <= 0:
-        raise SamplingError(f"--max-tokens must be > 0, got {max_tokens}")
-    if ctx_size is not None and ctx_size <= 0:
-        raise PromptError(f"--ctx-size must be > 0, got {ctx_size}")
+    check_generation_options(params, max_tokens, ctx_size)
     set_threads(threads)
     loaded = load_model(model, quiet)  # before compiling, so a bad model file fails at once
     ensure_kernels(quiet)
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
     ids, eos_ids, _ = build_prompt_ids(loaded, text, chat)
+    cache = model_id = None
+    if prompt_cache is not None:
+        t0 = time.perf_counter()
+        model_id, cache = open_prompt_cache(prompt_cache, loaded, net, ctx_size, cache_dtype)
+        prompt_cache_seconds = time.perf_counter() - t0
     gen = stream_generate(net, loaded.tokenizer, ids, params=params, max_tokens=max_tokens, stop=stop,
-                          eos_ids=eos_ids, ctx_size=ctx_size, cache_dtype=cache_dtype)
+                          eos_ids=eos_ids, ctx_size=ctx_size, cache_dtype=cache_dtype, cache=cache)
 
     out = sys.stdout
     interrupted = False
@@ -139,6 +199,8 @@ def generate(prompt, prompt_file, model, max_tokens, temperature, top_k, top_p, 
     if as_json:
         stats = gen.stats.as_dict()
         stats["load_seconds"] = loaded.load_seconds
+        if prompt_cache is not None:  # identity digest + reading the file: part of the time to first token
+            stats["prompt_cache_seconds"] = prompt_cache_seconds
         json.dump({"model": loaded.name, "prompt_tokens": len(ids), "token_ids": gen.token_ids,
                    "text": gen.text, "finish_reason": gen.finish_reason or "interrupted",
                    "stats": stats}, out, ensure_ascii=False)
@@ -148,5 +210,11 @@ def generate(prompt, prompt_file, model, max_tokens, temperature, top_k, top_p, 
     out.flush()
     if not quiet:
         print_stats(gen.stats, gen.finish_reason, loaded.load_seconds)
+    if prompt_cache is not None:  # also after Ctrl-C: the cache is consistent, and the write atomic
+        from ..prompt_cache import save_prompt_cache
+
+        size = save_prompt_cache(prompt_cache, gen.cache, model_id, model_name=loaded.config.name)
+        if not quiet:
+            stderr.print(f"[bold]prompt cache[/bold] {gen.cache.length} tokens saved to {prompt_cache} ({mib(size)})")
     if interrupted:
         sys.exit(130)
