@@ -2,7 +2,8 @@
 
 * :class:`QuantizedLinear` — Q4_1 or Q8_0 blocks, repacked once at load (see
   :mod:`mqa_gen.kernels.quant`). Decode (one row of x) runs the quantised matrix × vector kernel,
-  reading 5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32. Prefill (many rows) dequantises the
+  reading 5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32; a few rows (a short chat turn) run
+  a kernel that unpacks each Q4_1 weight once for all of them. A long prefill dequantises the
   matrix into a temporary float32 array and multiplies with BLAS through NumPy: prompt-sized
   products are compute-bound, and no float32 copy outlives the call.
 * :class:`DenseLinear` — a float32 matrix (F32/F16 tensors, other quantisation types, and the
@@ -17,6 +18,7 @@ from .gguf_file import GGUFFile
 from .kernels.quant import (
     TILE,
     q4_1_dequantize_rows,
+    q4_1_matmul,
     q4_1_matvec,
     q4_1_matvec3,
     q8_0_dequantize_rows,
@@ -28,6 +30,10 @@ from .weights import require_tensor, tensor_f32
 
 #: Tensor types kept quantised in memory (others are dequantised to float32 at load).
 QUANTIZED_KERNEL_TYPES = ("Q4_1", "Q8_0")
+
+#: Up to this many rows of x, Q4_1 products unpack each weight once for all rows; above it,
+#: dequantising the matrix and calling BLAS is faster (it amortises over the rows).
+SMALL_BATCH = 16
 
 
 class DenseLinear:
@@ -98,6 +104,10 @@ class QuantizedLinear:
         """x: float32 [T, in_features] → float32 [T, out_features]."""
         if x.shape[0] == 1:
             return self.matvec(np.ascontiguousarray(x[0]))[None]
+        if x.shape[0] <= SMALL_BATCH and self.mins is not None:
+            y = np.empty((x.shape[0], self.out_features), np.float32)
+            q4_1_matmul(self.codes, self.scales, self.mins, np.ascontiguousarray(x), y)
+            return y
         return x @ self.dequantize().T
 
     def rows(self, ids: np.ndarray) -> np.ndarray:

@@ -118,6 +118,36 @@ def q4_1_matvec3(codes_a, scales_a, mins_a, y_a, codes_b, scales_b, mins_b, y_b,
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q4_1_matmul(codes, scales, mins, x, y):
+    """Y = X Wᵀ for a few rows of X and a repacked Q4_1 W: each weight is unpacked once and used
+    for every row. x: float32 [n, cols]; y: float32 [n, rows], overwritten."""
+    n = x.shape[0]
+    rows, T = y.shape[1], codes.shape[3]
+    nb = codes.shape[1]
+    xsum = np.empty((n, nb), np.float32)
+    for k in range(n):
+        xsum[k] = _block_sums(x[k])
+    for t in prange(codes.shape[0]):
+        acc = np.zeros((n, T), np.float32)
+        blk = np.empty((n, T), np.float32)
+        for b in range(nb):
+            blk[:, :] = 0.0
+            for i in range(16):
+                for k in range(n):
+                    lo = x[k, b * BLOCK + i]
+                    hi = x[k, b * BLOCK + 16 + i]
+                    for r in range(T):
+                        q = codes[t, b, i, r]
+                        blk[k, r] += np.float32(q & 15) * lo + np.float32(q >> 4) * hi
+            for k in range(n):
+                for r in range(T):
+                    acc[k, r] += scales[t, b, r] * blk[k, r] + mins[t, b, r] * xsum[k, b]
+        for k in range(n):
+            for r in range(min(T, rows - t * T)):
+                y[k, t * T + r] = acc[k, r]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def q8_0_matvec(codes, scales, x, y):
     """y = W x for a repacked Q8_0 W. x: float32 [cols]; y: float32 [rows], overwritten."""
     n_tiles, nb, T = codes.shape[0], codes.shape[1], codes.shape[3]

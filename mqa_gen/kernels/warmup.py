@@ -25,6 +25,7 @@ from .halfprec import HALF_TO_FLOAT
 from .quant import (
     TILE,
     q4_1_dequantize_rows,
+    q4_1_matmul,
     q4_1_matvec,
     q4_1_matvec3,
     q8_0_dequantize_rows,
@@ -69,6 +70,7 @@ def compile_kernels() -> None:
     x, rows = np.ones(32, f32), np.arange(2)
     codes, scales, mins = repack_q4_1(np.zeros((TILE, 20), np.uint8), TILE, 32)
     q4_1_matvec(codes, scales, mins, x, np.empty(TILE, f32))
+    q4_1_matmul(codes, scales, mins, np.ones((2, 32), f32), np.empty((2, TILE), f32))
     y = np.empty(TILE, f32)
     q4_1_matvec3(codes, scales, mins, y, codes, scales, mins, y, codes[:0], scales[:0], mins[:0], y[:0], x)
     q4_1_dequantize_rows(codes, scales, mins, rows, np.empty((2, 32), f32))
