@@ -18,10 +18,12 @@ from .gguf_file import GGUFFile
 from .kernels.quant import (
     TILE,
     q4_1_dequantize_rows,
+    q4_1_dequantize_transposed,
     q4_1_matmul,
     q4_1_matvec,
     q4_1_matvec3,
     q8_0_dequantize_rows,
+    q8_0_dequantize_transposed,
     q8_0_matvec,
     repack_q4_1,
     repack_q8_0,
@@ -108,7 +110,7 @@ class QuantizedLinear:
             y = np.empty((x.shape[0], self.out_features), np.float32)
             q4_1_matmul(self.codes, self.scales, self.mins, np.ascontiguousarray(x), y)
             return y
-        return x @ self.dequantize().T
+        return x @ self.dequantize_transposed()[:, : self.out_features]
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of W, dequantised to float32 [len(ids), in_features] (an embedding lookup)."""
@@ -123,6 +125,16 @@ class QuantizedLinear:
     def dequantize(self) -> np.ndarray:
         """W as a new float32 [out_features, in_features] array."""
         return self.rows(np.arange(self.out_features))
+
+    def dequantize_transposed(self) -> np.ndarray:
+        """Wᵀ as a new float32 [in_features, out_features rounded up to whole tiles] array
+        (the fast way to get float32 weights: the tiled layout streams in this order)."""
+        out = np.empty((self.in_features, self.codes.shape[0] * self.codes.shape[3]), np.float32)
+        if self.mins is not None:
+            q4_1_dequantize_transposed(self.codes, self.scales, self.mins, out)
+        else:
+            q8_0_dequantize_transposed(self.codes, self.scales, out)
+        return out
 
 
 _NO_Q4_1 = (np.zeros((0, 1, 16, TILE), np.uint8), np.zeros((0, 1, TILE), np.float32),

@@ -39,6 +39,7 @@ def test_rows_and_prefill_path(type_name, n_rows):
     ids = np.array([0, TILE + 4, 7, 7])
     np.testing.assert_array_equal(lin.rows(ids), w[ids])
     np.testing.assert_array_equal(lin.dequantize(), w)
+    np.testing.assert_array_equal(lin.dequantize_transposed()[:, : TILE + 5], w.T)
     x = RNG.standard_normal((n_rows, 64)).astype(np.float32)
     expected = x.astype(np.float64) @ w.T
     magnitude = np.abs(x).astype(np.float64) @ np.abs(w).T

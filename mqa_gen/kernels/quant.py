@@ -171,6 +171,33 @@ def q8_0_matvec(codes, scales, x, y):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q4_1_dequantize_transposed(codes, scales, mins, out):
+    """Wᵀ of a repacked Q4_1 matrix into out: float32 [cols, n_tiles·TILE] (padding rows included).
+
+    Transposed because the tile layout then streams: each step writes TILE consecutive floats.
+    """
+    nb, T = codes.shape[1], codes.shape[3]
+    for t in prange(codes.shape[0]):
+        for b in range(nb):
+            for i in range(16):
+                for r in range(T):
+                    q = codes[t, b, i, r]
+                    out[b * BLOCK + i, t * T + r] = scales[t, b, r] * np.float32(q & 15) + mins[t, b, r]
+                    out[b * BLOCK + 16 + i, t * T + r] = scales[t, b, r] * np.float32(q >> 4) + mins[t, b, r]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def q8_0_dequantize_transposed(codes, scales, out):
+    """Wᵀ of a repacked Q8_0 matrix into out: float32 [cols, n_tiles·TILE] (padding rows included)."""
+    nb, T = codes.shape[1], codes.shape[3]
+    for t in prange(codes.shape[0]):
+        for b in range(nb):
+            for i in range(BLOCK):
+                for r in range(T):
+                    out[b * BLOCK + i, t * T + r] = scales[t, b, r] * np.float32(codes[t, b, i, r])
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def q4_1_dequantize_rows(codes, scales, mins, row_ids, out):
     """Float32 rows ``row_ids`` (int [n]) of a repacked Q4_1 matrix into out [n, cols]."""
     nb = codes.shape[1]

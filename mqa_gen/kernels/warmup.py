@@ -25,10 +25,12 @@ from .halfprec import HALF_TO_FLOAT
 from .quant import (
     TILE,
     q4_1_dequantize_rows,
+    q4_1_dequantize_transposed,
     q4_1_matmul,
     q4_1_matvec,
     q4_1_matvec3,
     q8_0_dequantize_rows,
+    q8_0_dequantize_transposed,
     q8_0_matvec,
     repack_q4_1,
     repack_q8_0,
@@ -74,9 +76,11 @@ def compile_kernels() -> None:
     y = np.empty(TILE, f32)
     q4_1_matvec3(codes, scales, mins, y, codes, scales, mins, y, codes[:0], scales[:0], mins[:0], y[:0], x)
     q4_1_dequantize_rows(codes, scales, mins, rows, np.empty((2, 32), f32))
+    q4_1_dequantize_transposed(codes, scales, mins, np.empty((32, TILE), f32))
     codes, scales = repack_q8_0(np.zeros((TILE, 34), np.uint8), TILE, 32)
     q8_0_matvec(codes, scales, x, np.empty(TILE, f32))
     q8_0_dequantize_rows(codes, scales, rows, np.empty((2, 32), f32))
+    q8_0_dequantize_transposed(codes, scales, np.empty((32, TILE), f32))
     marker = _marker_path()
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
