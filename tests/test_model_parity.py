@@ -59,13 +59,13 @@ def test_float16_cache_stays_close_to_float32(smollm2):
 
 
 def test_perplexity_matches_transformers(smollm2):
+    from mqa_gen.perplexity import perplexity, read_text, window_ids
+
     fx = load_fixture("perplexity.json")
-    ids = fx["ids"]
-    logits = forward_logits(smollm2.model, ids).astype(np.float64)
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    nll = logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
-    np.testing.assert_allclose(nll, fx["token_nll"], atol=1e-3)
-    assert np.exp(nll.mean()) == pytest.approx(fx["perplexity"], rel=1e-4)
+    assert window_ids(smollm2.tokenizer, read_text(), fx["n_tokens"]) == fx["ids"]
+    result = perplexity(smollm2.model, fx["ids"])
+    np.testing.assert_allclose(result.token_nll, fx["token_nll"], atol=1e-3)
+    assert result.perplexity == pytest.approx(fx["perplexity"], rel=1e-4)
 
 
 def test_installed_model_is_the_one_the_fixtures_were_made_from(smollm2_path):

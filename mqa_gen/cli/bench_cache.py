@@ -1,0 +1,199 @@
+"""``mqa-gen bench-cache``: what MQA buys — KV bytes, decode speed and perplexity per KV grouping.
+
+A thin layer over :mod:`mqa_gen.bench_cache` (GUIDE.md §3 is the contract; the module docstring
+says what is measured and how).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from fractions import Fraction
+
+import click
+
+from .common import (
+    ensure_kernels,
+    load_model,
+    model_option,
+    set_threads,
+    stderr,
+    threads_option,
+)
+
+CSV_COLUMNS = ["model", "variant", "label", "n_kv_heads", "native", "cache_dtype", "context", "kv_bytes_per_token",
+               "kv_bytes", "kv_mib", "ratio_to_mha", "measured_kv_bytes", "measured_equals_formula",
+               "decode_tokens_per_s", "decode_speed_ratio_to_mha", "perplexity"]
+
+
+def _num(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def print_table(result) -> None:
+    """The rich table on stdout: one row per variant × context, ratios in their own columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    cfg = result.config
+    table = Table(title=f"KV cache of {cfg.name or result.model} ({cfg.n_layers} layers, {cfg.n_heads} query "
+                        f"heads, head_dim {cfg.head_dim}), {result.cache_dtype} cache")
+    table.add_column("variant")
+    table.add_column("KV heads", justify="right")
+    table.add_column("bytes/token", justify="right")
+    table.add_column("context", justify="right")
+    table.add_column("KV cache", justify="right")
+    table.add_column("÷ MHA", justify="right")
+    if result.measured:
+        table.add_column("measured bytes", justify="right")
+        table.add_column("= formula", justify="center")
+        table.add_column("decode tok/s", justify="right")
+        table.add_column("tok/s ÷ MHA", justify="right")
+        table.add_column("perplexity", justify="right")
+    previous = None
+    for row in result.rows():
+        first = row["variant"] != previous
+        if first and previous is not None:
+            table.add_section()
+        previous = row["variant"]
+        ratio = Fraction(row["n_kv_heads"], cfg.n_heads)
+        cells = [row["variant"] if first else "", str(row["n_kv_heads"]) if first else "",
+                 f"{row['kv_bytes_per_token']:,}" if first else "", f"{row['context']:,}",
+                 f"{row['kv_mib']:,.1f} MiB", f"{row['ratio_to_mha']:.3f} ({ratio})"]
+        if result.measured:
+            same = row["measured_equals_formula"]
+            cells += [_num(row["measured_kv_bytes"], ","), "[green]yes[/green]" if same else "[red]NO[/red]",
+                      _num(row["decode_tokens_per_s"], ",.1f"), _num(row["decode_speed_ratio_to_mha"], ".2f"),
+                      _num(row["perplexity"], ",.3f") if first else ""]
+        table.add_row(*cells)
+    if result.measured:
+        m = result.method
+        ppl = (f"perplexity: first {m['perplexity_tokens']} tokens of {m['perplexity_text']}"
+               if m["perplexity_tokens"] else "perplexity: not measured")
+        table.caption = (f"decode tok/s: median of {m['repeats']} runs × {m['decode_tokens']} decode steps "
+                         f"(after 1 warm-up run; variants interleaved), {m['threads']} thread(s); {m['fill_description']}. "
+                         f"{ppl}. Measured in {m['seconds']:.0f} s.")
+    else:
+        table.caption = "formulas only (--no-measure): bytes/token = 2 × n_layers × n_kv_heads × head_dim × itemsize"
+    console.print(table)
+
+
+def write_csv(result, out) -> None:
+    """One CSV row per variant × context, header :data:`CSV_COLUMNS`; empty cells when not measured."""
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in result.rows():
+        writer.writerow({k: ("" if v is None else v) for k, v in {"model": result.model, **row}.items()})
+
+
+def read_config(model: str):
+    """The model's config from GGUF metadata only (no weights are read)."""
+    from ..config import config_from_gguf
+    from ..gguf_file import read_gguf
+    from ..registry import resolve_model
+
+    return config_from_gguf(read_gguf(resolve_model(model)))
+
+
+@click.command("bench-cache")
+@model_option
+@click.option("--contexts", default="512,2048,8192", show_default=True, metavar="N,N,…",
+              help="Context lengths to measure at, in tokens (comma-separated, each ≤ the model's context).")
+@click.option("--kv-heads", default=None, metavar="N,N,…",
+              help="KV-head counts to compare (default: 1 = MQA, the native count, n_heads = MHA).")
+@click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="KV-cache element type (float16 halves every byte count).")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Decode steps per timed run.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs per point (the median is reported; one extra warm-up run is not timed).")
+@click.option("--fill", type=click.Choice(["direct", "prefill"]), default="direct", show_default=True,
+              help="How the cache is filled before the timed steps: direct row writes, or a real prefill (slow).")
+@click.option("--ppl-text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text for perplexity (default: the English text shipped with the package).")
+@click.option("--ppl-tokens", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Perplexity window in tokens (0 = skip perplexity).")
+@click.option("--no-measure", is_flag=True, help="Only the formula columns (instant; reads no weights).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (GUIDE.md §3).")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout, one row per variant × context.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Also write a two-panel figure (needs matplotlib: pip install 'mqa-gen[plot]').")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@threads_option
+def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, fill, ppl_text, ppl_tokens,
+                no_measure, as_json, as_csv, plot_path, quiet, threads):
+    """Compare MQA, GQA and MHA on a real model: KV bytes per token and per context (formula and
+    measured), decode tokens/s as the cache fills, and perplexity of each grouping."""
+    from .. import bench_cache as bench
+
+    if as_json and as_csv:
+        raise bench.BenchError("give at most one of --json and --csv")
+    context_list = bench.parse_int_list(contexts, "--contexts")
+    kv_list = bench.parse_int_list(kv_heads, "--kv-heads") if kv_heads is not None else None
+    if plot_path is not None:
+        bench.require_matplotlib()  # fail before minutes of measuring
+
+    config = read_config(model)
+    kv_list = bench.check_kv_heads(config, kv_list if kv_list is not None else bench.default_kv_heads(config))
+    context_list = bench.check_contexts(config, context_list, None if no_measure else decode_tokens)
+
+    if no_measure:
+        result = bench.formula_result(model, config, kv_list, context_list, cache_dtype)
+    else:
+        result = _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, repeats, fill,
+                          ppl_text, ppl_tokens, quiet, threads)
+
+    if as_json:
+        json.dump(result.as_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    elif as_csv:
+        write_csv(result, sys.stdout)
+    else:
+        print_table(result)
+    sys.stdout.flush()
+    if plot_path is not None:
+        bench.plot(result, plot_path)
+        if not quiet:
+            stderr.print(f"[dim]plot written to {plot_path}[/dim]")
+
+
+def _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, repeats, fill, ppl_text,
+             ppl_tokens, quiet, threads):
+    """Load the model and run every measurement, with a progress bar on stderr."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from ..perplexity import DEFAULT_TEXT, read_text, window_ids
+
+    set_threads(threads)
+    text = read_text(ppl_text)
+    loaded = load_model(model, quiet)
+    ensure_kernels(quiet)
+    ppl_ids = window_ids(loaded.tokenizer, text, min(ppl_tokens, loaded.config.context_length)) if ppl_tokens else None
+    decode_ids = loaded.tokenizer.encode(text)  # inputs of the decode steps and of --fill prefill
+    text_name = os.path.relpath(ppl_text) if ppl_text else f"mqa_gen/data/{DEFAULT_TEXT.name}"
+
+    total = bench.count_steps(len(kv_list), len(context_list), ppl_ids is not None)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=stderr, disable=quiet, transient=stderr.is_terminal)
+    with progress:
+        task = progress.add_task("bench-cache", total=total)
+        result = bench.run_bench(
+            loaded.name, loaded.model, kv_list, context_list, cache_dtype=cache_dtype, decode_tokens=decode_tokens,
+            repeats=repeats, fill=fill, ppl_ids=ppl_ids, ppl_text_name=text_name,
+            on_step=lambda d: progress.update(task, description=d),
+            on_done=lambda: progress.advance(task),
+            decode_ids=decode_ids,
+        )
+        progress.update(task, description=f"bench-cache: measured in {result.method['seconds']:.0f} s")
+    return result

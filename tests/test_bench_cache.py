@@ -1,0 +1,228 @@
+"""``mqa-gen bench-cache`` and its library: formulas, measured cache bytes, perplexity, CLI contract.
+
+Measurements use small contexts (≤ 128 tokens) and a couple of decode steps so the tests stay
+quick; the full default run is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mqa_gen import bench_cache as bench
+from mqa_gen.cli import cli
+from mqa_gen.cli.bench_cache import CSV_COLUMNS, read_config
+from mqa_gen.perplexity import PerplexityError, perplexity, read_text, window_ids
+from mqa_gen.regroup import regroup_model
+
+#: SmolLM2-135M: 30 layers × head_dim 64 × 2 (K and V) × 4 bytes = 15,360 bytes per KV head.
+SMOLLM2_BYTES_PER_TOKEN = {1: 15_360, 3: 46_080, 9: 138_240}
+
+
+@pytest.fixture(scope="module")
+def config(smollm2_path):
+    return read_config(smollm2_path)
+
+
+@pytest.fixture
+def invoke(smollm2, monkeypatch):
+    """Run the CLI in-process with the session's model instead of loading it again."""
+    module = sys.modules["mqa_gen.cli.bench_cache"]  # the package attribute is the command, not the module
+    monkeypatch.setattr(module, "load_model", lambda name, quiet: smollm2)
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["bench-cache", *args], catch_exceptions=False)
+
+    return run
+
+
+# --- formulas and settings -----------------------------------------------------------------------
+
+
+def test_formula_bytes_per_token_for_smollm2(config):
+    kv = bench.default_kv_heads(config)
+    assert kv == [1, 3, 9]
+    result = bench.formula_result("smollm2", config, kv, [512, 2048, 8192])
+    assert [v.label for v in result.variants] == ["MQA", "GQA", "MHA"]
+    assert [v.native for v in result.variants] == [False, True, False]
+    for v in result.variants:
+        assert v.kv_bytes_per_token == SMOLLM2_BYTES_PER_TOKEN[v.n_kv_heads]
+        assert v.ratio_to_mha == pytest.approx(v.n_kv_heads / 9)
+        assert [p.kv_bytes for p in v.points] == [c * v.kv_bytes_per_token for c in (512, 2048, 8192)]
+    half = bench.formula_result("smollm2", config, kv, [512], "float16")
+    assert [v.kv_bytes_per_token * 2 for v in half.variants] == [15_360, 46_080, 138_240]
+
+
+def test_settings_are_checked(config):
+    assert bench.parse_int_list(" 2048,512,512 ", "--contexts") == [512, 2048]
+    with pytest.raises(bench.BenchError, match="comma-separated integers"):
+        bench.parse_int_list("512,lots", "--contexts")
+    with pytest.raises(bench.BenchError, match="valid: 1, 3, 9"):
+        bench.check_kv_heads(config, [1, 2])
+    with pytest.raises(bench.BenchError, match="outside 1 … 8192"):
+        bench.check_contexts(config, [0])
+    with pytest.raises(bench.BenchError, match="outside 1 … 8192"):
+        bench.check_contexts(config, [8193])
+    with pytest.raises(bench.BenchError, match="shorter than --decode-tokens"):
+        bench.check_contexts(config, [4], decode_tokens=8)
+
+
+# --- measurement on the real model ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+def test_measured_cache_bytes_equal_the_formula(smollm2, cache_dtype):
+    ids = window_ids(smollm2.tokenizer, read_text(), 16)
+    result = bench.run_bench("smollm2", smollm2.model, [1, 3, 9], [32, 96], cache_dtype=cache_dtype,
+                             decode_tokens=2, repeats=2, decode_ids=ids)
+    assert result.measured and result.method["fill"] == "direct" and result.method["repeats"] == 2
+    for v in result.variants:
+        assert v.kv_bytes_per_token * (2 if cache_dtype == "float16" else 1) == SMOLLM2_BYTES_PER_TOKEN[v.n_kv_heads]
+        for p in v.points:
+            assert p.measured_kv_bytes == p.kv_bytes == p.context * v.kv_bytes_per_token
+            assert p.decode_tokens_per_s > 0 and len(p.decode_runs_tokens_per_s) == 2
+
+
+def test_prefill_fill_holds_the_same_bytes_as_direct_writes(smollm2):
+    ids = window_ids(smollm2.tokenizer, read_text(), 8)
+    net = regroup_model(smollm2.model, 1)
+    direct = bench.measure_decode(net, 20, decode_tokens=2, repeats=1, fill="direct", token_ids=ids)
+    prefill = bench.measure_decode(net, 20, decode_tokens=2, repeats=1, fill="prefill", token_ids=ids)
+    assert direct[0] == prefill[0] == 20 * 15_360
+
+
+def test_direct_fill_writes_every_layer():
+    from mqa_gen.cache import KVCache
+
+    cache = KVCache(n_layers=2, n_kv_heads=1, head_dim=4, max_seq_len=300)
+    bench.fill_direct(cache, 300)
+    assert cache.length == 300 and bench.held_bytes(cache) == 300 * cache.bytes_per_token
+    k, v = cache.layer_view(1)
+    assert np.count_nonzero(k) == k.size and np.array_equal(k, v)
+
+
+# --- perplexity (native against the oracle: tests/test_model_parity.py) -------------------------
+
+
+def test_mha_expanded_perplexity_equals_native_and_mqa_is_higher(smollm2):
+    ids = window_ids(smollm2.tokenizer, read_text(), 48)
+    native = perplexity(smollm2.model, ids).perplexity
+    mha = perplexity(regroup_model(smollm2.model, 9), ids).perplexity
+    mqa = perplexity(regroup_model(smollm2.model, 1), ids).perplexity
+    half = perplexity(smollm2.model, ids, "float16").perplexity
+    assert mha == pytest.approx(native, rel=1e-4)
+    assert mqa > native
+    assert half == pytest.approx(native, rel=1e-2)
+
+
+def test_perplexity_needs_two_tokens(smollm2):
+    with pytest.raises(PerplexityError):
+        perplexity(smollm2.model, [1])
+    with pytest.raises(PerplexityError):
+        window_ids(smollm2.tokenizer, "Hello", 1)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_no_measure_prints_the_formula_table_without_loading_weights(invoke, monkeypatch):
+    module = sys.modules["mqa_gen.cli.bench_cache"]
+    monkeypatch.setattr(module, "load_model", lambda *a: pytest.fail("--no-measure loaded the weights"))
+    result = invoke("--no-measure")
+    assert result.exit_code == 0, result.stderr
+    for text in ("15,360", "46,080", "138,240", "1/9", "1/3", "8,192", "1,080.0 MiB"):
+        assert text in result.stdout
+
+
+def test_no_measure_json_follows_the_schema(invoke):
+    result = invoke("--no-measure", "--json", "--cache-dtype", "float16")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) >= {"model", "config", "variants"}
+    assert out["config"]["n_heads"] == 9 and out["config"]["n_kv_heads"] == 3
+    assert [v["label"] for v in out["variants"]] == ["MQA", "GQA", "MHA"]
+    for v in out["variants"]:
+        assert set(v) >= {"label", "n_kv_heads", "kv_bytes_per_token", "perplexity", "points"}
+        assert v["kv_bytes_per_token"] == SMOLLM2_BYTES_PER_TOKEN[v["n_kv_heads"]] // 2
+        assert v["perplexity"] is None
+        assert [p["context"] for p in v["points"]] == [512, 2048, 8192]
+        for p in v["points"]:
+            assert set(p) >= {"context", "kv_bytes", "measured_kv_bytes", "decode_tokens_per_s"}
+            assert p["measured_kv_bytes"] is None and p["decode_tokens_per_s"] is None
+
+
+def test_csv_has_one_row_per_variant_and_context(invoke):
+    result = invoke("--no-measure", "--csv", "--contexts", "128,64", "--kv-heads", "9,1")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[0] == ",".join(CSV_COLUMNS)
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(r["label"], int(r["context"])) for r in rows] == [("MQA", 64), ("MQA", 128), ("MHA", 64), ("MHA", 128)]
+    assert int(rows[1]["kv_bytes"]) == 128 * 15_360 and rows[1]["measured_kv_bytes"] == ""
+
+
+def test_measured_run_json_csv_and_plot(invoke, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    args = ["--contexts", "32,64", "--decode-tokens", "2", "--repeats", "1", "--ppl-tokens", "12"]
+    result = invoke(*args, "--json", "--plot", str(png))
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["measured"] and out["method"]["decode_tokens"] == 2 and out["method"]["fill"] == "direct"
+    ppl = {v["n_kv_heads"]: v["perplexity"] for v in out["variants"]}
+    assert ppl[9] == pytest.approx(ppl[3], rel=1e-4) and ppl[1] > ppl[3]
+    for v in out["variants"]:
+        for p in v["points"]:
+            assert p["measured_kv_bytes"] == p["kv_bytes"] == p["context"] * v["kv_bytes_per_token"]
+            assert p["decode_tokens_per_s"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = invoke(*args, "--kv-heads", "1", "--ppl-tokens", "0", "--quiet")
+    assert table.exit_code == 0, table.stderr
+    assert "measured bytes" in table.stdout and "yes" in table.stdout and "direct writes" in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-heads", "2"], "valid: 1, 3, 9"),
+    (["--kv-heads", "1,4"], "valid: 1, 3, 9"),
+    (["--contexts", "0"], "outside 1 … 8192"),
+    (["--contexts", "512,100000"], "outside 1 … 8192"),
+    (["--contexts", "512,abc"], "comma-separated integers"),
+    (["--contexts", "4", "--decode-tokens", "8"], "shorter than --decode-tokens"),
+    (["--json", "--csv"], "at most one of --json and --csv"),
+])
+def test_bad_values_give_one_line_and_exit_2(invoke, args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plot_without_matplotlib_is_one_line_and_exit_2(invoke, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    result = invoke("--no-measure", "--plot", str(tmp_path / "x.png"))
+    assert result.exit_code == 2
+    assert "needs matplotlib" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_installed_entry_point_no_measure_and_bad_kv_heads():
+    import shutil
+    import subprocess
+
+    exe = shutil.which("mqa-gen")
+    assert exe, "the mqa-gen console script is not installed"
+    proc = subprocess.run([exe, "bench-cache", "--no-measure", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    per_token = [v["kv_bytes_per_token"] for v in json.loads(proc.stdout)["variants"]]
+    assert per_token == [15_360, 46_080, 138_240]
+    bad = subprocess.run([exe, "bench-cache", "--kv-heads", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == ("error: --kv-heads 2 not valid for this model (n_heads=9, native n_kv_heads=3); "
+                                  "valid: 1, 3, 9")
