@@ -17,6 +17,8 @@ import numpy as np
 from .gguf_file import GGUFFile
 from .kernels.quant import (
     TILE,
+    tile_rows,
+    untile_rows,
     q4_1_dequantize_rows,
     q4_1_dequantize_transposed,
     q4_1_matmul,
@@ -92,6 +94,24 @@ class QuantizedLinear:
     def nbytes(self) -> int:
         """Bytes of weight data held (codes and scales)."""
         return sum(a.nbytes for a in (self.codes, self.scales, self.mins) if a is not None)
+
+    def repeat_row_groups(self, group_rows: int, repeats: int) -> "QuantizedLinear":
+        """A new matrix whose consecutive groups of ``group_rows`` rows (e.g. the rows of one KV
+        head) each appear ``repeats`` times in a row: exact, and still quantised."""
+        clone = object.__new__(QuantizedLinear)
+        clone.type_name, clone.in_features = self.type_name, self.in_features
+        clone.out_features = self.out_features * repeats
+        groups = self.out_features // group_rows
+
+        def repeat(tiled: np.ndarray) -> np.ndarray:
+            rows = untile_rows(tiled, self.out_features)
+            rows = rows.reshape((groups, group_rows) + rows.shape[1:])
+            rows = np.repeat(rows, repeats, axis=0).reshape((clone.out_features,) + rows.shape[2:])
+            return tile_rows(rows, clone.out_features)
+
+        clone.codes, clone.scales = repeat(self.codes), repeat(self.scales)
+        clone.mins = None if self.mins is None else repeat(self.mins)
+        return clone
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """W x for one float32 vector x [in_features] → float32 [out_features] (``out`` if given)."""

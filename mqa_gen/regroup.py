@@ -46,6 +46,14 @@ def regroup_kv_projection(w: np.ndarray, native: int, target: int, head_dim: int
     return np.ascontiguousarray(heads.reshape(target * head_dim, -1), dtype=np.float32)
 
 
+def _regroup_linear(w, native: int, target: int, head_dim: int):
+    """Expansion of a quantised projection replicates its quantised heads (exact, same bytes per
+    weight); mean-pooling needs new values, so it yields a float32 matrix."""
+    if target % native == 0 and hasattr(w, "repeat_row_groups"):
+        return w.repeat_row_groups(head_dim, target // native)
+    return DenseLinear(regroup_kv_projection(w.dequantize(), native, target, head_dim))
+
+
 def regroup_model(model, n_kv_heads: int):
     """A copy of ``model`` whose attention blocks use ``n_kv_heads`` KV heads (other weights shared).
 
@@ -69,9 +77,8 @@ def regroup_model(model, n_kv_heads: int):
     for block in model.blocks:
         block = copy.copy(block)
         attn = copy.copy(block.attention)
-        # Regrouped projections are new float32 matrices; the rest stays as loaded (quantised).
-        attn.wk = DenseLinear(regroup_kv_projection(attn.wk.dequantize(), native, n_kv_heads, attn.head_dim))
-        attn.wv = DenseLinear(regroup_kv_projection(attn.wv.dequantize(), native, n_kv_heads, attn.head_dim))
+        attn.wk = _regroup_linear(attn.wk, native, n_kv_heads, attn.head_dim)
+        attn.wv = _regroup_linear(attn.wv, native, n_kv_heads, attn.head_dim)
         attn.n_kv_heads = n_kv_heads
         block.attention = attn
         new.blocks.append(block)

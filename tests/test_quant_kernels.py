@@ -68,3 +68,12 @@ def test_fused_matvec_equals_separate_products(shapes):
     x = RNG.standard_normal(shapes[0][1]).astype(np.float32)
     for (lin, _), fused in zip(pairs, matvec_many([lin for lin, _ in pairs], x)):
         np.testing.assert_array_equal(fused, lin.matvec(x))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+def test_repeating_heads_keeps_the_quantised_values(type_name):
+    lin, w = quantized(3 * 16, 64, type_name)  # 3 heads of 16 rows
+    wide = lin.repeat_row_groups(16, 3)
+    assert wide.type_name == type_name and wide.out_features == 9 * 16
+    expected = np.repeat(w.reshape(3, 16, 64), 3, axis=0).reshape(9 * 16, 64)
+    np.testing.assert_array_equal(wide.dequantize(), expected)

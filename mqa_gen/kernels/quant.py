@@ -26,7 +26,7 @@ TILE = 32
 BLOCK = 32  # weights per quantisation block (QK4_1 = QK8_0 = 32)
 
 
-def _tile_rows(a: np.ndarray, rows: int) -> np.ndarray:
+def tile_rows(a: np.ndarray, rows: int) -> np.ndarray:
     """[rows, nb, ...] → [n_tiles, nb, ..., TILE], zero-padding rows to a multiple of TILE."""
     pad = (-rows) % TILE
     if pad:
@@ -34,6 +34,13 @@ def _tile_rows(a: np.ndarray, rows: int) -> np.ndarray:
     tiles = a.reshape((a.shape[0] // TILE, TILE) + a.shape[1:])
     order = (0,) + tuple(range(2, tiles.ndim)) + (1,)
     return np.ascontiguousarray(tiles.transpose(order))
+
+
+def untile_rows(tiles: np.ndarray, rows: int) -> np.ndarray:
+    """Inverse of :func:`tile_rows`: [n_tiles, nb, ..., TILE] → [rows, nb, ...]."""
+    order = (0, tiles.ndim - 1) + tuple(range(1, tiles.ndim - 1))
+    flat = tiles.transpose(order)
+    return flat.reshape((-1,) + flat.shape[2:])[:rows]
 
 
 def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -44,15 +51,15 @@ def repack_q4_1(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.n
     """GGUF Q4_1 bytes uint8 [rows, cols/32·20] → (codes uint8 [n_tiles, nb, 16, TILE],
     scales float32 [n_tiles, nb, TILE], minimums float32 [n_tiles, nb, TILE])."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 20)
-    return _tile_rows(blocks[:, :, 4:20], rows), _tile_rows(_fp16_field(blocks, 0), rows), \
-        _tile_rows(_fp16_field(blocks, 2), rows)
+    return tile_rows(blocks[:, :, 4:20], rows), tile_rows(_fp16_field(blocks, 0), rows), \
+        tile_rows(_fp16_field(blocks, 2), rows)
 
 
 def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """GGUF Q8_0 bytes uint8 [rows, cols/32·34] → (codes int8 [n_tiles, nb, 32, TILE],
     scales float32 [n_tiles, nb, TILE])."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 34)
-    return _tile_rows(blocks[:, :, 2:34].view(np.int8), rows), _tile_rows(_fp16_field(blocks, 0), rows)
+    return tile_rows(blocks[:, :, 2:34].view(np.int8), rows), tile_rows(_fp16_field(blocks, 0), rows)
 
 
 @njit(cache=True, fastmath=FASTMATH)
