@@ -1,7 +1,7 @@
 """Prompt caches: prefix reuse in the generation loop, the file format, and every way a file is refused.
 
 The reuse tests run the real model and compare with the transformers fixtures and with a run
-without any cache (token ids equal, logits within 1e-5); the refusal tests check that each bad
+without any cache (token ids equal, logits within 1e-5 of their scale); the refusal tests check that each bad
 file gives one ``error:`` line and exit code 2 and is never overwritten; the save tests simulate a
 kill at each step of the atomic write.
 """
@@ -285,7 +285,10 @@ def test_reloaded_cache_gives_the_same_tokens_and_logits(smollm2, tmp_path):
     fresh = model.forward(second["prompt_ids"], model.new_cache(128))
     prefix = KVCache.load(path, model_id, max_seq_len=128)
     prefix.truncate(shared)
-    np.testing.assert_allclose(model.forward(second["prompt_ids"][shared:], prefix), fresh, rtol=0, atol=1e-5)
+    # The two passes multiply in different orders (a short suffix runs the quantised kernels, the
+    # full prompt dequantises + BLAS), so they agree to float32 rounding: 1e-5 of the logits' scale.
+    reloaded = model.forward(second["prompt_ids"][shared:], prefix)
+    assert np.abs(reloaded - fresh).max() <= 1e-5 * np.abs(fresh).max()
 
 
 def test_a_fully_cached_prompt_prefills_one_token(smollm2):

@@ -13,6 +13,9 @@ import sys
 import click
 
 from ..errors import MqaGenError
+from .bench_cache import bench_cache
+from .chat import chat
+from .convert import convert
 from .generate import generate
 from .info import info
 
@@ -54,7 +57,10 @@ def cli() -> None:
 
 
 cli.add_command(generate)
+cli.add_command(chat)
+cli.add_command(convert)
 cli.add_command(info)
+cli.add_command(bench_cache)
 
 
 def main() -> None:

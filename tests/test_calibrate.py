@@ -1,0 +1,222 @@
+"""K/V calibration and ``mqa-gen convert`` on a tiny synthetic llama GGUF (fast; no real model).
+
+The converted file is an ordinary GGUF: ``generate`` and ``bench-cache`` take it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mqa_gen.calibrate import (
+    attention_layer,
+    calibrate_kv,
+    calibration_chunks,
+    collect_attention_inputs,
+    fit_kv,
+    relative_mse,
+)
+from mqa_gen.cli import cli
+from mqa_gen.convert import mean_pooled_kv, write_regrouped_gguf
+from mqa_gen.errors import ConfigError
+from mqa_gen.gguf_file import read_gguf
+from mqa_gen.loading import load
+from mqa_gen.regroup import regroup_model
+
+from conftest import REPO
+from gguf_factory import write_tiny_llama
+
+CALIBRATION_TEXT = REPO / "mqa_gen" / "data" / "ppl_english.txt"
+HELD_OUT_TEXT = REPO / "sample_prompts" / "long_document.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A GQA model: 4 query heads, 2 KV heads of 8, 2 layers, byte-level vocabulary."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_llama(path, n_heads=4, n_kv_heads=2, head_dim=8, n_layers=2, d_ff=24, context_length=256)
+    return load(str(path))
+
+
+def calibration_ids(tiny, n=128):
+    return tiny.tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))[:n]
+
+
+class _Recorder:
+    """Wraps a model's attention block, keeping each call's input and output."""
+
+    def __init__(self, attention):
+        self.attention, self.calls = attention, []
+
+    def __call__(self, x, *args):
+        y = self.attention(x, *args)
+        self.calls.append((np.array(x), np.array(y)))
+        return y
+
+
+def recorded_attention(model, ids):
+    """Inputs and outputs of every layer's attention block when ``model`` runs ``ids``."""
+    probe = copy.copy(model)
+    probe._scratch = None
+    probe.blocks = []
+    recorders = []
+    for block in model.blocks:
+        block = copy.copy(block)
+        block.attention = _Recorder(block.attention)
+        recorders.append(block.attention)
+        probe.blocks.append(block)
+    probe.forward(ids, probe.new_cache(len(ids)))
+    return [r.calls[0] for r in recorders]
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 1])
+def test_the_layer_reproduces_the_models_attention(tiny, n_kv_heads):
+    """The MultiQueryAttention built from the file (with RoPE, GGUF row order) gives the model's own
+    attention output: natively, and mean-pooled against ``regroup_model`` (what --kv-heads runs)."""
+    ids = calibration_ids(tiny, 40)
+    model = tiny.model if n_kv_heads is None else regroup_model(tiny.model, n_kv_heads)
+    calls = recorded_attention(model, ids)
+    inputs = collect_attention_inputs(tiny.model, tiny.gguf, tiny.config, np.asarray([ids]))
+    for layer, (x, y) in enumerate(calls):
+        mqa = attention_layer(tiny.gguf, tiny.config, layer, n_kv_heads)
+        assert mqa.config.num_kv_heads == (n_kv_heads or 2) and mqa.config.rope_theta == 10000.0
+        np.testing.assert_allclose(mqa.forward(x[None])[0], y, atol=1e-5, rtol=0)
+        if n_kv_heads is None:  # the native model's normed states are what calibration records
+            np.testing.assert_allclose(inputs[layer][0], x, atol=1e-6, rtol=0)
+
+
+def test_calibrated_loss_is_below_mean_pooled(tiny):
+    ids = calibration_ids(tiny)
+    seen = []
+    result = calibrate_kv(tiny.model, tiny.gguf, tiny.config, 1, ids, steps=30, lr=1e-2, chunk_tokens=64,
+                          max_tokens=128, progress=lambda fit, s: seen.append(fit.layer))
+    assert seen == [0, 1] and result.tokens == (2, 64)
+    for fit in result.fits:
+        assert fit.after < 0.8 * fit.before, fit
+    # The returned weights are what the fit measured: recompute the loss from them.
+    inputs = collect_attention_inputs(tiny.model, tiny.gguf, tiny.config, calibration_chunks(ids, 64, 128))
+    for layer, fit in enumerate(result.fits):
+        target = attention_layer(tiny.gguf, tiny.config, layer).forward(inputs[layer])
+        mqa = attention_layer(tiny.gguf, tiny.config, layer, 1)
+        assert relative_mse(mqa.forward(inputs[layer]), target) == pytest.approx(fit.before, rel=1e-5)
+        wk, wv = result.kv_weights[layer]
+        assert wk.shape == (8, 32) and wv.shape == (8, 32)
+        mqa.w_k[...], mqa.w_v[...] = wk.T, wv.T
+        mqa.weights_changed()
+        assert relative_mse(mqa.forward(inputs[layer]), target) == pytest.approx(fit.after, rel=1e-4)
+
+
+def test_fit_never_ends_above_its_start(tiny):
+    x = np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
+    target = attention_layer(tiny.gguf, tiny.config, 0).forward(x)
+    mqa = attention_layer(tiny.gguf, tiny.config, 0, 1)
+    before, after = fit_kv(mqa, x, target, steps=3, lr=10.0)  # a step size that diverges
+    assert after <= before
+    assert relative_mse(mqa.forward(x), target) == pytest.approx(after, rel=1e-5)
+
+
+def test_calibration_input_errors(tiny):
+    with pytest.raises(ConfigError, match="valid: 1, 2, 4"):
+        calibrate_kv(tiny.model, tiny.gguf, tiny.config, 3, calibration_ids(tiny))
+    with pytest.raises(ConfigError, match="need at least 2"):
+        calibrate_kv(tiny.model, tiny.gguf, tiny.config, 1, [5])
+    assert calibration_chunks(range(10), 4, 9).shape == (2, 4)
+    assert calibration_chunks(range(3), 4, 9).shape == (1, 3)
+
+
+def test_written_gguf_changes_only_kv_and_head_count(tiny, tmp_path):
+    from gguf import GGUFReader
+
+    kv = mean_pooled_kv(tiny.gguf, tiny.config, 1)
+    kv[1] = (kv[1][0] + 0.5, kv[1][1] - 0.25)  # something that is not mean-pooling
+    out = tmp_path / "mqa.gguf"
+    size = write_regrouped_gguf(tiny.path, out, tiny.config, 1, kv, kv_type="F16")
+    assert size == out.stat().st_size
+    src, dst = GGUFReader(tiny.path), GGUFReader(out)
+    assert list(src.fields) == list(dst.fields)
+    for key, field in src.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        assert dst.fields[key].types == field.types, key
+        if key == "llama.attention.head_count_kv":
+            assert dst.fields[key].contents() == 1
+        else:
+            assert dst.fields[key].contents() == field.contents(), key
+    assert [t.name for t in src.tensors] == [t.name for t in dst.tensors]
+    for a, b in zip(src.tensors, dst.tensors):
+        if ".attn_k." in a.name or ".attn_v." in a.name:
+            layer, which = int(a.name.split(".")[1]), int(".attn_v." in a.name)
+            assert b.tensor_type.name == "F16"
+            np.testing.assert_array_equal(np.asarray(b.data), kv[layer][which].astype(np.float16))
+        else:
+            assert a.tensor_type == b.tensor_type and np.asarray(a.data).tobytes() == np.asarray(b.data).tobytes()
+    reloaded = load(str(out))
+    assert reloaded.config.n_kv_heads == 1
+    meta = read_gguf(out).metadata
+    assert meta["llama.attention.head_count_kv"] == 1
+
+
+def test_writer_refuses_to_overwrite_the_source(tiny):
+    from mqa_gen.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="is the source model"):
+        write_regrouped_gguf(tiny.path, tiny.path, tiny.config, 1, mean_pooled_kv(tiny.gguf, tiny.config, 1))
+
+
+def test_convert_cli_then_generate_and_bench_cache_accept_the_file(tiny, tmp_path):
+    out = tmp_path / "calibrated.gguf"
+    runner = CliRunner()
+    result = runner.invoke(cli, [
+        "convert", "-m", tiny.path, "--kv-heads", "1", "--calibrate", str(CALIBRATION_TEXT),
+        "--steps", "30", "--lr", "1e-2", "--calib-tokens", "128", "--chunk-tokens", "64",
+        "--ppl-text", str(HELD_OUT_TEXT), "--ppl-tokens", "128", "-o", str(out), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_kv_heads"] == 1 and report["native_kv_heads"] == 2
+    assert set(report["perplexity"]) >= {"native", "mean_pooled", "calibrated", "text", "tokens"}
+    assert report["perplexity"]["text"] == str(HELD_OUT_TEXT)
+    for layer in report["calibration"]["layers"]:
+        assert layer["rel_error_calibrated"] < layer["rel_error_mean_pooled"]
+
+    gen = runner.invoke(cli, ["generate", "-m", str(out), "--prompt", "the cat", "--no-chat", "-n", "5",
+                              "--json", "-q"])
+    assert gen.exit_code == 0, gen.output
+    assert len(json.loads(gen.stdout)["token_ids"]) == 5
+
+    bench = runner.invoke(cli, ["bench-cache", "-m", str(out), "--contexts", "64,128", "--no-measure", "--json"])
+    assert bench.exit_code == 0, bench.output
+    variants = {v["n_kv_heads"]: v for v in json.loads(bench.stdout)["variants"]}
+    assert variants[1]["label"] == "MQA" and 4 in variants  # native is MQA now; MHA by replication
+
+
+def test_convert_cli_text_output_and_mean_pooled_only(tiny, tmp_path):
+    out = tmp_path / "pooled.gguf"
+    result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "--ppl-text",
+                                      str(HELD_OUT_TEXT), "--ppl-tokens", "64", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "mean-pooled MQA (1 KV head)" in result.stdout and "calibrated" not in result.stdout
+    assert "native GQA (2 KV heads)" in result.stdout
+    expected = mean_pooled_kv(tiny.gguf, tiny.config, 1)
+    written = load(str(out))
+    np.testing.assert_array_equal(attention_layer(written.gguf, written.config, 1).w_k, expected[1][0].T)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-heads", "3"], "valid: 1, 2, 4"),
+    (["--kv-heads", "1", "--calibrate", "/no/such/file"], "does not exist"),
+])
+def test_convert_cli_errors(tiny, tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, *args, "-o", str(tmp_path / "x.gguf"), "-q"])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_convert_cli_refuses_to_overwrite_its_source(tiny):
+    result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "-o", tiny.path, "-q"])
+    assert result.exit_code == 2 and "is the source model" in result.stderr
