@@ -21,13 +21,14 @@ from .linear import DenseLinear, matvec_many
 
 class DecodeScratch:
     """Reusable float32 work buffers of the decode attention kernel, sized for ``max_seq_len``:
-    ``scores`` [n_heads, max_seq_len] and ``partial`` [ceil(max_seq_len / block), n_heads, head_dim]."""
+    ``scores`` [n_heads, max_seq_len] and ``partial`` [ceil(max_seq_len / block), n_heads,
+    head_dim + 2] (each block's unnormalised output, maximum score and sum of exponentials)."""
 
     def __init__(self, n_heads: int, head_dim: int, max_seq_len: int):
         n_blocks = -(-max_seq_len // DECODE_BLOCK)
         self.max_seq_len = max_seq_len
         self.scores = np.empty((n_heads, max_seq_len), dtype=np.float32)
-        self.partial = np.empty((n_blocks, n_heads, head_dim), dtype=np.float32)
+        self.partial = np.empty((n_blocks, n_heads, head_dim + 2), dtype=np.float32)
         self.out = np.empty((n_heads, head_dim), dtype=np.float32)
 
 

@@ -49,7 +49,7 @@ def test_attention_matches_numpy(n_kv_heads, T, start, storage):
 
     # The decode kernel answers the last row alone.
     scores = np.empty((H, S), np.float32)
-    partial = np.empty((-(-S // DECODE_BLOCK), H, D), np.float32)
+    partial = np.empty((-(-S // DECODE_BLOCK), H, D + 2), np.float32)
     last = np.empty((H, D), np.float32)
     attention_decode(q[-1], k_arg, v_arg, start + T, scale, HALF_TO_FLOAT, scores, partial, last)
     np.testing.assert_allclose(last, expected[-1], atol=2e-5)
@@ -60,7 +60,7 @@ def test_decode_across_block_boundaries(length):
     H, KV, D = 4, 1, 16
     K, V, q = random(KV, length, D), random(KV, length, D), random(1, H, D)
     scores = np.empty((H, length), np.float32)
-    partial = np.empty((-(-length // DECODE_BLOCK), H, D), np.float32)
+    partial = np.empty((-(-length // DECODE_BLOCK), H, D + 2), np.float32)
     out = np.empty((H, D), np.float32)
     attention_decode(q[0], K, V, length, np.float32(0.25), HALF_TO_FLOAT, scores, partial, out)
     np.testing.assert_allclose(out, reference_attention(q, K, V, length - 1)[0], atol=2e-5)

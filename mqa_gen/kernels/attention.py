@@ -71,10 +71,14 @@ def attention_decode(q, k_cache, v_cache, length, scale, lut, scores, partial, o
     q: float32 [n_heads, head_dim], RoPE applied; its own K/V row is already at position length-1.
     k_cache, v_cache: [n_kv_heads, S, head_dim]. scale: usually 1/√head_dim. lut: float32 [65536].
     scores: float32 scratch [n_heads, ≥ length]; partial: float32 scratch
-    [≥ ceil(length / DECODE_BLOCK), n_heads, head_dim]. out: float32 [n_heads, head_dim], overwritten.
+    [≥ ceil(length / DECODE_BLOCK), n_heads, head_dim + 2]. out: float32 [n_heads, head_dim],
+    overwritten.
 
-    Work is split into (KV head, block of DECODE_BLOCK positions) tasks in two passes — scores,
-    then the weighted sum of V — so both cores stay busy even when n_kv_heads = 1.
+    Split over (KV head, block of DECODE_BLOCK positions) tasks in one parallel region, so both
+    cores stay busy even when n_kv_heads = 1: each task keeps its block's running maximum m, sum of
+    exponentials l and unnormalised output o = Σ e^(s−m) v (in ``partial``); a short serial pass
+    merges the blocks with the usual rescaling by e^(m_b − M) (split-K "flash decoding",
+    Dao et al. 2023; Milakov & Gimelshein 2018 for the online softmax).
     """
     H, D = q.shape
     KV = k_cache.shape[0]
@@ -82,34 +86,48 @@ def attention_decode(q, k_cache, v_cache, length, scale, lut, scores, partial, o
     n_blocks = (length + DECODE_BLOCK - 1) // DECODE_BLOCK
     for task in prange(KV * n_blocks):
         g = task // n_blocks
-        s0 = (task % n_blocks) * DECODE_BLOCK
+        b = task % n_blocks
+        s0 = b * DECODE_BLOCK
         s1 = min(s0 + DECODE_BLOCK, length)
-        for s in range(s0, s1):
+        for s in range(s0, s1):  # each K row is read once for the G query heads of its group
             for j in range(G):
                 h = g * G + j
                 acc = np.float32(0.0)
                 for d in range(D):
                     acc += q[h, d] * as_f32(k_cache[g, s, d], lut)
                 scores[h, s] = acc * scale
-    for h in prange(H):
-        softmax_inplace(scores[h, :length])
-    for task in prange(KV * n_blocks):
-        g = task // n_blocks
-        b = task % n_blocks
-        s0 = b * DECODE_BLOCK
-        s1 = min(s0 + DECODE_BLOCK, length)
         for j in range(G):
+            h = g * G + j
+            m = -np.inf
+            for s in range(s0, s1):
+                m = max(m, scores[h, s])
+            total = np.float32(0.0)
+            for s in range(s0, s1):
+                e = np.exp(scores[h, s] - m)
+                scores[h, s] = e
+                total += e
+            partial[b, h, D] = m
+            partial[b, h, D + 1] = total
             for d in range(D):
-                partial[b, g * G + j, d] = 0.0
-        for s in range(s0, s1):
+                partial[b, h, d] = 0.0
+        for s in range(s0, s1):  # each V row is read once for the G query heads of its group
             for j in range(G):
                 h = g * G + j
                 p = scores[h, s]
                 for d in range(D):
                     partial[b, h, d] += p * as_f32(v_cache[g, s, d], lut)
-    for h in prange(H):
+    for h in range(H):
+        m_all = -np.inf
+        for b in range(n_blocks):
+            m_all = max(m_all, partial[b, h, D])
+        total = np.float32(0.0)
         for d in range(D):
-            acc = np.float32(0.0)
-            for b in range(n_blocks):
-                acc += partial[b, h, d]
-            out[h, d] = acc
+            out[h, d] = 0.0
+        for b in range(n_blocks):
+            w = np.exp(partial[b, h, D] - m_all)
+            total += w * partial[b, h, D + 1]
+            for d in range(D):
+                out[h, d] += w * partial[b, h, d]
+        inv = np.float32(1.0) / total
+        for d in range(D):
+            out[h, d] *= inv

@@ -67,7 +67,7 @@ def compile_kernels() -> None:
         k = np.zeros((1, 4, 4), storage)
         attention_prefill(q, k, k, 0, f32(0.5), HALF_TO_FLOAT, np.empty_like(q))
         scores = np.empty((2, 4), f32)
-        partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4), f32)
+        partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4 + 2), f32)
         attention_decode(q[0], k, k, 3, f32(0.5), HALF_TO_FLOAT, scores, partial, np.empty((2, 4), f32))
     x, rows = np.ones(32, f32), np.arange(2)
     codes, scales, mins = repack_q4_1(np.zeros((TILE, 20), np.uint8), TILE, 32)
