@@ -114,8 +114,10 @@ def test_forward_with_cache_in_pieces_equals_forward_over_the_whole(kv, rope):
     # The cache is the model's float32 KVCache and its kernels compute in float32; the float64
     # whole-sequence forward is exact, so the two agree to float32 rounding (~2e-7 here).
     np.testing.assert_allclose(pieces, whole, atol=1e-6, rtol=0)
+    # Decode steps merge per-block softmax partials (online softmax), prefill normalises once:
+    # the same float32 maths in another order.
     one_go, _ = layer.forward_with_cache(x)
-    np.testing.assert_allclose(pieces, one_go, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(pieces, one_go, atol=1e-6, rtol=0)
 
 
 def test_forward_with_cache_float32_and_float16_cache():
