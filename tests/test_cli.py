@@ -142,3 +142,11 @@ def test_installed_entry_point_streams_a_real_continuation():
     assert proc.stdout == case["continuation_text"][: len(proc.stdout)]
     assert proc.stdout.startswith(" Paris")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("load,expected", [(0.2, 2), (0.6, 1), (1.4, 1), (5.0, 1)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, load, expected):
+    from mqa_gen.cli.common import idle_cores
+
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    assert idle_cores(2) == expected
