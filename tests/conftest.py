@@ -4,12 +4,22 @@ and the oracle fixtures written by scripts/make_fixtures.py (transformers on the
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "smollm2"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def mqa_gen_exe() -> str:
+    """The installed console script: beside this interpreter (the venv, activated or not), else on PATH."""
+    beside = Path(sys.executable).with_name("mqa-gen")
+    exe = str(beside) if beside.exists() else shutil.which("mqa-gen")
+    assert exe, "the mqa-gen console script is not installed"
+    return exe
 
 
 def load_fixture(name: str):

@@ -21,6 +21,8 @@ from mqa_gen.cli.bench_cache import CSV_COLUMNS, read_config
 from mqa_gen.perplexity import PerplexityError, perplexity, read_text, window_ids
 from mqa_gen.regroup import regroup_model
 
+from conftest import mqa_gen_exe
+
 #: SmolLM2-135M: 30 layers × head_dim 64 × 2 (K and V) × 4 bytes = 15,360 bytes per KV head.
 SMOLLM2_BYTES_PER_TOKEN = {1: 15_360, 3: 46_080, 9: 138_240}
 
@@ -216,8 +218,7 @@ def test_installed_entry_point_no_measure_and_bad_kv_heads():
     import shutil
     import subprocess
 
-    exe = shutil.which("mqa-gen")
-    assert exe, "the mqa-gen console script is not installed"
+    exe = mqa_gen_exe()
     proc = subprocess.run([exe, "bench-cache", "--no-measure", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     per_token = [v["kv_bytes_per_token"] for v in json.loads(proc.stdout)["variants"]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 
 import pytest
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 
 from mqa_gen.cli import cli
 
-from conftest import REPO
+from conftest import REPO, mqa_gen_exe
 
 STATS = re.compile(r"last turn: prompt (\d+) tokens = (\d+) reused \+ (\d+) prefilled")
 CACHE = re.compile(r"cache: (\d+) tokens, .*?; (\d+) messages")
@@ -130,8 +129,7 @@ def test_no_chat_template_is_one_line_exit_2(tmp_path):
 
 def test_real_terminal_session_with_pexpect():
     pexpect = pytest.importorskip("pexpect")
-    exe = shutil.which("mqa-gen")
-    assert exe, "the mqa-gen console script is not installed"
+    exe = mqa_gen_exe()
     env = dict(os.environ, NUMBA_NUM_THREADS=os.environ.get("NUMBA_NUM_THREADS", "1"), TERM="dumb")
     args = ["chat", "--ctx-size", "512", "-n", "64", "--temp", "0", "--system", "You are a helpful assistant."]
     child = pexpect.spawn(exe, args, cwd=str(REPO), env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))

@@ -7,7 +7,6 @@ installed ``mqa-gen`` entry point as a real subprocess.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from click.testing import CliRunner
 
 from mqa_gen.cli import cli
 
-from conftest import REPO, load_fixture
+from conftest import REPO, load_fixture, mqa_gen_exe
 
 GREEDY = load_fixture("greedy.json")["prompts"]
 
@@ -133,8 +132,7 @@ def test_info_reports_the_cache_cost(smollm2_path):
 
 
 def test_installed_entry_point_streams_a_real_continuation():
-    exe = shutil.which("mqa-gen")
-    assert exe, "the mqa-gen console script is not installed"
+    exe = mqa_gen_exe()
     case = GREEDY[0]
     proc = subprocess.run([exe, "generate", "--prompt", case["prompt"], "--no-chat", "--temp", "0", "-n", "20"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)

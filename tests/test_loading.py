@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,15 +27,9 @@ from mqa_gen.errors import ConfigError, ModelFileError, ModelNotInstalledError, 
 from mqa_gen.gguf_file import read_gguf
 from mqa_gen.loading import load
 
+from conftest import mqa_gen_exe
+
 SUBPROCESS_TIMEOUT = 120  # seconds; a bad model must fail long before this
-
-
-def mqa_gen_exe() -> str:
-    """The installed console script: beside this interpreter (the venv), else on PATH."""
-    beside = Path(sys.executable).with_name("mqa-gen")
-    exe = str(beside) if beside.exists() else shutil.which("mqa-gen")
-    assert exe, "the mqa-gen console script is not installed"
-    return exe
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
