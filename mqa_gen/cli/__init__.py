@@ -43,6 +43,8 @@ class App(click.Group):
             raise
         except KeyboardInterrupt:
             raise click.exceptions.Exit(130) from None
+        except BrokenPipeError:
+            raise  # the reader of stdout left (`| head`): main() exits quietly
         except Exception as e:  # noqa: BLE001 - the contract is one line, never a traceback
             if os.environ.get("MQA_GEN_DEBUG"):
                 raise

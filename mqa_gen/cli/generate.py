@@ -73,15 +73,16 @@ def validate_with_flag_names(params: SamplingParams) -> None:
 def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
     """One compact block of figures on stderr."""
     s = stats
-    kind = {1: "MQA"}.get(s.n_kv_heads, "")
+    heads = "1 KV head, MQA" if s.n_kv_heads == 1 else f"{s.n_kv_heads} KV heads"
     reuse = f" ({s.reused_tokens} reused, {s.prefill_tokens} prefilled)" if s.reused_tokens else ""
     stderr.print(
         f"[bold]prompt[/bold] {s.prompt_tokens} tok{reuse}, {s.prefill_tokens_per_s:,.1f} tok/s  "
         f"[bold]generated[/bold] {s.generated_tokens} tok, {s.decode_tokens_per_s:,.1f} tok/s  "
         f"[bold]finish[/bold] {finish_reason or 'interrupted'}\n"
         f"[bold]KV cache[/bold] {mib(s.kv_cache_bytes)} used ({s.kv_bytes_per_token:,} B/token, "
-        f"{s.n_kv_heads} KV heads{' ' + kind if kind else ''}), {mib(s.kv_cache_capacity_bytes)} reserved  "
-        f"[bold]peak RSS[/bold] {mib(s.peak_rss_bytes)}  [bold]load[/bold] {load_seconds:.2f} s"
+        f"{heads}), {mib(s.kv_cache_capacity_bytes)} reserved  "
+        f"[bold]peak RSS[/bold] {mib(s.peak_rss_bytes)}  [bold]load[/bold] {load_seconds:.2f} s",
+        soft_wrap=True,  # two lines whatever the width, so scripts can parse stderr
     )
 
 
