@@ -106,6 +106,47 @@ def thread_env(threads: int, numba_threads: int | None = None) -> dict:
 # ───────────────────────────── child: mqa-gen ─────────────────────────────
 
 
+def measure_speeds(spec: dict, *, prefill_fresh, start, rewind, step) -> dict:
+    """Prefill and decode speeds of one engine, the same way for every engine.
+
+    prefill_fresh(ids): run ids on an empty cache. start(prompt) -> first greedy token after
+    prefilling prompt on an empty cache. rewind(n): cut the cache back to n tokens.
+    step(token) -> next greedy token (one decode step). Speeds are medians of spec["repeats"];
+    prefill runs once more first as a warm-up.
+    """
+    repeats, n = spec["repeats"], spec["decode_tokens"]
+    out: dict = {}
+    if spec.get("prefill"):
+        prefill = {}
+        for length, ids in spec["prefill"].items():
+            speeds = []
+            for r in range(repeats + 1):
+                t0 = time.perf_counter()
+                prefill_fresh(ids)
+                if r:
+                    speeds.append(len(ids) / (time.perf_counter() - t0))
+            prefill[length] = {"median": median(speeds), "runs": speeds}
+        out["prefill_tokens_per_s"] = prefill
+    decode, tokens_at_depth0 = {}, None
+    for depth, prompt in spec["depth_prompts"].items():
+        first = start(prompt)
+        speeds = []
+        for _ in range(repeats):
+            rewind(len(prompt))
+            token, tokens = first, [first]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                token = step(token)
+                tokens.append(token)
+            speeds.append(n / (time.perf_counter() - t0))
+        decode[depth] = {"median": median(speeds), "runs": speeds, "prompt_tokens": len(prompt)}
+        if depth == "0":
+            tokens_at_depth0 = tokens
+    out["decode_tokens_per_s"] = decode
+    out["greedy_ids_depth0"] = tokens_at_depth0
+    return out
+
+
 def child_mqa_gen(spec: dict) -> dict:
     t_start = time.perf_counter()
     import numba
@@ -138,38 +179,19 @@ def child_mqa_gen(spec: dict) -> dict:
             ttft.append(time.perf_counter() - t0)
         result["ttft_inprocess_s"] = median(ttft[1:])
 
-        prefill = {}
-        for length, ids in spec["prefill"].items():
-            speeds = []
-            for r in range(repeats + 1):  # the first run is a warm-up
-                cache = model.new_cache(len(ids) + 1)
-                t0 = time.perf_counter()
-                model.forward(ids, cache)
-                dt = time.perf_counter() - t0
-                if r:
-                    speeds.append(len(ids) / dt)
-            prefill[length] = {"median": median(speeds), "runs": speeds}
-        result["prefill_tokens_per_s"] = prefill
+    state = {}
 
-    decode, tokens_at_depth0 = {}, None
-    n = spec["decode_tokens"]
-    for depth, prompt in spec["depth_prompts"].items():
-        cache = model.new_cache(len(prompt) + n + 1)
-        first = int(np.argmax(model.forward(prompt, cache)))
-        speeds = []
-        for _ in range(repeats):
-            cache.truncate(len(prompt))
-            token, out = first, [first]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                token = int(np.argmax(model.forward([token], cache)))
-                out.append(token)
-            speeds.append(n / (time.perf_counter() - t0))
-        decode[depth] = {"median": median(speeds), "runs": speeds, "prompt_tokens": len(prompt)}
-        if depth == "0":
-            tokens_at_depth0 = out
-    result["decode_tokens_per_s"] = decode
-    result["greedy_ids_depth0"] = tokens_at_depth0
+    def start(prompt):
+        state["cache"] = model.new_cache(len(prompt) + spec["decode_tokens"] + 1)
+        return int(np.argmax(model.forward(prompt, state["cache"])))
+
+    result.update(measure_speeds(
+        spec,
+        prefill_fresh=lambda ids: model.forward(ids, model.new_cache(len(ids) + 1)),
+        start=start,
+        rewind=lambda n: state["cache"].truncate(n),
+        step=lambda token: int(np.argmax(model.forward([token], state["cache"]))),
+    ))
     try:
         result["versions"]["numba_threading_layer"] = numba.threading_layer()
     except ValueError:  # no parallel region ran
@@ -222,7 +244,7 @@ def child_transformers(spec: dict) -> dict:
         "threads": {"torch": torch.get_num_threads(), **{v: os.environ.get(v) for v in THREAD_VARS}},
         "load_seconds": load_seconds,
     }
-    repeats, short, n = spec["repeats"], spec["short_ids"], spec["decode_tokens"]
+    repeats, short = spec["repeats"], spec["short_ids"]
     with torch.inference_mode():
         if spec.get("mode") == "ttft":  # fresh process: import + load + one token, then exit
             int(torch.argmax(forward(short, DynamicCache())))
@@ -237,36 +259,19 @@ def child_transformers(spec: dict) -> dict:
             ttft.append(time.perf_counter() - t0)
         result["ttft_inprocess_s"] = median(ttft[1:])
 
-        prefill = {}
-        for length, ids in spec["prefill"].items():
-            speeds = []
-            for r in range(repeats + 1):  # the first run is a warm-up
-                t0 = time.perf_counter()
-                forward(ids, DynamicCache())
-                dt = time.perf_counter() - t0
-                if r:
-                    speeds.append(len(ids) / dt)
-            prefill[length] = {"median": median(speeds), "runs": speeds}
-        result["prefill_tokens_per_s"] = prefill
+        state = {}
 
-        decode, tokens_at_depth0 = {}, None
-        for depth, prompt in spec["depth_prompts"].items():
-            cache = DynamicCache()
-            first = int(torch.argmax(forward(prompt, cache)))
-            speeds = []
-            for _ in range(repeats):
-                _crop(cache, len(prompt))
-                token, out = first, [first]
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    token = int(torch.argmax(forward([token], cache)))
-                    out.append(token)
-                speeds.append(n / (time.perf_counter() - t0))
-            decode[depth] = {"median": median(speeds), "runs": speeds, "prompt_tokens": len(prompt)}
-            if depth == "0":
-                tokens_at_depth0 = out
-        result["decode_tokens_per_s"] = decode
-        result["greedy_ids_depth0"] = tokens_at_depth0
+        def start(prompt):
+            state["cache"] = DynamicCache()
+            return int(torch.argmax(forward(prompt, state["cache"])))
+
+        result.update(measure_speeds(
+            spec,
+            prefill_fresh=lambda ids: forward(ids, DynamicCache()),
+            start=start,
+            rewind=lambda n: _crop(state["cache"], n),
+            step=lambda token: int(torch.argmax(forward([token], state["cache"]))),
+        ))
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
@@ -308,7 +313,7 @@ def child_llamacpp(spec: dict) -> dict:
         "threads": {"llama.cpp": threads, **{v: os.environ.get(v) for v in THREAD_VARS}},
         "load_seconds": load_seconds,
     }
-    repeats, short, n = spec["repeats"], spec["short_ids"], spec["decode_tokens"]
+    repeats, short = spec["repeats"], spec["short_ids"]
     if spec.get("mode") == "ttft":
         keep(0)
         int(np.argmax(forward(short)))
@@ -324,37 +329,16 @@ def child_llamacpp(spec: dict) -> dict:
         ttft.append(time.perf_counter() - t0)
     result["ttft_inprocess_s"] = median(ttft[1:])
 
-    prefill = {}
-    for length, ids in spec.get("prefill", {}).items():
-        speeds = []
-        for r in range(repeats + 1):  # the first run is a warm-up
-            keep(0)
-            t0 = time.perf_counter()
-            forward(ids)
-            dt = time.perf_counter() - t0
-            if r:
-                speeds.append(len(ids) / dt)
-        prefill[length] = {"median": median(speeds), "runs": speeds}
-    result["prefill_tokens_per_s"] = prefill
-
-    decode, tokens_at_depth0 = {}, None
-    for depth, prompt in spec["depth_prompts"].items():
+    def start(prompt):
         keep(0)
-        first = int(np.argmax(forward(prompt)))
-        speeds = []
-        for _ in range(repeats):
-            keep(len(prompt))
-            token, out = first, [first]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                token = int(np.argmax(forward([token])))
-                out.append(token)
-            speeds.append(n / (time.perf_counter() - t0))
-        decode[depth] = {"median": median(speeds), "runs": speeds, "prompt_tokens": len(prompt)}
-        if depth == "0":
-            tokens_at_depth0 = out
-    result["decode_tokens_per_s"] = decode
-    result["greedy_ids_depth0"] = tokens_at_depth0
+        return int(np.argmax(forward(prompt)))
+
+    def prefill_fresh(ids):
+        keep(0)
+        forward(ids)
+
+    result.update(measure_speeds(spec, prefill_fresh=prefill_fresh, start=start, rewind=keep,
+                                 step=lambda token: int(np.argmax(forward([token])))))
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
