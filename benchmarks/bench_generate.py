@@ -149,6 +149,8 @@ def measure_speeds(spec: dict, *, prefill_fresh, start, rewind, step) -> dict:
 
 def child_mqa_gen(spec: dict) -> dict:
     t_start = time.perf_counter()
+    import mqa_gen  # noqa: F401  first: it configures OpenBLAS's threads before NumPy loads it
+
     import numba
     import numpy as np
 
@@ -163,7 +165,8 @@ def child_mqa_gen(spec: dict) -> dict:
     result = {
         "engine": "mqa-gen",
         "versions": {"python": platform.python_version(), "numba": numba.__version__, "numpy": np.__version__},
-        "threads": {"numba": numba.get_num_threads(), **{v: os.environ.get(v) for v in THREAD_VARS}},
+        "threads": {"numba": numba.get_num_threads(), **{v: os.environ.get(v) for v in THREAD_VARS},
+                    "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT")},
         "load_seconds": loaded.load_seconds,
         "startup_seconds": time.perf_counter() - t_start,
     }

@@ -1,5 +1,14 @@
 """mqa-gen: text generation with Multi-Query Attention, Numba kernels and a measured KV cache."""
 
+import os
+
+# OpenBLAS worker threads busy-wait for about 2^28 cycles (~0.1 s) after each call before they
+# sleep. Prefill and decode alternate BLAS products with Numba kernels, so on a 2-core machine the
+# spinning BLAS threads steal the cores the Numba threads need: prefill of 512 tokens ran at 132
+# tok/s with the default and 270 with 2^4 cycles (BENCHMARKS.md). Takes effect only if set before
+# NumPy loads OpenBLAS (the CLI imports this package first); a value the user set wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 __version__ = "0.1.0"
 
 __all__ = ["MultiQueryAttention", "MultiQueryAttentionConfig"]

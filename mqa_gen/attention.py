@@ -7,6 +7,10 @@ For one layer and T new tokens x [T, d_model] (Shazeer 2019; Ainslie et al. 2023
     v = x W_vᵀ → [T, n_kv_heads, head_dim]
     o_h = softmax(q_h Kᵀ_{h//G} / √head_dim) V_{h//G}   causal, G = n_heads / n_kv_heads
     out = concat_h(o_h) W_oᵀ → [T, d_model]
+
+Gemma 3 adds an RMSNorm over head_dim on every q and k head before RoPE ("QK-norm", Dehghani et
+al. 2023) and, in its local layers, a sliding window: position i attends to i − window + 1 .. i
+only, and the cache of such a layer is a ring of ``window`` rows (:class:`~mqa_gen.cache.KVCache`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .cache import KVCache
-from .kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rope
+from .kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rmsnorm, rope
 from .kernels.attention import DECODE_BLOCK
 from .linear import DenseLinear, matvec_many
 
@@ -41,12 +45,18 @@ class Attention:
             float32 array or a :mod:`mqa_gen.linear` object (e.g. quantised).
         n_heads, n_kv_heads, head_dim: ints, n_heads divisible by n_kv_heads.
         rope_interleaved: RoPE pairing the Q/K rows expect (True for GGUF llama files).
+        q_norm, k_norm: float32 [head_dim] RMSNorm gains applied to each q / k head before RoPE
+            (Gemma 3), or None. norm_eps: their epsilon.
+        window: sliding window in tokens (0 = full causal attention).
+        scale: the score scale; None = 1/√head_dim.
 
     Raises:
         ValueError: inconsistent shapes or head counts.
     """
 
-    def __init__(self, wq, wk, wv, wo, n_heads: int, n_kv_heads: int, head_dim: int, rope_interleaved: bool):
+    def __init__(self, wq, wk, wv, wo, n_heads: int, n_kv_heads: int, head_dim: int, rope_interleaved: bool,
+                 q_norm: np.ndarray | None = None, k_norm: np.ndarray | None = None, norm_eps: float = 1e-6,
+                 window: int = 0, scale: float | None = None):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
         wq, wk, wv, wo = (w if hasattr(w, "out_features") else DenseLinear(w) for w in (wq, wk, wv, wo))
@@ -57,7 +67,9 @@ class Attention:
         self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope_interleaved = rope_interleaved
-        self.scale = np.float32(1.0 / np.sqrt(head_dim))
+        self.q_norm, self.k_norm, self.norm_eps = q_norm, k_norm, norm_eps
+        self.window = window
+        self.scale = np.float32(1.0 / np.sqrt(head_dim) if scale is None else scale)
 
     def __call__(self, x: np.ndarray, cache: KVCache, layer: int, cos: np.ndarray, sin: np.ndarray,
                  scratch: DecodeScratch) -> np.ndarray:
@@ -73,23 +85,39 @@ class Attention:
             q, k, v = matvec_many((self.wq, self.wk, self.wv), x[0])
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.q_norm is not None:  # per-head RMSNorm, in place on the (T·H, D) rows
+            rmsnorm(q.reshape(T * H, D), self.q_norm, self.norm_eps, q.reshape(T * H, D))
+            rmsnorm(k.reshape(T * KV, D), self.k_norm, self.norm_eps, k.reshape(T * KV, D))
         q = q.reshape(T, H, D)  # (T, H, D)
         k = k.reshape(T, KV, D)  # (T, KV, D)
         v = v.reshape(T, KV, D)  # (T, KV, D)
         rope(q, cos, sin, self.rope_interleaved)
         rope(k, cos, sin, self.rope_interleaved)
-        cache.write(layer, k, v)
         start = cache.length
+        capacity = cache.capacity(layer)
         k_cache, v_cache = cache.keys[layer], cache.values[layer]
         if T == 1:
-            attention_decode(q[0], k_cache, v_cache, start + 1, self.scale, HALF_TO_FLOAT,
+            cache.write(layer, k, v)
+            # A ring holds exactly the window, in any slot order: softmax does not care about order.
+            attention_decode(q[0], k_cache, v_cache, min(start + 1, capacity), self.scale, HALF_TO_FLOAT,
                              scratch.scores, scratch.partial, scratch.out)
-            o = scratch.out.reshape(1, H * D)
-        else:
-            o = np.empty((T, H, D), dtype=np.float32)
-            attention_prefill(q, k_cache, v_cache, start, self.scale, HALF_TO_FLOAT, o)
-            o = o.reshape(T, H * D)
-        return self.wo(o)  # (T, d_model)
+            return self.wo(scratch.out.reshape(1, H * D))  # (1, d_model)
+        o = np.empty((T, H, D), dtype=np.float32)
+        if start + T <= capacity:  # the layer's rows are still in position order
+            cache.write(layer, k, v)
+            attention_prefill(q, k_cache, v_cache, start, self.scale, HALF_TO_FLOAT, self.window, o)
+        else:  # a ring that wraps: attend over [the window's older rows | the new rows], then store
+            old_k, old_v = cache.window_rows(layer, self.window - 1)  # (KV, n_old, D)
+            keys = np.concatenate([old_k, cache.to_storage(k).transpose(1, 0, 2)], axis=1)
+            values = np.concatenate([old_v, cache.to_storage(v).transpose(1, 0, 2)], axis=1)
+            attention_prefill(q, keys, values, old_k.shape[1], self.scale, HALF_TO_FLOAT, self.window, o)
+            cache.write(layer, k, v)
+        return self.wo(o.reshape(T, H * D))  # (T, d_model)
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, thetas) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """:func:`rope_cos_sin` for each distinct base in ``thetas`` (one per layer): {θ: (cos, sin)}."""
+    return {theta: rope_cos_sin(positions, head_dim, theta) for theta in set(thetas)}
 
 
 def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

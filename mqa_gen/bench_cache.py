@@ -245,11 +245,13 @@ def formula_result(model_name: str, config: ModelConfig, kv_heads: Sequence[int]
     mha_per_token = config.with_kv_heads(config.n_heads).kv_bytes_per_token(size)
     variants = []
     for n in kv_heads:
-        per_token = config.with_kv_heads(n).kv_bytes_per_token(size)
+        grouped = config.with_kv_heads(n)
+        per_token = grouped.kv_bytes_per_token(size)
         variants.append(Variant(
             label=variant_label(n, config.n_heads), n_kv_heads=n, native=n == config.n_kv_heads,
             kv_bytes_per_token=per_token, ratio_to_mha=per_token / mha_per_token,
-            points=[Point(c, c * per_token) for c in contexts],
+            # sliding-window layers (Gemma 3) hold at most their window, whatever the context
+            points=[Point(c, grouped.kv_bytes(c, size)) for c in contexts],
         ))
     return BenchResult(model_name, config, cache_dtype, list(contexts), variants)
 
@@ -283,6 +285,17 @@ def fill_prefill(model, cache: KVCache, n_tokens: int, source_ids: Sequence[int]
         return
     ids = np.resize(np.asarray(source_ids, dtype=np.int64), n_tokens)
     model.forward(ids, cache)
+
+
+def rewind_for_timing(cache: KVCache, n_tokens: int) -> None:
+    """Set the cache back to ``n_tokens`` tokens for another timed decode run. A wrapped
+    sliding-window ring cannot truncate exactly (:meth:`KVCache.can_truncate`); for timing that does
+    not matter — the ring keeps ``window`` rows either way and the kernels read the same bytes —
+    so its length is simply reset, leaving rows of later positions in it."""
+    if cache.can_truncate(n_tokens):
+        cache.truncate(n_tokens)
+    else:
+        cache.length = n_tokens
 
 
 def measure_decode_interleaved(models: Sequence, context: int, decode_tokens: int = DEFAULT_DECODE_TOKENS,
@@ -321,7 +334,7 @@ def measure_decode_interleaved(models: Sequence, context: int, decode_tokens: in
     runs: list[list[float]] = [[] for _ in models]
     for round_ in range(repeats + 1):
         for model, cache, speeds in zip(models, caches, runs):
-            cache.truncate(start)
+            rewind_for_timing(cache, start)
             t0 = time.perf_counter()
             for token in steps:
                 model.forward([token], cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .cache import kv_bytes_per_token
+from .cache import kv_bytes, kv_bytes_per_token
 from .errors import ConfigError, UnsupportedModelError
 from .gguf_file import GGUFFile
 
@@ -17,9 +17,13 @@ class ModelConfig:
     n_kv_heads = 1 is Multi-Query Attention (Shazeer 2019), 1 < n_kv_heads < n_heads is GQA
     (Ainslie et al. 2023), n_kv_heads = n_heads is MHA. ``rope_interleaved`` says which RoPE pairing
     the stored Q/K rows expect (see :func:`mqa_gen.kernels.rope`). ``context_length`` is in tokens.
+    ``layer_windows`` gives each layer's sliding attention window in tokens (0 = full attention;
+    empty = every layer full), ``rope_local_theta`` the RoPE base of the sliding-window layers
+    (Gemma 3: 10,000 locally, ``rope_theta`` globally; 0 = ``rope_theta``).
 
     Raises:
-        ConfigError: a count ≤ 0, or n_heads not divisible by n_kv_heads.
+        ConfigError: a count ≤ 0, n_heads not divisible by n_kv_heads, or a windows list of
+            another length than n_layers.
     """
 
     architecture: str
@@ -36,6 +40,8 @@ class ModelConfig:
     norm_eps: float
     tie_embeddings: bool
     rope_interleaved: bool = True
+    layer_windows: tuple[int, ...] = ()
+    rope_local_theta: float = 0.0
 
     def __post_init__(self) -> None:
         for field in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "context_length"):
@@ -48,6 +54,19 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        windows = tuple(self.layer_windows) or (0,) * self.n_layers
+        if len(windows) != self.n_layers or min(windows) < 0:
+            raise ConfigError(f"layer_windows must give one window >= 0 per layer, got {self.layer_windows!r}")
+        object.__setattr__(self, "layer_windows", windows)
+
+    @property
+    def sliding_window(self) -> int:
+        """The largest sliding window of any layer (tokens), 0 when every layer is full attention."""
+        return max(self.layer_windows)
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """The RoPE base of ``layer``: ``rope_local_theta`` for a sliding-window layer if set."""
+        return self.rope_local_theta if self.layer_windows[layer] and self.rope_local_theta else self.rope_theta
 
     @property
     def group_size(self) -> int:
@@ -62,12 +81,42 @@ class ModelConfig:
         return "MHA" if self.n_kv_heads == self.n_heads else "GQA"
 
     def kv_bytes_per_token(self, itemsize: int = 4) -> int:
-        """KV-cache bytes per token: 2 × n_layers × n_kv_heads × head_dim × itemsize."""
+        """KV-cache bytes per token while no sliding window is full: 2 × n_layers × n_kv_heads ×
+        head_dim × itemsize."""
         return kv_bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, itemsize)
+
+    def kv_bytes(self, n_tokens: int, itemsize: int = 4) -> int:
+        """KV-cache bytes for ``n_tokens`` tokens; a sliding-window layer holds at most its window."""
+        return kv_bytes(n_tokens, self.layer_windows, self.n_kv_heads, self.head_dim, itemsize)
 
     def with_kv_heads(self, n_kv_heads: int) -> "ModelConfig":
         """The same model with ``n_kv_heads`` KV heads (validated)."""
         return dataclasses.replace(self, n_kv_heads=n_kv_heads)
+
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+
+#: Gemma 3: every 6th layer is global, the others slide (Gemma Team 2025, "Gemma 3 Technical
+#: Report" §2; llama.cpp and transformers use the same default), with RoPE base 10,000 locally.
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0
+
+
+def _gemma3_extras(gguf: GGUFFile, n_layers: int, key) -> dict:
+    """The gemma3 fields GGUF metadata implies: NeoX RoPE order (the converter does not permute
+    Q/K rows for gemma), the window of each layer, and the local RoPE base."""
+    window = key("attention.sliding_window", int)
+    pattern = gguf.get("gemma3.attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
+    if isinstance(pattern, list):  # per-layer flags: true = sliding
+        if len(pattern) != n_layers:
+            raise ConfigError(f"gemma3.attention.sliding_window_pattern has {len(pattern)} entries for "
+                              f"{n_layers} layers in {gguf.path}")
+        windows = tuple(window if flag else 0 for flag in pattern)
+    elif isinstance(pattern, int) and pattern > 0:
+        windows = tuple(window if (i + 1) % pattern else 0 for i in range(n_layers))
+    else:
+        raise ConfigError(f"invalid gemma3.attention.sliding_window_pattern {pattern!r} in {gguf.path}")
+    return {"rope_interleaved": False, "layer_windows": windows, "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA}
 
 
 def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
@@ -83,8 +132,9 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     arch = gguf.get("general.architecture")
     if arch is None:
         raise UnsupportedModelError(f"GGUF file {path} does not say its architecture (no general.architecture)")
-    if arch != "llama":
-        raise UnsupportedModelError(f"unsupported model architecture {arch!r} in {path} (supported: llama)")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise UnsupportedModelError(f"unsupported model architecture {arch!r} in {path} (supported: {supported})")
 
     def key(name: str, kind: type, default=None):
         # One place that turns absent or oddly typed metadata into a one-line error naming the key.
@@ -115,8 +165,10 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     else:
         head_dim = 0  # ModelConfig reports the zero head count itself
     tokens = gguf.get("tokenizer.ggml.tokens")
+    n_layers = key("block_count", int)
+    extra = _gemma3_extras(gguf, n_layers, key) if arch == "gemma3" else {}
     dims = dict(
-        n_layers=key("block_count", int),
+        n_layers=n_layers,
         n_kv_heads=key("attention.head_count_kv", int, n_heads),
         d_ff=key("feed_forward_length", int),
         vocab_size=key("vocab_size", int, len(tokens) if tokens else None),
@@ -132,8 +184,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
             n_heads=n_heads,
             head_dim=head_dim,
             tie_embeddings="output.weight" not in gguf.tensors,
-            rope_interleaved=True,
-            **dims,
+            **{"rope_interleaved": True, **dims, **extra},
         )
     except ConfigError as e:  # ModelConfig's own checks do not know the file
         raise ConfigError(f"invalid model dimensions in {path}: {e}") from None

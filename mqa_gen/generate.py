@@ -165,6 +165,8 @@ class Generation:
         t0 = time.perf_counter()
         # Keep the longest common prefix of the cache and the prompt; prefill at least one token.
         reused = min(cache.common_prefix(self.prompt_ids), len(self.prompt_ids) - 1)
+        if not cache.can_truncate(reused):  # a sliding-window ring cannot go back that far
+            reused = 0
         cache.truncate(reused)
         stats.reused_tokens = reused
         suffix = self.prompt_ids[reused:]

@@ -551,7 +551,7 @@ class MultiQueryAttention:
                                  s.scores, s.partial, s.out)
                 o[b, 0] = s.out
             else:
-                attention_prefill(q32[b], k_cache, v_cache, start, scale, HALF_TO_FLOAT, o[b])
+                attention_prefill(q32[b], k_cache, v_cache, start, scale, HALF_TO_FLOAT, 0, o[b])
             item.advance(T)
         y = (o.reshape(B * T, -1).astype(self.dtype, copy=False) @ self.w_o).reshape(B, T, self.d_model)
         return y, cache

@@ -1,8 +1,8 @@
 """Weight matrices as y = x Wᵀ, kept in the file's quantised form when we have kernels for it.
 
-* :class:`QuantizedLinear` — Q4_1 or Q8_0 blocks, repacked once at load (see
+* :class:`QuantizedLinear` — Q4_1, Q4_K, Q8_0, Q5_0 or Q6_K blocks, repacked once at load (see
   :mod:`mqa_gen.kernels.quant`). Decode (one row of x) runs the quantised matrix × vector kernel,
-  reading 5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32; a few rows (a short chat turn) run
+  reading 5 (4-bit) or 8–9 (int8) bits per weight instead of 32; a few rows (a short chat turn) run
   a kernel that unpacks each Q4_1 weight once for all of them. A long prefill dequantises the
   matrix into a temporary float32 array and multiplies with BLAS through NumPy: prompt-sized
   products are compute-bound, and no float32 copy outlives the call.
@@ -24,16 +24,22 @@ from .kernels.quant import (
     q4_1_matmul,
     q4_1_matvec,
     q4_1_matvec3,
-    q8_0_dequantize_rows,
-    q8_0_dequantize_transposed,
-    q8_0_matvec,
+    int8_dequantize_rows,
+    int8_dequantize_transposed,
+    int8_matvec,
     repack_q4_1,
+    repack_q4_k,
+    repack_q5_0,
+    repack_q6_k,
     repack_q8_0,
 )
 from .weights import require_tensor, tensor_f32
 
-#: Tensor types kept quantised in memory (others are dequantised to float32 at load).
-QUANTIZED_KERNEL_TYPES = ("Q4_1", "Q8_0")
+#: Tensor types kept quantised in memory (others are dequantised to float32 at load), with the
+#: repacking into the kernels' layout (see :mod:`mqa_gen.kernels.quant`) and the row length unit.
+REPACKERS = {"Q4_1": (repack_q4_1, 32), "Q4_K": (repack_q4_k, 256),
+             "Q8_0": (repack_q8_0, 32), "Q5_0": (repack_q5_0, 32), "Q6_K": (repack_q6_k, 256)}
+QUANTIZED_KERNEL_TYPES = tuple(REPACKERS)
 
 #: Up to this many rows of x, Q4_1 products unpack each weight once for all rows; above it,
 #: dequantising the matrix and calling BLAS is faster (it amortises over the rows).
@@ -66,29 +72,30 @@ class DenseLinear:
 
 
 class QuantizedLinear:
-    """y = x Wᵀ with W stored as repacked Q4_1 or Q8_0 blocks.
+    """y = x Wᵀ with W stored as repacked quantised blocks: the 4-bit affine layout (Q4_1, Q4_K;
+    ``mins`` set) or the int8 layout (Q8_0, Q5_0, Q6_K; ``mins`` None).
 
     Args:
-        raw: the tensor's GGUF bytes, uint8 [out_features, in_features / 32 · block_bytes].
-        type_name: ``"Q4_1"`` or ``"Q8_0"``.
-        out_features, in_features: W's shape; in_features a multiple of 32.
+        raw: the tensor's GGUF bytes, uint8 [out_features, in_features / block · block_bytes].
+        type_name: one of :data:`QUANTIZED_KERNEL_TYPES`.
+        out_features, in_features: W's shape; in_features a multiple of the type's block (32, or
+            256 for the K-quants).
 
     Raises:
-        ValueError: another type, or in_features not a multiple of 32.
+        ValueError: another type, or in_features not a multiple of the block.
     """
 
     def __init__(self, raw: np.ndarray, type_name: str, out_features: int, in_features: int):
-        if in_features % 32:
-            raise ValueError(f"in_features must be a multiple of 32 for {type_name}, got {in_features}")
+        if type_name not in REPACKERS:
+            raise ValueError(f"no quantised kernel for {type_name}")
+        repack, unit = REPACKERS[type_name]
+        if in_features % unit:
+            raise ValueError(f"in_features must be a multiple of {unit} for {type_name}, got {in_features}")
         self.type_name = type_name
         self.out_features, self.in_features = out_features, in_features
-        if type_name == "Q4_1":
-            self.codes, self.scales, self.mins = repack_q4_1(raw, out_features, in_features)
-        elif type_name == "Q8_0":
-            self.codes, self.scales = repack_q8_0(raw, out_features, in_features)
-            self.mins = None
-        else:
-            raise ValueError(f"no quantised kernel for {type_name}")
+        packed = repack(raw, out_features, in_features)
+        self.codes, self.scales = packed[0], packed[1]
+        self.mins = packed[2] if len(packed) == 3 else None
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +126,7 @@ class QuantizedLinear:
         if self.mins is not None:
             q4_1_matvec(self.codes, self.scales, self.mins, x, y)
         else:
-            q8_0_matvec(self.codes, self.scales, x, y)
+            int8_matvec(self.codes, self.scales, x, y)
         return y
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -139,7 +146,7 @@ class QuantizedLinear:
         if self.mins is not None:
             q4_1_dequantize_rows(self.codes, self.scales, self.mins, ids, out)
         else:
-            q8_0_dequantize_rows(self.codes, self.scales, ids, out)
+            int8_dequantize_rows(self.codes, self.scales, ids, out)
         return out
 
     def dequantize(self) -> np.ndarray:
@@ -153,7 +160,7 @@ class QuantizedLinear:
         if self.mins is not None:
             q4_1_dequantize_transposed(self.codes, self.scales, self.mins, out)
         else:
-            q8_0_dequantize_transposed(self.codes, self.scales, out)
+            int8_dequantize_transposed(self.codes, self.scales, out)
         return out
 
 
@@ -164,10 +171,10 @@ _NO_Q4_1 = (np.zeros((0, 1, 16, TILE), np.uint8), np.zeros((0, 1, TILE), np.floa
 def matvec_many(linears, x: np.ndarray) -> list[np.ndarray]:
     """[W x for W in linears] for one float32 vector x [in_features], each float32 [out_features].
 
-    Two or three Q4_1 matrices (W_q/W_k/W_v, W_gate/W_up) run in one fused kernel launch.
+    Two or three 4-bit matrices (W_q/W_k/W_v, W_gate/W_up) run in one fused kernel launch.
     """
     x = np.ascontiguousarray(x)
-    if 2 <= len(linears) <= 3 and all(getattr(w, "type_name", None) == "Q4_1" for w in linears):
+    if 2 <= len(linears) <= 3 and all(getattr(w, "mins", None) is not None for w in linears):
         outs = [np.empty(w.out_features, np.float32) for w in linears]
         slots = [(w.codes, w.scales, w.mins, y) for w, y in zip(linears, outs)]
         slots += [_NO_Q4_1] * (3 - len(slots))
@@ -184,6 +191,7 @@ def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):
         UnsupportedModelError: missing tensor, unsupported type or unexpected shape.
     """
     tensor = require_tensor(gguf, name)
-    if tensor.type_name in QUANTIZED_KERNEL_TYPES and shape[1] % 32 == 0 and tuple(tensor.shape) == tuple(shape):
+    kernel = REPACKERS.get(tensor.type_name)
+    if kernel is not None and shape[1] % kernel[1] == 0 and tuple(tensor.shape) == tuple(shape):
         return QuantizedLinear(np.asarray(tensor.data), tensor.type_name, *shape)
     return DenseLinear(tensor_f32(gguf, name, shape))

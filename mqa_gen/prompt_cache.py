@@ -11,10 +11,12 @@ is ever written or accepted. Members:
 * ``meta``: uint8 [n] — UTF-8 JSON: ``format`` (``"mqa-gen-prompt-cache"``), ``version`` (1),
   ``model_id`` (see :func:`model_identity`), ``model_name``, ``n_layers``, ``n_kv_heads``,
   ``head_dim``, ``dtype`` (``"float32"``/``"float16"``), ``length`` (tokens stored), ``extra``
-  (a JSON object for the caller, e.g. a chat's messages);
+  (a JSON object for the caller, e.g. a chat's messages), ``windows`` (per layer, the sliding
+  window, 0 = full attention; absent means all full);
 * ``tokens``: int64 [length] — the token id at each stored position (-1 = unknown);
-* ``k_0`` … ``k_{L-1}``, ``v_0`` … ``v_{L-1}``: [n_kv_heads, length, head_dim], float32, or
-  uint16 holding float16 bit patterns — only the ``length`` stored rows, not the capacity.
+* ``k_0`` … ``k_{L-1}``, ``v_0`` … ``v_{L-1}``: [n_kv_heads, rows, head_dim], float32, or
+  uint16 holding float16 bit patterns — the rows the layer holds, in position order: ``length``
+  rows, or for a sliding-window layer the last min(length, window) positions.
 
 Writes are atomic: the archive goes to a temporary file in the destination's folder, is flushed
 and fsynced, then ``os.replace``-d over the destination (and the folder is fsynced), so a crash or
@@ -122,7 +124,7 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
         "format": FORMAT, "version": VERSION, "model_id": model_id,
         "model_name": model_name,
         "n_layers": cache.n_layers, "n_kv_heads": cache.n_kv_heads, "head_dim": cache.head_dim,
-        "dtype": cache.dtype, "length": n, "extra": extra or {},
+        "dtype": cache.dtype, "length": n, "extra": extra or {}, "windows": list(cache.windows),
     }
     try:
         meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
@@ -133,8 +135,8 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
         "tokens": np.array(cache.token_ids, dtype=np.int64),
     }
     for layer in range(cache.n_layers):
-        arrays[f"k_{layer}"] = cache.keys[layer][:, :n, :]  # (KV, n, D): stored rows only
-        arrays[f"v_{layer}"] = cache.values[layer][:, :n, :]
+        # (KV, rows, D): the rows held, in position order; not the capacity
+        arrays[f"k_{layer}"], arrays[f"v_{layer}"] = cache.window_rows(layer, n)
 
     tmp = None
     try:
@@ -228,21 +230,32 @@ def load_prompt_cache(
             if (meta["n_layers"], meta["head_dim"]) != (config.n_layers, config.head_dim):
                 raise PromptCacheError(f"prompt cache {path} has {meta['n_layers']} layers of head size "
                                        f"{meta['head_dim']}, the model {config.n_layers} of {config.head_dim}")
+            if tuple(meta["windows"]) != tuple(config.layer_windows):
+                raise PromptCacheError(f"prompt cache {path} has other sliding windows than the model")
         if dtype is not None and meta["dtype"] != dtype:
             raise PromptCacheError(f"prompt cache {path} holds a {meta['dtype']} cache, "
                                    f"this run uses --cache-dtype {dtype}")
         n = meta["length"]
         keep = n if max_seq_len is None else min(n, max_seq_len)
         capacity = max(max_seq_len or n, 1)
-        cache = KVCache(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], capacity, meta["dtype"])
+        windows = meta["windows"]
+        if keep < n and any(w and n > w for w in windows):
+            raise PromptCacheError(f"prompt cache {path} holds {n} tokens, more than this run's context "
+                                   f"{keep}, and its sliding-window layers cannot be cut back")
+        cache = KVCache(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], capacity, meta["dtype"], windows)
         storage = cache.keys[0].dtype
-        row_shape = (meta["n_kv_heads"], n, meta["head_dim"])
         tokens = _array(npz, "tokens", path, (n,), np.dtype(np.int64))
-        for layer in range(meta["n_layers"]):
+        for layer, window in enumerate(windows):
+            rows = min(n, window) if window else n
+            row_shape = (meta["n_kv_heads"], rows, meta["head_dim"])
             k = _array(npz, f"k_{layer}", path, row_shape, storage)
             v = _array(npz, f"v_{layer}", path, row_shape, storage)
-            cache.keys[layer][:, :keep, :] = k[:, :keep, :]
-            cache.values[layer][:, :keep, :] = v[:, :keep, :]
+            cap = cache.capacity(layer)
+            positions = np.arange(n - rows, n)
+            wanted = (positions < keep) & (positions >= keep - cap)
+            slots = positions[wanted] % cap
+            cache.keys[layer][:, slots, :] = k[:, wanted, :]
+            cache.values[layer][:, slots, :] = v[:, wanted, :]
     if n and tokens.min() < -1:
         raise PromptCacheError(f"prompt cache {path} is corrupt: negative token ids")
     cache.advance(keep)
@@ -324,6 +337,10 @@ def _meta(npz, path: str) -> dict:
         raise PromptCacheError(f"prompt cache {path} is corrupt: invalid dimensions in its meta record")
     if meta["dtype"] not in CACHE_DTYPES:
         raise PromptCacheError(f"prompt cache {path} is corrupt: unknown cache dtype {meta['dtype']!r}")
+    windows = meta.setdefault("windows", [0] * meta["n_layers"])
+    if (not isinstance(windows, list) or len(windows) != meta["n_layers"]
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows)):
+        raise PromptCacheError(f"prompt cache {path} is corrupt: meta field 'windows' is invalid")
     if not isinstance(meta.get("extra", {}), dict):
         raise PromptCacheError(f"prompt cache {path} is corrupt: meta field 'extra' is not an object")
     return meta

@@ -15,11 +15,12 @@ SUPPORTED_TENSOR_TYPES = frozenset(
 )
 
 
-def llama_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a llama GGUF must hold, name → shape in PyTorch order (rows first).
+def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a llama or gemma3 GGUF must hold, name → shape in PyTorch order (rows first).
 
     GGUF names: ``token_embd``, ``blk.N.attn_q`` …, ``output_norm``; ``output`` only when the
-    output head is not tied to the embeddings (``config.tie_embeddings`` is False).
+    output head is not tied to the embeddings (``config.tie_embeddings`` is False). gemma3 adds
+    per layer ``attn_q_norm``/``attn_k_norm`` [head_dim] and ``post_attention_norm``/``post_ffw_norm``.
     """
     c = config
     d, hd = c.d_model, c.head_dim
@@ -37,6 +38,13 @@ def llama_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn_up.weight": (c.d_ff, d),
             p + "ffn_down.weight": (d, c.d_ff),
         })
+        if c.architecture == "gemma3":
+            shapes.update({
+                p + "attn_q_norm.weight": (hd,),
+                p + "attn_k_norm.weight": (hd,),
+                p + "post_attention_norm.weight": (d,),
+                p + "post_ffw_norm.weight": (d,),
+            })
     shapes["output_norm.weight"] = (d,)
     if not c.tie_embeddings:
         shapes["output.weight"] = (c.vocab_size, d)
@@ -52,9 +60,7 @@ def check_tensors(gguf: GGUFFile, config: ModelConfig) -> None:
     """
     for t in gguf.tensors.values():
         _check_type(gguf, t)
-    if config.architecture != "llama":  # the only architecture whose tensor set we know
-        return
-    for name, shape in llama_tensor_shapes(config).items():
+    for name, shape in expected_tensor_shapes(config).items():
         _check_shape(gguf, require_tensor(gguf, name), shape)
 
 

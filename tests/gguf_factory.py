@@ -103,8 +103,13 @@ def write_tiny_llama(
     drop_tensor: str | None = None,
     rng_seed: int = 0,
     overrides: dict[str, Any] | None = None,
+    sliding_window: int = 4,
 ) -> dict[str, Any]:
     """Write a small llama-architecture GGUF to ``path`` and describe what was written.
+
+    With ``arch="gemma3"`` the file is a tiny Gemma 3 instead: per-layer q/k norms and post-norms,
+    ``gemma3.attention.sliding_window`` = ``sliding_window`` and ``key_length`` = head_dim (layer
+    5, 11, … global, the others sliding, as Gemma 3's fixed pattern).
 
     Args:
         n_heads, n_kv_heads, head_dim, n_layers, d_ff: dimensions (d_model = n_heads × head_dim);
@@ -154,6 +159,10 @@ def write_tiny_llama(
         weights[p + "ffn_gate.weight"] = matrix(d_ff, d_model)
         weights[p + "ffn_up.weight"] = matrix(d_ff, d_model)
         weights[p + "ffn_down.weight"] = matrix(d_model, d_ff)
+        if arch == "gemma3":
+            for name, size in (("attn_q_norm", head_dim), ("attn_k_norm", head_dim),
+                               ("post_attention_norm", d_model), ("post_ffw_norm", d_model)):
+                weights[p + name + ".weight"] = (1 + 0.1 * rng.standard_normal(size)).astype(np.float32)
     weights["output_norm.weight"] = np.ones(d_model, dtype=np.float32)
     # No output.weight: the head is tied to the embeddings, as in SmolLM2.
     if drop_tensor is not None:
@@ -182,6 +191,9 @@ def write_tiny_llama(
         "tokenizer.ggml.add_bos_token": (False, T.BOOL),
         "tokenizer.chat_template": (CHATML_TEMPLATE, T.STRING),
     }
+    if arch == "gemma3":
+        kv[f"{arch}.attention.sliding_window"] = (sliding_window, T.UINT32)
+        kv[f"{arch}.attention.key_length"] = (head_dim, T.UINT32)
     for key, value in (overrides or {}).items():
         if value is None:
             kv.pop(key, None)

@@ -56,3 +56,38 @@ def test_truncate_and_capacity():
         KVCache(1, 0, 2, 3)
     with pytest.raises(ValueError):
         KVCache(1, 1, 2, 3, dtype="int8")
+
+
+def test_ring_layer_keeps_the_last_window_rows_in_slot_position_mod_window():
+    window = 4
+    cache = KVCache(2, 1, 2, 16, windows=(window, 0))
+    assert cache.capacity(0) == window and cache.capacity(1) == 16
+    rows = np.arange(11, dtype=np.float32)[:, None, None] * np.ones((1, 1, 2), np.float32)  # row p = p
+    for chunk in (np.s_[0:3], np.s_[3:9], np.s_[9:10], np.s_[10:11]):  # prefill longer than the ring, then decode
+        for layer in range(2):
+            cache.write(layer, rows[chunk], -rows[chunk])
+        cache.advance(rows[chunk].shape[0])
+    k_ring, v_ring = cache.layer_view(0)
+    np.testing.assert_array_equal(k_ring[0, :, 0], [7, 8, 9, 10])  # position order
+    np.testing.assert_array_equal(v_ring[0, :, 0], [-7, -8, -9, -10])
+    np.testing.assert_array_equal(cache.keys[0][0, :, 0], [8, 9, 10, 7])  # slot p % 4
+    np.testing.assert_array_equal(cache.layer_view(1)[0][0, :, 0], np.arange(11))
+    # Bytes count the ring at its window: 4 + 11 rows of 2 values, K and V, float32.
+    assert cache.used_bytes == cache.bytes_at(11) == 2 * (4 + 11) * 2 * 4
+    assert cache.nbytes == 2 * (4 + 16) * 2 * 4
+
+
+def test_a_wrapped_ring_only_rolls_back_one_position():
+    cache = KVCache(1, 1, 2, 16, windows=(4,))
+    z = np.zeros((6, 1, 2), np.float32)
+    cache.write(0, z[:3], z[:3])
+    cache.advance(3)
+    assert cache.can_truncate(0)  # not wrapped yet: any rollback is exact
+    cache.write(0, z, z)
+    cache.advance(6)
+    assert cache.can_truncate(8) and cache.can_truncate(9)
+    assert not cache.can_truncate(7)
+    with pytest.raises(ValueError, match="sliding-window"):
+        cache.truncate(5)
+    cache.reset()
+    assert cache.length == 0

@@ -5,23 +5,34 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mqa_gen.kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rmsnorm, rope, softmax_inplace, swiglu
+from mqa_gen.kernels import (
+    HALF_TO_FLOAT,
+    attention_decode,
+    attention_prefill,
+    geglu_tanh,
+    rmsnorm,
+    rope,
+    softmax_inplace,
+    swiglu,
+)
 from mqa_gen.kernels.attention import DECODE_BLOCK
 
 RNG = np.random.default_rng(1234)
 
 
-def reference_attention(q, K, V, start):
-    """softmax(q kᵀ/√D) v with causal masking; q [T,H,D], K/V [KV,S,D] float32 → [T,H,D] float64."""
+def reference_attention(q, K, V, start, window=0):
+    """softmax(q kᵀ/√D) v with causal masking (and, with ``window`` > 0, only the last ``window``
+    keys); q [T,H,D], K/V [KV,S,D] float32 → [T,H,D] float64."""
     T, H, D = q.shape
     G = H // K.shape[0]
     out = np.zeros((T, H, D))
     for t in range(T):
         n = start + t + 1
+        first = max(0, n - window) if window else 0
         for h in range(H):
-            s = K[h // G, :n].astype(np.float64) @ q[t, h] / np.sqrt(D)
+            s = K[h // G, first:n].astype(np.float64) @ q[t, h] / np.sqrt(D)
             p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ V[h // G, :n]
+            out[t, h] = (p / p.sum()) @ V[h // G, first:n]
     return out
 
 
@@ -44,7 +55,7 @@ def test_attention_matches_numpy(n_kv_heads, T, start, storage):
     scale = np.float32(1 / np.sqrt(D))
 
     out = np.empty_like(q)
-    attention_prefill(q, k_arg, v_arg, start, scale, HALF_TO_FLOAT, out)
+    attention_prefill(q, k_arg, v_arg, start, scale, HALF_TO_FLOAT, 0, out)
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
     # The decode kernel answers the last row alone.
@@ -53,6 +64,25 @@ def test_attention_matches_numpy(n_kv_heads, T, start, storage):
     last = np.empty((H, D), np.float32)
     attention_decode(q[-1], k_arg, v_arg, start + T, scale, HALF_TO_FLOAT, scores, partial, last)
     np.testing.assert_allclose(last, expected[-1], atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [1, 4, 16])
+@pytest.mark.parametrize("T,start", [(1, 0), (9, 0), (6, 9)])
+def test_sliding_window_prefill_matches_numpy(window, T, start):
+    H, KV, D, S = 4, 1, 32, 20
+    K, V, q = random(KV, S, D), random(KV, S, D), random(T, H, D)
+    out = np.empty_like(q)
+    attention_prefill(q, K, V, start, np.float32(1 / np.sqrt(D)), HALF_TO_FLOAT, window, out)
+    np.testing.assert_allclose(out, reference_attention(q, K, V, start, window), atol=2e-5)
+
+
+def test_geglu_tanh_matches_formula():
+    gate, up = random(3, 50) * 4, random(3, 50)
+    g = gate.astype(np.float64)
+    expected = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * up
+    out = np.empty_like(gate)
+    geglu_tanh(gate, up, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("length", [1, DECODE_BLOCK - 1, DECODE_BLOCK, DECODE_BLOCK + 1, 3 * DECODE_BLOCK + 7])
@@ -114,3 +144,15 @@ def test_half_lookup_table_is_numpys_cast():
     bits = np.arange(0, 65536, 997, dtype=np.uint16)
     finite = np.isfinite(bits.view(np.float16))
     np.testing.assert_array_equal(HALF_TO_FLOAT[bits][finite], bits.view(np.float16).astype(np.float32)[finite])
+
+
+def test_half_row_decoding_is_numpys_float16_cast_for_every_bit_pattern():
+    from mqa_gen.kernels.halfprec import half_row_to_f32
+
+    patterns = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    bits = np.empty(65536, np.uint32)
+    half_row_to_f32(patterns, bits, bits.view(np.float32))
+    expected = patterns.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    assert np.isnan(bits.view(np.float32)[nan]).all()
+    np.testing.assert_array_equal(bits[~nan], expected.view(np.uint32)[~nan])  # bit for bit, ±0 and subnormals too

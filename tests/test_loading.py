@@ -172,9 +172,9 @@ def _unknown_type_id(tmp, real):
 
 
 def _architecture(tmp, real):
-    p = str(tmp / "gemma.gguf")
-    write_tiny_llama(p, arch="gemma3")
-    return BadModel(p, UnsupportedModelError, ("architecture", "gemma3", p))
+    p = str(tmp / "falcon.gguf")
+    write_tiny_llama(p, arch="falcon")
+    return BadModel(p, UnsupportedModelError, ("architecture", "falcon", p))
 
 
 def _iq4_nl(tmp, real):
@@ -368,7 +368,7 @@ def test_known_name_not_installed_cli():
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(ModelFileError, match="known model names: smollm2-135m-instruct"):
+    with pytest.raises(ModelFileError, match="known model names: gemma3-270m, smollm2-135m-instruct"):
         load("no-such-model")
 
 

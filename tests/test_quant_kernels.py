@@ -13,16 +13,36 @@ from mqa_gen.linear import QuantizedLinear, linear_from_gguf
 RNG = np.random.default_rng(3)
 
 
-def quantized(rows: int, cols: int, type_name: str):
-    w = RNG.standard_normal((rows, cols)).astype(np.float32)
+# Byte offsets of the fp16 scale fields in one block of the K-quants (ggml-common.h), which the
+# gguf package cannot quantise to: their test blocks are random bytes with sane fp16 scales.
+K_QUANT_BLOCK = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_raw(rows: int, cols: int, type_name: str) -> np.ndarray:
     qtype = GGMLQuantizationType[type_name]
-    raw = quantize(w, qtype)  # uint8 [rows, bytes per row]
-    reference = dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
+    if type_name not in K_QUANT_BLOCK:
+        return quantize(RNG.standard_normal((rows, cols)).astype(np.float32), qtype)  # uint8 [rows, bytes]
+    size, fp16_offsets = K_QUANT_BLOCK[type_name]
+    blocks = RNG.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for offset in fp16_offsets:
+        scale = (RNG.uniform(0.001, 0.05, (rows, cols // 256)) * RNG.choice([-1, 1], (rows, cols // 256)))
+        blocks[:, :, offset:offset + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def quantized(rows: int, cols: int, type_name: str):
+    raw = random_raw(rows, cols, type_name)
+    reference = dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, cols).astype(np.float32)
     return QuantizedLinear(raw, type_name, rows, cols), reference
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("rows,cols", [(1, 32), (TILE - 1, 64), (TILE + 3, 96), (100, 576), (192, 576)])
+ALL_TYPES = ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"]
+SHAPES = [(1, 32), (TILE - 1, 64), (TILE + 3, 96), (100, 576), (192, 576)]
+K_SHAPES = [(1, 256), (TILE - 1, 512), (TILE + 3, 256), (100, 768)]  # whole 256-weight super-blocks
+
+
+@pytest.mark.parametrize("type_name,rows,cols", [(t, r, c) for t in ALL_TYPES
+                                                 for r, c in (K_SHAPES if t.endswith("_K") else SHAPES)])
 def test_matvec_equals_dequantised_matmul(type_name, rows, cols):
     lin, w = quantized(rows, cols, type_name)
     x = RNG.standard_normal(cols).astype(np.float32)
@@ -32,15 +52,17 @@ def test_matvec_equals_dequantised_matmul(type_name, rows, cols):
     np.testing.assert_allclose(lin(x[None])[0], lin.matvec(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", ALL_TYPES)
 @pytest.mark.parametrize("n_rows", [2, 3, 16, 17, 40])  # small-batch kernel and dequantise + BLAS
 def test_rows_and_prefill_path(type_name, n_rows):
-    lin, w = quantized(TILE + 5, 64, type_name)
+    cols = 256 if type_name.endswith("_K") else 64
+    lin, w = quantized(TILE + 5, cols, type_name)
     ids = np.array([0, TILE + 4, 7, 7])
+    # The K-quants' scale products (d·sc) are formed once at repack, as gguf forms them: exact.
     np.testing.assert_array_equal(lin.rows(ids), w[ids])
     np.testing.assert_array_equal(lin.dequantize(), w)
     np.testing.assert_array_equal(lin.dequantize_transposed()[:, : TILE + 5], w.T)
-    x = RNG.standard_normal((n_rows, 64)).astype(np.float32)
+    x = RNG.standard_normal((n_rows, cols)).astype(np.float32)
     expected = x.astype(np.float64) @ w.T
     magnitude = np.abs(x).astype(np.float64) @ np.abs(w).T
     assert np.all(np.abs(lin(x) - expected) <= 1e-5 * magnitude)
@@ -70,10 +92,11 @@ def test_fused_matvec_equals_separate_products(shapes):
         np.testing.assert_array_equal(fused, lin.matvec(x))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", ALL_TYPES)
 def test_repeating_heads_keeps_the_quantised_values(type_name):
-    lin, w = quantized(3 * 16, 64, type_name)  # 3 heads of 16 rows
+    cols = 256 if type_name.endswith("_K") else 64
+    lin, w = quantized(3 * 16, cols, type_name)  # 3 heads of 16 rows
     wide = lin.repeat_row_groups(16, 3)
     assert wide.type_name == type_name and wide.out_features == 9 * 16
-    expected = np.repeat(w.reshape(3, 16, 64), 3, axis=0).reshape(9 * 16, 64)
+    expected = np.repeat(w.reshape(3, 16, cols), 3, axis=0).reshape(9 * 16, cols)
     np.testing.assert_array_equal(wide.dequantize(), expected)

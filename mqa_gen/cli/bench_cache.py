@@ -77,9 +77,14 @@ def print_table(result) -> None:
                if m["perplexity_tokens"] else "perplexity: not measured")
         table.caption = (f"decode tok/s: median of {m['repeats']} runs × {m['decode_tokens']} decode steps "
                          f"(after 1 warm-up run; variants interleaved), {m['threads']} thread(s); {m['fill_description']}. "
-                         f"{ppl}. Measured in {m['seconds']:.0f} s.")
+                         f"{ppl}. Measured in {m['seconds']:.0f} s")
     else:
         table.caption = "formulas only (--no-measure): bytes/token = 2 × n_layers × n_kv_heads × head_dim × itemsize"
+    sliding = [w for w in cfg.layer_windows if w]
+    if sliding:
+        table.caption += (f". Sliding-window layers: {len(sliding)} of {cfg.n_layers} keep at most {max(sliding):,} "
+                          "tokens (a ring buffer), so the KV cache grows by bytes/token only until the window "
+                          "is full, then by the global layers' share.")
     console.print(table)
 
 

@@ -38,18 +38,19 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 
 
 def build_prompt_ids(loaded, text: str, chat: bool | None) -> tuple[list[int], set[int], bool]:
-    """Token ids of the prompt, the end-of-sequence ids, and whether the chat template was used."""
+    """Token ids of the prompt, the end-of-generation ids, and whether the chat template was used.
+
+    Generation ends on EOS or any end-of-turn token the vocabulary has (Gemma: ``<eos>`` and
+    ``<end_of_turn>``), with or without the template, as llama.cpp's end-of-generation set does."""
     from ..chat import end_of_turn_ids, render_chat
 
     tok = loaded.tokenizer
     use_chat = tok.chat_template is not None if chat is None else chat
-    eos = {tok.eos_id} if tok.eos_id is not None else set()
     if use_chat:
         if tok.chat_template is None:
             raise PromptError("--chat: this model has no chat template")
         text = render_chat(tok.chat_template, [{"role": "user", "content": text}], add_generation_prompt=True)
-        eos |= end_of_turn_ids(tok)
-    return tok.encode(text), eos, use_chat
+    return tok.encode(text), end_of_turn_ids(tok), use_chat
 
 
 #: SamplingParams field → the CLI flag that sets it, so errors name what the user typed.

@@ -29,13 +29,14 @@ def _configure_numba_cache() -> None:
 _configure_numba_cache()
 
 from .attention import attention_decode, attention_prefill  # noqa: E402
-from .elementwise import rmsnorm, rope, softmax_inplace, swiglu  # noqa: E402
+from .elementwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu  # noqa: E402
 from .halfprec import HALF_TO_FLOAT  # noqa: E402
 from .warmup import compile_kernels, kernels_are_compiled  # noqa: E402
 
 __all__ = [
     "attention_decode",
     "attention_prefill",
+    "geglu_tanh",
     "rmsnorm",
     "rope",
     "softmax_inplace",

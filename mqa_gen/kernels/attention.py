@@ -9,7 +9,8 @@ the inside, so every K and V row is read from memory once per group rather than 
 head: that is where MQA's decode speed comes from.
 
 Cache arrays are [n_kv_heads, max_seq_len, head_dim], float32, or uint16 holding float16 bits
-(read through ``lut``, see :mod:`mqa_gen.kernels.halfprec`).
+(each row decoded as it is read, see :func:`mqa_gen.kernels.halfprec.cache_row`). ``lut`` is
+kept in the signatures for callers; rows no longer go through it.
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ from numba import njit, prange
 
 from .elementwise import softmax_inplace
 from .flags import FASTMATH
-from .halfprec import as_f32
+from .halfprec import cache_row
 
 #: Cache positions handled by one decode task; several blocks keep both cores busy even for MQA.
 DECODE_BLOCK = 128
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def attention_prefill(q, k_cache, v_cache, start, scale, lut, out):
+def attention_prefill(q, k_cache, v_cache, start, scale, lut, window, out):
     """Causal attention for T new query rows whose K/V rows are already in the cache.
 
-    q: float32 [T, n_heads, head_dim], RoPE applied; row t sits at absolute position start + t and
-    attends to cache positions 0 .. start + t. k_cache, v_cache: [n_kv_heads, S, head_dim] with
-    S ≥ start + T. scale: usually 1/√head_dim. lut: float32 [65536] (used for uint16 caches).
+    q: float32 [T, n_heads, head_dim], RoPE applied; row t sits at cache index start + t and
+    attends to cache indices 0 .. start + t, or with ``window`` > 0 only to the last ``window`` of
+    them (start + t − window + 1 .. start + t: sliding-window attention, Beltagy et al. 2020, as
+    Gemma 3's local layers use it). k_cache, v_cache: [n_kv_heads, S, head_dim] with S ≥ start + T.
+    scale: usually 1/√head_dim. lut: float32 [65536] (used for uint16 caches). window: int, 0 = none.
     out: float32 [T, n_heads, head_dim], overwritten.
     """
     T, H, D = q.shape
@@ -43,25 +46,31 @@ def attention_prefill(q, k_cache, v_cache, start, scale, lut, out):
         # Zig-zag over rows (0, T-1, 1, T-2, ...) so each thread's contiguous share of tasks mixes
         # short and long causal prefixes.
         t = i // 2 if i % 2 == 0 else T - 1 - i // 2
-        n = start + t + 1
+        end = start + t + 1
+        first = max(0, end - window) if window > 0 else 0
+        n = end - first
         scores = np.empty((G, n), dtype=np.float32)
+        bits = np.empty(D, np.uint32)
+        row = bits.view(np.float32)
         for s in range(n):
+            k = cache_row(k_cache, g, first + s, bits, row)
             for j in range(G):
                 h = g * G + j
                 acc = np.float32(0.0)
                 for d in range(D):
-                    acc += q[t, h, d] * as_f32(k_cache[g, s, d], lut)
+                    acc += q[t, h, d] * k[d]
                 scores[j, s] = acc * scale
         for j in range(G):
             softmax_inplace(scores[j])
             for d in range(D):
                 out[t, g * G + j, d] = 0.0
         for s in range(n):
+            v = cache_row(v_cache, g, first + s, bits, row)
             for j in range(G):
                 p = scores[j, s]
                 h = g * G + j
                 for d in range(D):
-                    out[t, h, d] += p * as_f32(v_cache[g, s, d], lut)
+                    out[t, h, d] += p * v[d]
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -89,12 +98,15 @@ def attention_decode(q, k_cache, v_cache, length, scale, lut, scores, partial, o
         b = task % n_blocks
         s0 = b * DECODE_BLOCK
         s1 = min(s0 + DECODE_BLOCK, length)
+        bits = np.empty(D, np.uint32)
+        row = bits.view(np.float32)
         for s in range(s0, s1):  # each K row is read once for the G query heads of its group
+            k = cache_row(k_cache, g, s, bits, row)
             for j in range(G):
                 h = g * G + j
                 acc = np.float32(0.0)
                 for d in range(D):
-                    acc += q[h, d] * as_f32(k_cache[g, s, d], lut)
+                    acc += q[h, d] * k[d]
                 scores[h, s] = acc * scale
         for j in range(G):
             h = g * G + j
@@ -111,11 +123,12 @@ def attention_decode(q, k_cache, v_cache, length, scale, lut, scores, partial, o
             for d in range(D):
                 partial[b, h, d] = 0.0
         for s in range(s0, s1):  # each V row is read once for the G query heads of its group
+            v = cache_row(v_cache, g, s, bits, row)
             for j in range(G):
                 h = g * G + j
                 p = scores[h, s]
                 for d in range(D):
-                    partial[b, h, d] += p * as_f32(v_cache[g, s, d], lut)
+                    partial[b, h, d] += p * v[d]
     for h in range(H):
         m_all = -np.inf
         for b in range(n_blocks):

@@ -1,13 +1,24 @@
 """Matrix × vector on GGUF-quantised weights, computed from the packed blocks in float32.
 
-Block formats (ggml, see ggml-common.h / the GGUF spec): 32 weights per block.
-* Q4_1: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q; w = d·q + m. Byte i holds weight i
-  in its low nibble and weight i + 16 in its high nibble.
-* Q8_0: fp16 scale d, 32 int8 codes q; w = d·q.
+Block formats (ggml, see ggml-common.h / the GGUF spec):
+* Q4_1: 32 weights; fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q; w = d·q + m. Byte i
+  holds weight i in its low nibble and weight i + 16 in its high nibble.
+* Q8_0: 32 weights; fp16 scale d, 32 int8 codes q; w = d·q.
+* Q5_0: 32 weights; fp16 d, 32 high bits qh, 16 bytes of low nibbles; w = d·(q − 16), q in 0..31.
+* Q4_K: super-blocks of 256 = 8 sub-blocks of 32; fp16 d and dmin, 6-bit scale sc and minimum m
+  per sub-block; w = d·sc·q − dmin·m with 4-bit q.
+* Q6_K: super-blocks of 256 = 16 sub-blocks of 16; int8 scale sc per sub-block, fp16 d, 6-bit q;
+  w = d·sc·(q − 32).
 
-At load time each matrix is repacked (:func:`repack_q4_1`, :func:`repack_q8_0`) into *row tiles* of
-``TILE`` output rows laid side by side: codes [n_tiles, n_blocks, bytes_per_block, TILE], scales
-[n_tiles, n_blocks, TILE]. The innermost loop then runs across the TILE rows with one x element
+At load time every type is repacked, exactly, into one of two in-memory layouts, and each layout
+has one set of kernels:
+* *4-bit affine* (Q4_1, Q4_K): per block of 32, float32 scale and minimum and 16 bytes of nibbles
+  in Q4_1's order — a Q4_K sub-block is a Q4_1 block with scale d·sc and minimum −dmin·m;
+* *int8 symmetric* (Q8_0, Q5_0, Q6_K): per block, a float32 scale and int8 codes (q − 16 for
+  Q5_0, q − 32 for Q6_K); blocks of 32 weights, or of 16 for Q6_K (the kernels read the block
+  length from the codes' shape).
+Both are laid out as *row tiles* of ``TILE`` output rows side by side: codes [n_tiles, n_blocks,
+bytes_per_block, TILE], scales [n_tiles, n_blocks, TILE]. The innermost loop then runs across the TILE rows with one x element
 broadcast, which LLVM turns into wide SIMD; a per-row dot product over packed nibbles vectorises
 poorly. The tile loops run to the tile width read from the array's shape, not a compile-time
 constant: LLVM then vectorises them (with run-time alias checks) instead of unrolling them into
@@ -60,6 +71,61 @@ def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.n
     scales float32 [n_tiles, nb, TILE])."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 34)
     return tile_rows(blocks[:, :, 2:34].view(np.int8), rows), tile_rows(_fp16_field(blocks, 0), rows)
+
+
+def repack_q5_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q5_0 bytes uint8 [rows, cols/32·22] → int8 layout (codes q − 16 [n_tiles, nb, 32, TILE],
+    scales float32 [n_tiles, nb, TILE]). Weight i's low 4 bits: byte i (i < 16, low nibble) or
+    byte i − 16 (high nibble); its 5th bit: bit i of the little-endian uint32 qh."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 22)
+    qs = blocks[:, :, 6:22]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (rows, nb, 32)
+    qh = np.ascontiguousarray(blocks[:, :, 2:6]).view(np.uint32)  # (rows, nb, 1)
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (rows, nb, 32)
+    codes = ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8)
+    return tile_rows(codes, rows), tile_rows(_fp16_field(blocks, 0), rows)
+
+
+QK_K = 256  # weights per K-quant super-block
+
+
+def repack_q4_k(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_K bytes uint8 [rows, cols/256·144] → the 4-bit affine layout of :func:`repack_q4_1`
+    (blocks of 32). Each 64-weight chunk of a super-block stores sub-block 2j in the low nibbles of
+    its 32 bytes and sub-block 2j + 1 in the high nibbles; the 6-bit scales are unpacked with the
+    ``gguf`` package's ``Q4_K.get_scale_min``."""
+    from gguf.quants import Q4_K
+
+    n_super = cols // QK_K
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows * n_super, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (rows·ns, 1)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # (rows·ns, 8) each
+    scales = (d * sc.astype(np.float32)).reshape(rows, n_super * 8)
+    mins = -(dmin * m.astype(np.float32)).reshape(rows, n_super * 8)
+    qs = blocks[:, 16:144].reshape(rows * n_super, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(rows, n_super * 8, 32)  # weight order
+    codes = q[:, :, :16] | (q[:, :, 16:] << 4)  # Q4_1 order: byte i = weight i | weight i + 16
+    return tile_rows(codes, rows), tile_rows(scales, rows), tile_rows(mins, rows)
+
+
+def repack_q6_k(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q6_K bytes uint8 [rows, cols/256·210] → int8 layout with blocks of 16 (codes q − 32
+    [n_tiles, cols/16, 16, TILE], scales d·sc float32 [n_tiles, cols/16, TILE]). Per 128-weight
+    half: ql 64 bytes (low nibbles of weights 0–63, high nibbles of 64–127), qh 32 bytes (2 bits
+    each of weights l, l+32, l+64, l+96)."""
+    n_super = cols // QK_K
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows * n_super, 210)
+    ql = blocks[:, 0:128].reshape(-1, 2, 2, 32)  # (half, [bytes 0-31 | 32-63], l)
+    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)  # (half, l)
+    sc = blocks[:, 192:208].view(np.int8).astype(np.float32)  # (rows·ns, 16)
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)  # (rows·ns, 1)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, half, 4 quarters, 32)
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    q = (low | (high << 4)).astype(np.int16) - 32  # weight order within each half
+    codes = q.astype(np.int8).reshape(rows, n_super * 16, 16)
+    scales = (d * sc).reshape(rows, n_super * 16)
+    return tile_rows(codes, rows), tile_rows(scales, rows)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -155,9 +221,10 @@ def q4_1_matmul(codes, scales, mins, x, y):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def q8_0_matvec(codes, scales, x, y):
-    """y = W x for a repacked Q8_0 W. x: float32 [cols]; y: float32 [rows], overwritten."""
-    n_tiles, nb, T = codes.shape[0], codes.shape[1], codes.shape[3]
+def int8_matvec(codes, scales, x, y):
+    """y = W x for W in the int8 layout (Q8_0, Q5_0, Q6_K). x: float32 [cols]; y: float32 [rows],
+    overwritten."""
+    n_tiles, nb, bs, T = codes.shape
     rows = y.shape[0]
     for t in prange(n_tiles):
         acc = np.zeros(T, np.float32)
@@ -165,8 +232,8 @@ def q8_0_matvec(codes, scales, x, y):
         for b in range(nb):
             for r in range(T):
                 blk[r] = 0.0
-            for i in range(BLOCK):
-                xi = x[b * BLOCK + i]
+            for i in range(bs):
+                xi = x[b * bs + i]
                 for r in range(T):
                     blk[r] += np.float32(codes[t, b, i, r]) * xi
             for r in range(T):
@@ -194,14 +261,14 @@ def q4_1_dequantize_transposed(codes, scales, mins, out):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def q8_0_dequantize_transposed(codes, scales, out):
-    """Wᵀ of a repacked Q8_0 matrix into out: float32 [cols, n_tiles·TILE] (padding rows included)."""
-    nb, T = codes.shape[1], codes.shape[3]
-    for t in prange(codes.shape[0]):
+def int8_dequantize_transposed(codes, scales, out):
+    """Wᵀ of an int8-layout matrix into out: float32 [cols, n_tiles·TILE] (padding rows included)."""
+    n_tiles, nb, bs, T = codes.shape
+    for t in prange(n_tiles):
         for b in range(nb):
-            for i in range(BLOCK):
+            for i in range(bs):
                 for r in range(T):
-                    out[b * BLOCK + i, t * T + r] = scales[t, b, r] * np.float32(codes[t, b, i, r])
+                    out[b * bs + i, t * T + r] = scales[t, b, r] * np.float32(codes[t, b, i, r])
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -220,13 +287,13 @@ def q4_1_dequantize_rows(codes, scales, mins, row_ids, out):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def q8_0_dequantize_rows(codes, scales, row_ids, out):
-    """Float32 rows ``row_ids`` (int [n]) of a repacked Q8_0 matrix into out [n, cols]."""
-    nb = codes.shape[1]
+def int8_dequantize_rows(codes, scales, row_ids, out):
+    """Float32 rows ``row_ids`` (int [n]) of an int8-layout matrix into out [n, cols]."""
+    nb, bs = codes.shape[1], codes.shape[2]
     for k in prange(row_ids.shape[0]):
         row = row_ids[k]
         t, r = row // TILE, row % TILE
         for b in range(nb):
             d = scales[t, b, r]
-            for i in range(BLOCK):
-                out[k, b * BLOCK + i] = d * np.float32(codes[t, b, i, r])
+            for i in range(bs):
+                out[k, b * bs + i] = d * np.float32(codes[t, b, i, r])

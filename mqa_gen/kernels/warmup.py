@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _user_cache_dir
 from .attention import DECODE_BLOCK, attention_decode, attention_prefill
-from .elementwise import rmsnorm, rope, softmax_inplace, swiglu
+from .elementwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu
 from .halfprec import HALF_TO_FLOAT
 from .quant import (
     TILE,
@@ -29,9 +29,9 @@ from .quant import (
     q4_1_matmul,
     q4_1_matvec,
     q4_1_matvec3,
-    q8_0_dequantize_rows,
-    q8_0_dequantize_transposed,
-    q8_0_matvec,
+    int8_dequantize_rows,
+    int8_dequantize_transposed,
+    int8_matvec,
     repack_q4_1,
     repack_q8_0,
 )
@@ -59,13 +59,15 @@ def compile_kernels() -> None:
     x = np.ones((2, 8), f32)
     rmsnorm(x, np.ones(8, f32), 1e-5, np.empty_like(x))
     swiglu(x, x, np.empty_like(x))
+    geglu_tanh(x, x, np.empty_like(x))
     softmax_inplace(np.ones(4, f32))
     q = np.ones((2, 2, 4), f32)
     cos, sin = np.ones((2, 2), f32), np.zeros((2, 2), f32)
     rope(q, cos, sin, True)
+    rope(q, cos, sin, False)
     for storage in (np.float32, np.uint16):
         k = np.zeros((1, 4, 4), storage)
-        attention_prefill(q, k, k, 0, f32(0.5), HALF_TO_FLOAT, np.empty_like(q))
+        attention_prefill(q, k, k, 0, f32(0.5), HALF_TO_FLOAT, 0, np.empty_like(q))
         scores = np.empty((2, 4), f32)
         partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4 + 2), f32)
         attention_decode(q[0], k, k, 3, f32(0.5), HALF_TO_FLOAT, scores, partial, np.empty((2, 4), f32))
@@ -78,9 +80,9 @@ def compile_kernels() -> None:
     q4_1_dequantize_rows(codes, scales, mins, rows, np.empty((2, 32), f32))
     q4_1_dequantize_transposed(codes, scales, mins, np.empty((32, TILE), f32))
     codes, scales = repack_q8_0(np.zeros((TILE, 34), np.uint8), TILE, 32)
-    q8_0_matvec(codes, scales, x, np.empty(TILE, f32))
-    q8_0_dequantize_rows(codes, scales, rows, np.empty((2, 32), f32))
-    q8_0_dequantize_transposed(codes, scales, np.empty((32, TILE), f32))
+    int8_matvec(codes, scales, x, np.empty(TILE, f32))
+    int8_dequantize_rows(codes, scales, rows, np.empty((2, 32), f32))
+    int8_dequantize_transposed(codes, scales, np.empty((32, TILE), f32))
     marker = _marker_path()
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..config import ModelConfig
 from ..errors import UnsupportedModelError
 from ..gguf_file import GGUFFile
+from .gemma3 import Gemma3Model
 from .llama import LlamaModel
 
-ARCHITECTURES = {"llama": LlamaModel}
+ARCHITECTURES = {"llama": LlamaModel, "gemma3": Gemma3Model}
 
 
 def build_model(gguf: GGUFFile, config: ModelConfig):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..attention import Attention, DecodeScratch, rope_cos_sin
+from ..attention import Attention, DecodeScratch, rope_tables
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..gguf_file import GGUFFile
@@ -69,16 +69,21 @@ class LlamaModel:
             (the embeddings when tied).
     """
 
-    def __init__(self, config: ModelConfig, embeddings, blocks: list[Block], final_norm, output):
+    #: Factor on the embedding rows (Gemma scales them by √d_model).
+    embed_scale: float = 1.0
+
+    def __init__(self, config: ModelConfig, embeddings, blocks: list, final_norm, output):
         self.config = config
         self.embeddings, self.blocks = embeddings, blocks
         self.final_norm, self.output = final_norm, output
         self._scratch: DecodeScratch | None = None
 
     def new_cache(self, max_seq_len: int | None = None, dtype: str = "float32") -> KVCache:
-        """An empty KV cache for this model; ``max_seq_len`` defaults to the context length."""
+        """An empty KV cache for this model (ring buffers for sliding-window layers);
+        ``max_seq_len`` defaults to the context length."""
         c = self.config
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_seq_len or c.context_length, dtype)
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_seq_len or c.context_length, dtype,
+                       c.layer_windows)
 
     def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run T tokens (int [T]) at positions cache.length .. +T-1 and store their K/V rows.
@@ -102,8 +107,12 @@ class LlamaModel:
             self._scratch = DecodeScratch(c.n_heads, c.head_dim, cache.max_seq_len)
 
         x = self.embeddings.rows(tokens)  # (T, d_model)
-        cos, sin = rope_cos_sin(cache.length + np.arange(T), c.head_dim, c.rope_theta)  # (T, D/2)
+        if self.embed_scale != 1.0:
+            x *= np.float32(self.embed_scale)
+        thetas = [c.layer_rope_theta(layer) for layer in range(c.n_layers)]
+        tables = rope_tables(cache.length + np.arange(T), c.head_dim, thetas)  # θ → cos, sin (T, D/2)
         for layer, block in enumerate(self.blocks):
+            cos, sin = tables[thetas[layer]]
             x = block(x, cache, layer, cos, sin, self._scratch)
         cache.advance(T)
         if not all_logits:
