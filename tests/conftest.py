@@ -1,5 +1,6 @@
 """Shared fixtures: the real default model (SmolLM2-135M-Instruct Q4_1), loaded once per session,
-and the oracle fixtures written by scripts/make_fixtures.py (transformers on the same GGUF)."""
+the Gemma 3 270M file, and the oracle fixtures written by scripts/make_fixtures.py (transformers on
+the same GGUF)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ def mqa_gen_exe() -> str:
     return exe
 
 
-def load_fixture(name: str):
-    """A JSON fixture by file name; a missing fixture fails the test (CI always has them)."""
-    with open(FIXTURES / name, encoding="utf-8") as f:
+def load_fixture(name: str, model: str = "smollm2"):
+    """A JSON fixture by file name from tests/fixtures/<model>/ ("smollm2", "gemma3"); a missing
+    fixture fails the test (CI always has them)."""
+    with open(FIXTURES.parent / model / name, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -36,8 +38,24 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """Gemma 3 270M Q4_K_M, assembled from its chunk packages into the model cache on first use."""
+    from mqa_gen.registry import resolve_model
+
+    return resolve_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     """The loaded default model (config, model, tokenizer, gguf)."""
     from mqa_gen.loading import load
 
     return load(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path):
+    """The loaded Gemma 3 270M model (config, model, tokenizer, gguf)."""
+    from mqa_gen.loading import load
+
+    return load(gemma3_path)
