@@ -23,9 +23,21 @@ further than it remembers, see :meth:`KVCache.can_truncate`.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 CACHE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero-filled array on its own anonymous memory mapping: the OS hands out zero pages only as
+    they are first written, so an 8k-token cache costs resident memory only for the rows used.
+    (``np.zeros`` gets the same from ``calloc`` only while the allocator maps large blocks afresh;
+    once glibc has raised its mmap threshold, calloc zeroes reused heap memory and every byte of the
+    cache becomes resident at once.)"""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, itemsize: int) -> int:
@@ -78,8 +90,8 @@ class KVCache:
         self.windows = windows
         self._capacity = [min(w, max_seq_len) if w else max_seq_len for w in windows]
         storage = np.float32 if dtype == "float32" else np.uint16
-        self.keys = [np.zeros((n_kv_heads, c, head_dim), dtype=storage) for c in self._capacity]
-        self.values = [np.zeros((n_kv_heads, c, head_dim), dtype=storage) for c in self._capacity]
+        self.keys = [lazy_zeros((n_kv_heads, c, head_dim), storage) for c in self._capacity]
+        self.values = [lazy_zeros((n_kv_heads, c, head_dim), storage) for c in self._capacity]
         self._ids = np.full(max_seq_len, -1, dtype=np.int64)  # token id per position, -1 = unknown
         self.length = 0
 

@@ -16,9 +16,10 @@ the stock reader's (tests compare every key), and everything else is the package
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,10 +56,27 @@ class GGUFFile:
     size_bytes: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
+    mapping: Any = field(default=None, repr=False, compare=False)  # the reader's np.memmap of the file
 
     def get(self, key: str, default: Any = None) -> Any:
         """``metadata[key]``, or ``default`` when the file lacks the key."""
         return self.metadata.get(key, default)
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the file pages under ``tensor``'s bytes from this process's resident memory
+        (``madvise(MADV_DONTNEED)`` on the read-only mapping; touched again, they are read back
+        from the file). Loaders call it once a tensor has been copied — repacked or dequantised —
+        so the mapped file does not sit in memory beside the weights made from it. A no-op where
+        madvise is unavailable."""
+        mm = getattr(self.mapping, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.data.ctypes.data - self.mapping.ctypes.data
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, first, start + tensor.data.nbytes - first)
+        except (OSError, ValueError):
+            pass
 
 
 class _Truncated(Exception):
@@ -215,7 +233,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
             metadata[key] = field.contents()
         except Exception as e:  # e.g. a string that is not valid UTF-8
             raise ModelFileError(f"corrupt GGUF metadata value {key!r} in {path}: {_short(e)}") from None
-    return GGUFFile(path, size, metadata, tensors)
+    return GGUFFile(path, size, metadata, tensors, getattr(reader, "data", None))
 
 
 def _short(e: BaseException) -> str:

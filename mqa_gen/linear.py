@@ -193,5 +193,7 @@ def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):
     tensor = require_tensor(gguf, name)
     kernel = REPACKERS.get(tensor.type_name)
     if kernel is not None and shape[1] % kernel[1] == 0 and tuple(tensor.shape) == tuple(shape):
-        return QuantizedLinear(np.asarray(tensor.data), tensor.type_name, *shape)
+        linear = QuantizedLinear(np.asarray(tensor.data), tensor.type_name, *shape)
+        gguf.release(tensor)  # repacked: the file's copy of these bytes can leave memory
+        return linear
     return DenseLinear(tensor_f32(gguf, name, shape))

@@ -90,8 +90,12 @@ def tensor_f32(gguf: GGUFFile, name: str, shape: tuple[int, ...] | None = None) 
     _check_type(gguf, tensor)
     if shape is not None:
         _check_shape(gguf, tensor, shape)
-    array = dequantize(np.asarray(tensor.data), tensor.ggml_type)
-    return np.ascontiguousarray(array.reshape(tensor.shape), dtype=np.float32)
+    if tensor.type_name == "F32":  # may stay a view of the mapped file: keep its pages
+        return np.ascontiguousarray(np.asarray(tensor.data).reshape(tensor.shape), dtype=np.float32)
+    array = np.ascontiguousarray(dequantize(np.asarray(tensor.data), tensor.ggml_type).reshape(tensor.shape),
+                                 dtype=np.float32)
+    gguf.release(tensor)
+    return array
 
 
 def _check_type(gguf: GGUFFile, tensor: GGUFTensor) -> None:
