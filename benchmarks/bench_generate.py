@@ -154,6 +154,7 @@ def child_mqa_gen(spec: dict) -> dict:
     import numba
     import numpy as np
 
+    from mqa_gen.bench_cache import rewind_for_timing
     from mqa_gen.generate import stream_generate
     from mqa_gen.kernels import compile_kernels, kernels_are_compiled
     from mqa_gen.loading import load
@@ -192,7 +193,8 @@ def child_mqa_gen(spec: dict) -> dict:
         spec,
         prefill_fresh=lambda ids: model.forward(ids, model.new_cache(len(ids) + 1)),
         start=start,
-        rewind=lambda n: state["cache"].truncate(n),
+        # A wrapped sliding-window ring (Gemma 3) cannot truncate exactly; for timing it need not.
+        rewind=lambda n: rewind_for_timing(state["cache"], n),
         step=lambda token: int(np.argmax(model.forward([token], state["cache"]))),
     ))
     try:
@@ -665,13 +667,28 @@ def write_markdown(path: Path, *, args, spec, results, rows, engines, notes, met
         "",
         markdown_table(rows, engines),
         "",
-        "Ratios are mqa-gen / transformers: above 1× is better for speeds (↑), below 1× is better for times "
-        "and memory (↓).",
+        "Ratios are mqa-gen / the other engine: above 1× is better for speeds (↑), below 1× is better for "
+        "times and memory (↓).",
         "",
     ]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text("\n".join(lines) + kept_sections(path), encoding="utf-8")
+
+
+#: Everything from this marker on in BENCHMARKS.md is written by hand or by other scripts
+#: (prompt cache, bench-cache, profiles) and survives a rewrite of the generated part above it.
+KEEP_MARKER = "<!-- kept: sections below are not rewritten by bench_generate.py -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The tail of the existing report from :data:`KEEP_MARKER` on ("" when there is none)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    at = text.find(KEEP_MARKER)
+    return "\n" + text[at:] if at >= 0 else ""
 
 
 def parse_ints(text: str) -> list[int]:
