@@ -468,11 +468,14 @@ def build_spec(args) -> dict:
     text_ids: list[int] = []
     for path in TEXT_FILES:
         text_ids += tok.encode(path.read_text(encoding="utf-8"), add_bos=False)
-    short_ids = tok.encode(SHORT_PROMPT_FILE.read_text(encoding="utf-8").strip(), add_bos=False)
+    # Prompts start with BOS when the model's file asks for it (Gemma does; without BOS its output
+    # degenerates and tiny numeric differences between engines decide the tokens).
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    short_ids = tok.encode(SHORT_PROMPT_FILE.read_text(encoding="utf-8").strip())
 
     def take(n: int) -> list[int]:
         reps = -(-n // len(text_ids))
-        return (text_ids * reps)[:n]
+        return (bos + text_ids * reps)[:n]
 
     depth_prompts = {str(d): (short_ids if d == 0 else take(d)) for d in args.depths}
     return {
