@@ -45,8 +45,15 @@ from .config import ModelConfig
 from .errors import MqaGenError
 from .regroup import regroup_model, valid_kv_heads
 
-#: Defaults of ``mqa-gen bench-cache`` (GUIDE.md §3).
+#: Defaults of ``mqa-gen bench-cache`` (GUIDE.md §3). Models with sliding-window layers (Gemma 3)
+#: get longer contexts by default, so the points reach well past the window.
 DEFAULT_CONTEXTS = (512, 2048, 8192)
+DEFAULT_CONTEXTS_SLIDING = (512, 4096, 16384)
+
+
+def default_contexts(config: ModelConfig) -> tuple[int, ...]:
+    """:data:`DEFAULT_CONTEXTS`, or :data:`DEFAULT_CONTEXTS_SLIDING` for a model with sliding windows."""
+    return DEFAULT_CONTEXTS_SLIDING if config.sliding_window else DEFAULT_CONTEXTS
 DEFAULT_DECODE_TOKENS = 8
 DEFAULT_REPEATS = 3
 FILL_METHODS = ("direct", "prefill")

@@ -227,3 +227,21 @@ def test_installed_entry_point_no_measure_and_bad_kv_heads():
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == ("error: --kv-heads 2 not valid for this model (n_heads=9, native n_kv_heads=3); "
                                   "valid: 1, 3, 9")
+
+
+def test_gemma_formula_counts_sliding_window_layers_at_their_window(gemma3_path):
+    """Gemma 3 270M: 15 of 18 layers keep at most 512 positions, so at context C the cache holds
+    3·C + 15·min(C, 512) rows of K and V per KV head (head_dim 256, float32)."""
+    from mqa_gen.bench_cache import default_contexts, formula_result
+    from mqa_gen.cli.bench_cache import read_config
+
+    config = read_config(gemma3_path)
+    contexts = list(default_contexts(config))
+    assert contexts == [512, 4096, 16384]
+    result = formula_result("gemma3-270m", config, [1, 4], contexts)
+    for variant in result.variants:
+        row_bytes = 2 * variant.n_kv_heads * 256 * 4
+        assert [p.kv_bytes for p in variant.points] == [row_bytes * (3 * c + 15 * min(c, 512)) for c in contexts]
+    mqa, mha = result.variants
+    assert mqa.native and mqa.label == "MQA" and mha.label == "MHA"
+    assert all(4 * a.kv_bytes == b.kv_bytes for a, b in zip(mqa.points, mha.points))

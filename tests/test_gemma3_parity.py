@@ -92,3 +92,27 @@ def test_installed_model_is_the_one_the_fixtures_were_made_from(gemma3_path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     assert digest.hexdigest() == CONFIG["model_sha256"]
+
+
+def test_cli_generate_streams_the_oracle_continuation(gemma3, monkeypatch):
+    """`mqa-gen generate -m gemma3-270m --no-chat` (in-process, the session's loaded model): the
+    JSON token ids are the oracle's greedy continuation; the stop set holds <eos> and <end_of_turn>."""
+    import json
+    import sys
+
+    from click.testing import CliRunner
+
+    from mqa_gen.cli import cli
+    from mqa_gen.cli.generate import build_prompt_ids
+
+    monkeypatch.setattr(sys.modules["mqa_gen.cli.generate"], "load_model", lambda name, quiet: gemma3)
+    case = GREEDY[0]
+    result = CliRunner().invoke(cli, ["generate", "-m", "gemma3-270m", "--no-chat", "--temp", "0", "-n", "32",
+                                      "--json", "--prompt", case["prompt"]], catch_exceptions=False)
+    assert result.exit_code == 0
+    out = json.loads(result.stdout)
+    assert out["token_ids"] == case["continuation_ids"] and out["finish_reason"] == "length"
+    _, eos_ids, used_chat = build_prompt_ids(gemma3, case["prompt"], None)
+    tok = gemma3.tokenizer
+    assert not used_chat  # the file has no chat template
+    assert eos_ids == {tok.token_to_id("<eos>"), tok.token_to_id("<end_of_turn>")} == set(case["stop_ids"])

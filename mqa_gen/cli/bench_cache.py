@@ -107,8 +107,9 @@ def read_config(model: str):
 
 @click.command("bench-cache")
 @model_option
-@click.option("--contexts", default="512,2048,8192", show_default=True, metavar="N,N,…",
-              help="Context lengths to measure at, in tokens (comma-separated, each ≤ the model's context).")
+@click.option("--contexts", default=None, metavar="N,N,…",
+              help="Context lengths to measure at, in tokens (comma-separated, each ≤ the model's context). "
+                   "Default 512,2048,8192; 512,4096,16384 for a model with sliding-window layers (Gemma 3).")
 @click.option("--kv-heads", default=None, metavar="N,N,…",
               help="KV-head counts to compare (default: 1 = MQA, the native count, n_heads = MHA).")
 @click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
@@ -138,13 +139,15 @@ def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, 
 
     if as_json and as_csv:
         raise bench.BenchError("give at most one of --json and --csv")
-    context_list = bench.parse_int_list(contexts, "--contexts")
+    context_list = bench.parse_int_list(contexts, "--contexts") if contexts is not None else None
     kv_list = bench.parse_int_list(kv_heads, "--kv-heads") if kv_heads is not None else None
     if plot_path is not None:
         bench.require_matplotlib()  # fail before minutes of measuring
 
     config = read_config(model)
     kv_list = bench.check_kv_heads(config, kv_list if kv_list is not None else bench.default_kv_heads(config))
+    if context_list is None:
+        context_list = list(bench.default_contexts(config))
     context_list = bench.check_contexts(config, context_list, None if no_measure else decode_tokens)
 
     if no_measure:
