@@ -19,7 +19,7 @@ import functools
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field as dataclass_field
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,7 @@ class GGUFFile:
     size_bytes: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
-    mapping: Any = field(default=None, repr=False, compare=False)  # the reader's np.memmap of the file
+    mapping: Any = dataclass_field(default=None, repr=False, compare=False)  # the reader's np.memmap of the file
 
     def get(self, key: str, default: Any = None) -> Any:
         """``metadata[key]``, or ``default`` when the file lacks the key."""

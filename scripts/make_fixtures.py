@@ -254,15 +254,27 @@ def long_window_text(count_tokens) -> str:
     return text
 
 
-def resolve_model_path(name: str) -> str:
-    """The GGUF file of a registry name, found (and for a chunked model assembled) by mqa-gen's own
-    registry, imported from this checkout (it needs only the standard library)."""
+def _registry():
+    """mqa-gen's ``registry`` module, imported from this checkout (it needs only the standard library)."""
     sys.path.insert(0, REPO_ROOT)
     try:
-        from mqa_gen.errors import MqaGenError
-        from mqa_gen.registry import resolve_model
+        from mqa_gen import registry
     finally:
         sys.path.remove(REPO_ROOT)
+    return registry
+
+
+def sha256_of(path: str) -> str:
+    return _registry().sha256_of(path)
+
+
+def resolve_model_path(name: str) -> str:
+    """The GGUF file of a registry name, found (and for a chunked model assembled) by mqa-gen's own
+    registry."""
+    registry = _registry()
+    from mqa_gen.errors import MqaGenError
+
+    resolve_model = registry.resolve_model
     try:
         return resolve_model(name)
     except MqaGenError as e:
@@ -275,14 +287,6 @@ def merges_digest(backend) -> dict:
     the backend's serialised model (``tokenizers`` ``Tokenizer.to_str()``)."""
     merges = json.loads(backend.to_str())["model"]["merges"]
     return {"count": len(merges), "sha256": hashlib.sha256(json.dumps(merges, ensure_ascii=False).encode()).hexdigest()}
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json(path: str, obj) -> int:

@@ -85,13 +85,9 @@ def test_perplexity_matches_transformers(gemma3):
 
 
 def test_installed_model_is_the_one_the_fixtures_were_made_from(gemma3_path):
-    import hashlib
+    from mqa_gen.registry import sha256_of
 
-    digest = hashlib.sha256()
-    with open(gemma3_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    assert digest.hexdigest() == CONFIG["model_sha256"]
+    assert sha256_of(gemma3_path) == CONFIG["model_sha256"]
 
 
 def test_cli_generate_streams_the_oracle_continuation(gemma3, monkeypatch):

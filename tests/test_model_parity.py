@@ -69,10 +69,6 @@ def test_perplexity_matches_transformers(smollm2):
 
 
 def test_installed_model_is_the_one_the_fixtures_were_made_from(smollm2_path):
-    import hashlib
+    from mqa_gen.registry import sha256_of
 
-    digest = hashlib.sha256()
-    with open(smollm2_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    assert digest.hexdigest() == load_fixture("logits.json")["model_sha256"]
+    assert sha256_of(smollm2_path) == load_fixture("logits.json")["model_sha256"]

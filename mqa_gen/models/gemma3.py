@@ -29,32 +29,15 @@ from ..attention import Attention
 from ..config import ModelConfig
 from ..gguf_file import GGUFFile
 from ..kernels import geglu_tanh
-from ..linear import linear_from_gguf, matvec_many
+from ..linear import linear_from_gguf
 from ..weights import tensor_f32
-from .llama import LlamaModel, rms_norm
-
-
-class GeGLU:
-    """Gated MLP W_down(gelu_tanh(W_gate x) ⊙ W_up x) (Shazeer 2020). w_gate, w_up: [d_ff, d_model];
-    w_down: [d_model, d_ff] — :mod:`mqa_gen.linear` objects (y = x Wᵀ)."""
-
-    def __init__(self, w_gate, w_up, w_down):
-        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x: float32 [T, d_model] → float32 [T, d_model]."""
-        if x.shape[0] == 1:
-            gate, up = (y[None] for y in matvec_many((self.w_gate, self.w_up), x[0]))
-        else:
-            gate, up = self.w_gate(x), self.w_up(x)  # (T, d_ff)
-        geglu_tanh(gate, up, gate)
-        return self.w_down(gate)  # (T, d_model)
+from .llama import GatedMLP, LlamaModel, attention_projections, mlp_projections, rms_norm
 
 
 class Gemma3Block:
     """One Gemma 3 layer: attention and MLP, each between a pre- and a post-RMSNorm, then a residual."""
 
-    def __init__(self, norms: dict[str, np.ndarray], attention: Attention, mlp: GeGLU, eps: float):
+    def __init__(self, norms: dict[str, np.ndarray], attention: Attention, mlp: GatedMLP, eps: float):
         self.attn_norm, self.post_attn_norm = norms["attn_norm"], norms["post_attention_norm"]
         self.mlp_norm, self.post_mlp_norm = norms["ffn_norm"], norms["post_ffw_norm"]
         self.attention, self.mlp, self.eps = attention, mlp, eps
@@ -90,20 +73,12 @@ class Gemma3Model(LlamaModel):
         for i in range(c.n_layers):
             p = f"blk.{i}."
             attention = Attention(
-                linear_from_gguf(gguf, p + "attn_q.weight", (c.n_heads * hd, d)),
-                linear_from_gguf(gguf, p + "attn_k.weight", (c.n_kv_heads * hd, d)),
-                linear_from_gguf(gguf, p + "attn_v.weight", (c.n_kv_heads * hd, d)),
-                linear_from_gguf(gguf, p + "attn_output.weight", (d, c.n_heads * hd)),
-                c.n_heads, c.n_kv_heads, hd, c.rope_interleaved,
+                *attention_projections(gguf, c, p), c.n_heads, c.n_kv_heads, hd, c.rope_interleaved,
                 q_norm=tensor_f32(gguf, p + "attn_q_norm.weight", (hd,)),
                 k_norm=tensor_f32(gguf, p + "attn_k_norm.weight", (hd,)),
                 norm_eps=c.norm_eps, window=c.layer_windows[i],
             )
-            mlp = GeGLU(
-                linear_from_gguf(gguf, p + "ffn_gate.weight", (c.d_ff, d)),
-                linear_from_gguf(gguf, p + "ffn_up.weight", (c.d_ff, d)),
-                linear_from_gguf(gguf, p + "ffn_down.weight", (d, c.d_ff)),
-            )
+            mlp = GatedMLP(*mlp_projections(gguf, c, p), geglu_tanh)  # GeGLU
             norms = {name: tensor_f32(gguf, p + name + ".weight", (d,))
                      for name in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")}
             blocks.append(Gemma3Block(norms, attention, mlp, c.norm_eps))

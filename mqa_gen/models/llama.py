@@ -27,12 +27,33 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-class SwiGLU:
-    """Gated MLP W_down(silu(W_gate x) ⊙ W_up x) (Shazeer 2020). w_gate, w_up: [d_ff, d_model];
-    w_down: [d_model, d_ff] — :mod:`mqa_gen.linear` objects (y = x Wᵀ)."""
+def attention_projections(gguf: GGUFFile, c: ModelConfig, prefix: str) -> tuple:
+    """W_q [n_heads·head_dim, d_model], W_k, W_v [n_kv_heads·head_dim, d_model] and W_o
+    [d_model, n_heads·head_dim] of one layer (GGUF ``{prefix}attn_q`` …), as :mod:`mqa_gen.linear`
+    objects. Raises UnsupportedModelError for a missing tensor or unexpected shape."""
+    d, hd = c.d_model, c.head_dim
+    return (linear_from_gguf(gguf, prefix + "attn_q.weight", (c.n_heads * hd, d)),
+            linear_from_gguf(gguf, prefix + "attn_k.weight", (c.n_kv_heads * hd, d)),
+            linear_from_gguf(gguf, prefix + "attn_v.weight", (c.n_kv_heads * hd, d)),
+            linear_from_gguf(gguf, prefix + "attn_output.weight", (d, c.n_heads * hd)))
 
-    def __init__(self, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray):
+
+def mlp_projections(gguf: GGUFFile, c: ModelConfig, prefix: str) -> tuple:
+    """W_gate, W_up [d_ff, d_model] and W_down [d_model, d_ff] of one layer (``{prefix}ffn_gate`` …)."""
+    return (linear_from_gguf(gguf, prefix + "ffn_gate.weight", (c.d_ff, c.d_model)),
+            linear_from_gguf(gguf, prefix + "ffn_up.weight", (c.d_ff, c.d_model)),
+            linear_from_gguf(gguf, prefix + "ffn_down.weight", (c.d_model, c.d_ff)))
+
+
+class GatedMLP:
+    """Gated MLP W_down(act(W_gate x) ⊙ W_up x) (Shazeer 2020, "GLU Variants Improve Transformer").
+    ``gated_activation(gate, up, out)`` is the kernel computing act(gate) ⊙ up: :func:`swiglu`
+    (SiLU, llama) by default, :func:`~mqa_gen.kernels.geglu_tanh` (GELU-tanh, Gemma).
+    w_gate, w_up: [d_ff, d_model]; w_down: [d_model, d_ff] — :mod:`mqa_gen.linear` objects (y = x Wᵀ)."""
+
+    def __init__(self, w_gate, w_up, w_down, gated_activation=swiglu):
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
+        self.gated_activation = gated_activation
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: float32 [T, d_model] → float32 [T, d_model]."""
@@ -40,14 +61,14 @@ class SwiGLU:
             gate, up = (y[None] for y in matvec_many((self.w_gate, self.w_up), x[0]))
         else:
             gate, up = self.w_gate(x), self.w_up(x)  # (T, d_ff)
-        swiglu(gate, up, gate)
+        self.gated_activation(gate, up, gate)
         return self.w_down(gate)  # (T, d_model)
 
 
 class Block:
     """One pre-norm decoder layer: attention and MLP, each wrapped in RMSNorm and a residual."""
 
-    def __init__(self, attn_norm: np.ndarray, attention: Attention, mlp_norm: np.ndarray, mlp: SwiGLU, eps: float):
+    def __init__(self, attn_norm: np.ndarray, attention: Attention, mlp_norm: np.ndarray, mlp: GatedMLP, eps: float):
         self.attn_norm, self.attention = attn_norm, attention
         self.mlp_norm, self.mlp = mlp_norm, mlp
         self.eps = eps
@@ -129,23 +150,14 @@ class LlamaModel:
             UnsupportedModelError: a missing tensor, unsupported type or unexpected shape.
         """
         c = config
-        d, hd = c.d_model, c.head_dim
+        d = c.d_model
         embeddings = linear_from_gguf(gguf, "token_embd.weight", (c.vocab_size, d))
         blocks = []
         for i in range(c.n_layers):
             p = f"blk.{i}."
-            attention = Attention(
-                linear_from_gguf(gguf, p + "attn_q.weight", (c.n_heads * hd, d)),
-                linear_from_gguf(gguf, p + "attn_k.weight", (c.n_kv_heads * hd, d)),
-                linear_from_gguf(gguf, p + "attn_v.weight", (c.n_kv_heads * hd, d)),
-                linear_from_gguf(gguf, p + "attn_output.weight", (d, c.n_heads * hd)),
-                c.n_heads, c.n_kv_heads, hd, c.rope_interleaved,
-            )
-            mlp = SwiGLU(
-                linear_from_gguf(gguf, p + "ffn_gate.weight", (c.d_ff, d)),
-                linear_from_gguf(gguf, p + "ffn_up.weight", (c.d_ff, d)),
-                linear_from_gguf(gguf, p + "ffn_down.weight", (d, c.d_ff)),
-            )
+            attention = Attention(*attention_projections(gguf, c, p), c.n_heads, c.n_kv_heads, c.head_dim,
+                                  c.rope_interleaved)
+            mlp = GatedMLP(*mlp_projections(gguf, c, p))  # SwiGLU
             blocks.append(Block(tensor_f32(gguf, p + "attn_norm.weight", (d,)), attention,
                                 tensor_f32(gguf, p + "ffn_norm.weight", (d,)), mlp, c.norm_eps))
         final_norm = tensor_f32(gguf, "output_norm.weight", (d,))
