@@ -205,11 +205,12 @@ class KVCache:
     def can_truncate(self, n_tokens: int) -> bool:
         """Whether :meth:`truncate` to ``n_tokens`` keeps every row the next token needs: always
         for full layers; a ring of ``window`` rows that has wrapped only goes back one position
-        (the next token needs positions n − window + 1 .. n − 1, the ring holds length − window ..)."""
+        (the next token needs positions n − window + 1 .. n − 1, the ring holds length − window ..);
+        back to 0 always works (nothing is needed)."""
         if not 0 <= n_tokens <= self.length:
             return False
-        return all(not w or self.length <= c or n_tokens >= self.length - 1
-                   for w, c in zip(self.windows, self._capacity))
+        return n_tokens == 0 or all(not w or self.length <= c or n_tokens >= self.length - 1
+                                    for w, c in zip(self.windows, self._capacity))
 
     def truncate(self, n_tokens: int) -> None:
         """Keep only the first ``n_tokens`` positions (0 ≤ n_tokens ≤ length); nothing is copied.

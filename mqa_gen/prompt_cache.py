@@ -225,7 +225,7 @@ def load_prompt_cache(
                                    "use the same model or another cache file")
         if config is not None:
             if meta["n_kv_heads"] != config.n_kv_heads:
-                raise PromptCacheError(f"prompt cache {path} was made with {meta['n_kv_heads']} KV heads, "
+                raise PromptCacheError(f"prompt cache {path} was made with {meta['n_kv_heads']} KV head{'s' if meta['n_kv_heads'] != 1 else ''}, "
                                        f"this run uses {config.n_kv_heads} (--kv-heads must match)")
             if (meta["n_layers"], meta["head_dim"]) != (config.n_layers, config.head_dim):
                 raise PromptCacheError(f"prompt cache {path} has {meta['n_layers']} layers of head size "

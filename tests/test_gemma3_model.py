@@ -92,3 +92,33 @@ def test_ring_cache_bytes_count_the_window(tiny_gemma):
     cache = tiny_gemma.new_cache(40)
     per_row = 2 * c.n_kv_heads * c.head_dim * 4
     assert cache.nbytes == per_row * (6 * WINDOW + 40) == c.kv_bytes(40)
+
+
+def test_reusing_a_wrapped_ring_cache_for_another_prompt_starts_over(tiny_gemma):
+    """A cache whose rings have wrapped cannot be cut back to a shared prefix; generation then
+    prefills from scratch (regression: it raised) and gives what a fresh cache gives."""
+    from mqa_gen.generate import stream_generate
+    from mqa_gen.sampling import SamplingParams
+
+    class Tok:  # the few tokenizer methods stream_generate uses, over raw ids
+        eos_id = None
+
+        def detokenizer(self):
+            class D:
+                def add_token(self, token_id):
+                    return ""
+
+                def finalize(self):
+                    return ""
+            return D()
+
+    rng = np.random.default_rng(5)
+    first = list(rng.integers(0, tiny_gemma.config.vocab_size, 3 * WINDOW))
+    second = first[:4] + list(rng.integers(0, tiny_gemma.config.vocab_size, 6))
+    greedy = SamplingParams(temperature=0)
+    cache = tiny_gemma.new_cache(40)
+    list(stream_generate(tiny_gemma, Tok(), first, params=greedy, max_tokens=5, cache=cache))
+    assert cache.length > WINDOW and not cache.can_truncate(4)
+    reused = stream_generate(tiny_gemma, Tok(), second, params=greedy, max_tokens=5, cache=cache)
+    fresh = stream_generate(tiny_gemma, Tok(), second, params=greedy, max_tokens=5)
+    assert [s.token_id for s in reused] == [s.token_id for s in fresh]

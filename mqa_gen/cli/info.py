@@ -36,10 +36,16 @@ def info(model: str) -> None:
                   "vocab_size", "context_length", "rope_theta", "norm_eps", "tie_embeddings"):
         table.add_row(field, str(getattr(config, field)))
     table.add_row("attention", f"{config.attention_kind} ({config.group_size} query heads per KV head)")
+    if config.sliding_window:
+        n_sliding = sum(1 for w in config.layer_windows if w)
+        table.add_row("sliding window", f"{n_sliding} of {config.n_layers} layers attend to the last "
+                                        f"{config.sliding_window:,} tokens (RoPE base {config.rope_local_theta:g}); "
+                                        "their KV cache holds at most that many")
     table.add_row("parameters", f"{n_params:,}")
     table.add_row("tensor types", ", ".join(f"{k} ×{v}" for k, v in types.most_common()))
     for label, n_kv in (("MQA", 1), (f"native ({config.attention_kind})", config.n_kv_heads), ("MHA", config.n_heads)):
-        per_token = config.with_kv_heads(n_kv).kv_bytes_per_token(4)
+        grouped = config.with_kv_heads(n_kv)
+        per_token = grouped.kv_bytes_per_token(4)
         table.add_row(f"KV bytes/token {label}", f"{per_token:,} (float32), {per_token // 2:,} (float16); "
-                      f"{per_token * config.context_length / 2**20:,.0f} MiB at {config.context_length} tokens")
+                      f"{grouped.kv_bytes(config.context_length) / 2**20:,.0f} MiB at {config.context_length} tokens")
     console.print(table)
