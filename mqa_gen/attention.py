@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .cache import KVCache
-from .kernels import HALF_TO_FLOAT, attention_decode, attention_prefill, rmsnorm, rope
+from .kernels import attention_decode, attention_prefill, rmsnorm, rope
 from .kernels.attention import DECODE_BLOCK
 from .linear import DenseLinear, matvec_many
 
@@ -99,18 +99,18 @@ class Attention:
         if T == 1:
             cache.write(layer, k, v)
             # A ring holds exactly the window, in any slot order: softmax does not care about order.
-            attention_decode(q[0], k_cache, v_cache, min(start + 1, capacity), self.scale, HALF_TO_FLOAT,
+            attention_decode(q[0], k_cache, v_cache, min(start + 1, capacity), self.scale,
                              scratch.scores, scratch.partial, scratch.out)
             return self.wo(scratch.out.reshape(1, H * D))  # (1, d_model)
         o = np.empty((T, H, D), dtype=np.float32)
         if start + T <= capacity:  # the layer's rows are still in position order
             cache.write(layer, k, v)
-            attention_prefill(q, k_cache, v_cache, start, self.scale, HALF_TO_FLOAT, self.window, o)
+            attention_prefill(q, k_cache, v_cache, start, self.scale, self.window, o)
         else:  # a ring that wraps: attend over [the window's older rows | the new rows], then store
             old_k, old_v = cache.window_rows(layer, self.window - 1)  # (KV, n_old, D)
             keys = np.concatenate([old_k, cache.to_storage(k).transpose(1, 0, 2)], axis=1)
             values = np.concatenate([old_v, cache.to_storage(v).transpose(1, 0, 2)], axis=1)
-            attention_prefill(q, keys, values, old_k.shape[1], self.scale, HALF_TO_FLOAT, self.window, o)
+            attention_prefill(q, keys, values, old_k.shape[1], self.scale, self.window, o)
             cache.write(layer, k, v)
         return self.wo(o.reshape(T, H * D))  # (T, d_model)
 

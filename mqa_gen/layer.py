@@ -530,7 +530,7 @@ class MultiQueryAttention:
 
     def _forward_cached(self, x: np.ndarray, cache):
         from .attention import DecodeScratch
-        from .kernels import HALF_TO_FLOAT, attention_decode, attention_prefill
+        from .kernels import attention_decode, attention_prefill
 
         c = self.config
         B, T, _ = x.shape
@@ -547,11 +547,11 @@ class MultiQueryAttention:
                 s = self._decode_scratch
                 if s is None or s.max_seq_len < item.max_seq_len:
                     s = self._decode_scratch = DecodeScratch(c.num_heads, c.head_dim, item.max_seq_len)
-                attention_decode(q32[b, 0], k_cache, v_cache, start + 1, scale, HALF_TO_FLOAT,
+                attention_decode(q32[b, 0], k_cache, v_cache, start + 1, scale,
                                  s.scores, s.partial, s.out)
                 o[b, 0] = s.out
             else:
-                attention_prefill(q32[b], k_cache, v_cache, start, scale, HALF_TO_FLOAT, 0, o[b])
+                attention_prefill(q32[b], k_cache, v_cache, start, scale, 0, o[b])
             item.advance(T)
         y = (o.reshape(B * T, -1).astype(self.dtype, copy=False) @ self.w_o).reshape(B, T, self.d_model)
         return y, cache

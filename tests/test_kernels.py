@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from mqa_gen.kernels import (
-    HALF_TO_FLOAT,
     attention_decode,
     attention_prefill,
     geglu_tanh,
@@ -55,14 +54,14 @@ def test_attention_matches_numpy(n_kv_heads, T, start, storage):
     scale = np.float32(1 / np.sqrt(D))
 
     out = np.empty_like(q)
-    attention_prefill(q, k_arg, v_arg, start, scale, HALF_TO_FLOAT, 0, out)
+    attention_prefill(q, k_arg, v_arg, start, scale, 0, out)
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
     # The decode kernel answers the last row alone.
     scores = np.empty((H, S), np.float32)
     partial = np.empty((-(-S // DECODE_BLOCK), H, D + 2), np.float32)
     last = np.empty((H, D), np.float32)
-    attention_decode(q[-1], k_arg, v_arg, start + T, scale, HALF_TO_FLOAT, scores, partial, last)
+    attention_decode(q[-1], k_arg, v_arg, start + T, scale, scores, partial, last)
     np.testing.assert_allclose(last, expected[-1], atol=2e-5)
 
 
@@ -72,7 +71,7 @@ def test_sliding_window_prefill_matches_numpy(window, T, start):
     H, KV, D, S = 4, 1, 32, 20
     K, V, q = random(KV, S, D), random(KV, S, D), random(T, H, D)
     out = np.empty_like(q)
-    attention_prefill(q, K, V, start, np.float32(1 / np.sqrt(D)), HALF_TO_FLOAT, window, out)
+    attention_prefill(q, K, V, start, np.float32(1 / np.sqrt(D)), window, out)
     np.testing.assert_allclose(out, reference_attention(q, K, V, start, window), atol=2e-5)
 
 
@@ -92,7 +91,7 @@ def test_decode_across_block_boundaries(length):
     scores = np.empty((H, length), np.float32)
     partial = np.empty((-(-length // DECODE_BLOCK), H, D + 2), np.float32)
     out = np.empty((H, D), np.float32)
-    attention_decode(q[0], K, V, length, np.float32(0.25), HALF_TO_FLOAT, scores, partial, out)
+    attention_decode(q[0], K, V, length, np.float32(0.25), scores, partial, out)
     np.testing.assert_allclose(out, reference_attention(q, K, V, length - 1)[0], atol=2e-5)
 
 
@@ -138,12 +137,6 @@ def test_softmax_handles_minus_inf():
     softmax_inplace(row)
     np.testing.assert_allclose(row, expected, rtol=1e-6)
     assert row[1] == 0.0
-
-
-def test_half_lookup_table_is_numpys_cast():
-    bits = np.arange(0, 65536, 997, dtype=np.uint16)
-    finite = np.isfinite(bits.view(np.float16))
-    np.testing.assert_array_equal(HALF_TO_FLOAT[bits][finite], bits.view(np.float16).astype(np.float32)[finite])
 
 
 def test_half_row_decoding_is_numpys_float16_cast_for_every_bit_pattern():

@@ -30,7 +30,6 @@ _configure_numba_cache()
 
 from .attention import attention_decode, attention_prefill  # noqa: E402
 from .elementwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu  # noqa: E402
-from .halfprec import HALF_TO_FLOAT  # noqa: E402
 from .warmup import compile_kernels, kernels_are_compiled  # noqa: E402
 
 __all__ = [
@@ -41,7 +40,6 @@ __all__ = [
     "rope",
     "softmax_inplace",
     "swiglu",
-    "HALF_TO_FLOAT",
     "compile_kernels",
     "kernels_are_compiled",
 ]

@@ -9,8 +9,7 @@ the inside, so every K and V row is read from memory once per group rather than 
 head: that is where MQA's decode speed comes from.
 
 Cache arrays are [n_kv_heads, max_seq_len, head_dim], float32, or uint16 holding float16 bits
-(each row decoded as it is read, see :func:`mqa_gen.kernels.halfprec.cache_row`). ``lut`` is
-kept in the signatures for callers; rows no longer go through it.
+(each row decoded as it is read, see :func:`mqa_gen.kernels.halfprec.cache_row`).
 """
 
 from __future__ import annotations
@@ -27,14 +26,14 @@ DECODE_BLOCK = 128
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def attention_prefill(q, k_cache, v_cache, start, scale, lut, window, out):
+def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
     """Causal attention for T new query rows whose K/V rows are already in the cache.
 
     q: float32 [T, n_heads, head_dim], RoPE applied; row t sits at cache index start + t and
     attends to cache indices 0 .. start + t, or with ``window`` > 0 only to the last ``window`` of
     them (start + t − window + 1 .. start + t: sliding-window attention, Beltagy et al. 2020, as
     Gemma 3's local layers use it). k_cache, v_cache: [n_kv_heads, S, head_dim] with S ≥ start + T.
-    scale: usually 1/√head_dim. lut: float32 [65536] (used for uint16 caches). window: int, 0 = none.
+    scale: usually 1/√head_dim. window: int, 0 = none.
     out: float32 [T, n_heads, head_dim], overwritten.
     """
     T, H, D = q.shape
@@ -74,11 +73,11 @@ def attention_prefill(q, k_cache, v_cache, start, scale, lut, window, out):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def attention_decode(q, k_cache, v_cache, length, scale, lut, scores, partial, out):
+def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
     """Attention of one new query row per head over the first ``length`` cache positions.
 
     q: float32 [n_heads, head_dim], RoPE applied; its own K/V row is already at position length-1.
-    k_cache, v_cache: [n_kv_heads, S, head_dim]. scale: usually 1/√head_dim. lut: float32 [65536].
+    k_cache, v_cache: [n_kv_heads, S, head_dim]. scale: usually 1/√head_dim.
     scores: float32 scratch [n_heads, ≥ length]; partial: float32 scratch
     [≥ ceil(length / DECODE_BLOCK), n_heads, head_dim + 2]. out: float32 [n_heads, head_dim],
     overwritten.

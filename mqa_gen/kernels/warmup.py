@@ -21,7 +21,6 @@ import numpy as np
 from . import _user_cache_dir
 from .attention import DECODE_BLOCK, attention_decode, attention_prefill
 from .elementwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu
-from .halfprec import HALF_TO_FLOAT
 from .quant import (
     TILE,
     q4_1_dequantize_rows,
@@ -67,10 +66,10 @@ def compile_kernels() -> None:
     rope(q, cos, sin, False)
     for storage in (np.float32, np.uint16):
         k = np.zeros((1, 4, 4), storage)
-        attention_prefill(q, k, k, 0, f32(0.5), HALF_TO_FLOAT, 0, np.empty_like(q))
+        attention_prefill(q, k, k, 0, f32(0.5), 0, np.empty_like(q))
         scores = np.empty((2, 4), f32)
         partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4 + 2), f32)
-        attention_decode(q[0], k, k, 3, f32(0.5), HALF_TO_FLOAT, scores, partial, np.empty((2, 4), f32))
+        attention_decode(q[0], k, k, 3, f32(0.5), scores, partial, np.empty((2, 4), f32))
     x, rows = np.ones(32, f32), np.arange(2)
     codes, scales, mins = repack_q4_1(np.zeros((TILE, 20), np.uint8), TILE, 32)
     q4_1_matvec(codes, scales, mins, x, np.empty(TILE, f32))
