@@ -186,12 +186,12 @@ def child_mqa_gen(spec: dict) -> dict:
     state = {}
 
     def start(prompt):
-        state["cache"] = model.new_cache(len(prompt) + spec["decode_tokens"] + 1)
+        state["cache"] = model.new_cache(len(prompt) + spec["decode_tokens"] + 1, spec["cache_dtype"])
         return int(np.argmax(model.forward(prompt, state["cache"])))
 
     result.update(measure_speeds(
         spec,
-        prefill_fresh=lambda ids: model.forward(ids, model.new_cache(len(ids) + 1)),
+        prefill_fresh=lambda ids: model.forward(ids, model.new_cache(len(ids) + 1, spec["cache_dtype"])),
         start=start,
         # A wrapped sliding-window ring (Gemma 3) cannot truncate exactly; for timing it need not.
         rewind=lambda n: rewind_for_timing(state["cache"], n),
@@ -295,8 +295,10 @@ def child_llamacpp(spec: dict) -> dict:
     threads = spec["threads"]
     ctx_len = max(len(p) for p in spec["depth_prompts"].values()) + spec["decode_tokens"] + 8
     ctx_len = max(ctx_len, max((len(ids) for ids in spec.get("prefill", {}).values()), default=0) + 8)
+    kv_type = {"float16": llama_cpp.GGML_TYPE_F16, "float32": llama_cpp.GGML_TYPE_F32}[spec["cache_dtype"]]
     llm = llama_cpp.Llama(model_path=spec["model_path"], n_threads=threads, n_threads_batch=threads,
-                          n_ctx=ctx_len, n_batch=512, n_ubatch=512, verbose=False)
+                          n_ctx=ctx_len, n_batch=512, n_ubatch=512, type_k=kv_type, type_v=kv_type,
+                          verbose=False)
     load_seconds = time.perf_counter() - t0
     ctx, n_vocab = llm._ctx.ctx, llm.n_vocab()
     memory = llama_cpp.llama_get_memory(ctx)
@@ -484,6 +486,7 @@ def build_spec(args) -> dict:
         "threads": args.threads,
         "repeats": args.repeats,
         "decode_tokens": args.decode_tokens,
+        "cache_dtype": args.cache_dtype,
         "short_ids": short_ids,
         "prefill": {str(n): take(n) for n in args.prefill},
         "depth_prompts": depth_prompts,
@@ -518,7 +521,8 @@ def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool) 
     env = thread_env(args.threads)
     if engine == "mqa-gen":
         cmd = mqa_gen_cli() + ["generate", "-m", spec["model_path"], "--prompt-file", str(SHORT_PROMPT_FILE),
-                               "--no-chat", "-n", "1", "--json", "--threads", str(args.threads)]
+                               "--no-chat", "-n", "1", "--json", "--threads", str(args.threads),
+                               "--cache-dtype", args.cache_dtype]
         with tempfile.TemporaryDirectory(prefix="bench-numba-") as tmp:
             # An empty Numba cache makes the first run compile every kernel, as on a fresh install.
             env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "numba")
@@ -659,6 +663,7 @@ def write_markdown(path: Path, *, args, spec, results, rows, engines, notes, met
         f"(NUMBA/OMP/OPENBLAS/MKL_NUM_THREADS={args.threads}, torch.set_num_threads({args.threads}); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')})",
+        f"- KV cache: {args.cache_dtype} for mqa-gen and llama.cpp; transformers keeps float32",
         f"- speeds: median of {args.repeats} repeats (prefill: after one warm-up run); decode = {args.decode_tokens} "
         f"greedy single-token forward steps, tokens/s = steps / time",
         f"- total wall time of the benchmark: {meta['total_seconds']:.0f} s",
@@ -725,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=parse_ints, default=[128, 512], help="prefill prompt lengths (default 128,512)")
     p.add_argument("--depths", type=parse_ints, default=[0, 2048], help="decode depths (default 0,2048)")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy decode steps per run (default 128)")
+    p.add_argument("--cache-dtype", choices=("float16", "float32"), default="float16",
+                   help="KV cache element type for mqa-gen and llama.cpp (default float16, llama.cpp's "
+                        "default; transformers keeps the model's float32)")
     p.add_argument("--transformers-python", default=sys.executable,
                    help="interpreter with torch + transformers (default: this one)")
     p.add_argument("--llamacpp-python", default=sys.executable,

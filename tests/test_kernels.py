@@ -139,9 +139,11 @@ def test_softmax_handles_minus_inf():
     assert row[1] == 0.0
 
 
-def test_half_row_decoding_is_numpys_float16_cast_for_every_bit_pattern():
-    from mqa_gen.kernels.halfprec import half_row_to_f32
+@pytest.mark.parametrize("decoder", ["half_row_to_f32", "half_row_to_f32_portable"])
+def test_half_row_decoding_is_numpys_float16_cast_for_every_bit_pattern(decoder):
+    from mqa_gen.kernels import halfprec
 
+    half_row_to_f32 = getattr(halfprec, decoder)
     patterns = np.arange(65536, dtype=np.uint32).astype(np.uint16)
     bits = np.empty(65536, np.uint32)
     half_row_to_f32(patterns, bits, bits.view(np.float32))
@@ -149,3 +151,58 @@ def test_half_row_decoding_is_numpys_float16_cast_for_every_bit_pattern():
     nan = np.isnan(expected)
     assert np.isnan(bits.view(np.float32)[nan]).all()
     np.testing.assert_array_equal(bits[~nan], expected.view(np.uint32)[~nan])  # bit for bit, ±0 and subnormals too
+
+
+def test_exp32_is_within_half_a_microunit_of_exact_exp():
+    from numba import njit
+
+    from mqa_gen.kernels.bits import exp32
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp32(x[i])
+
+    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001), [0.0, -1e-30, 1e-30]]).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - exact) / exact) < 5e-7
+    assert out[-3] == 1.0
+    below = np.array([-87.5, -200.0, -np.inf], np.float32)  # underflow goes to 0, as softmax masks need
+    apply(below, out[:3])
+    np.testing.assert_array_equal(out[:3], 0.0)
+
+
+def test_nibble_conversions_match_integer_arithmetic_for_every_byte():
+    from numba import njit
+
+    from mqa_gen.kernels.bits import high_nibble_f32, low_nibble_f32
+
+    @njit
+    def split(codes, low, high):
+        for i in range(codes.shape[0]):
+            low[i] = low_nibble_f32(codes[i])
+            high[i] = high_nibble_f32(codes[i])
+
+    codes = np.arange(256, dtype=np.uint8)
+    low, high = np.empty(256, np.float32), np.empty(256, np.float32)
+    split(codes, low, high)
+    np.testing.assert_array_equal(low, (codes & 15).astype(np.float32))
+    np.testing.assert_array_equal(high, (codes >> 4).astype(np.float32))
+
+
+def test_bit_pattern_to_float32():
+    from numba import njit
+
+    from mqa_gen.kernels.bits import float32_from_bits
+
+    @njit
+    def convert(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = float32_from_bits(bits[i])
+
+    values = np.array([0.0, -0.0, 1.5, -2.75e-38, 3.4e38, np.inf], np.float32)
+    out = np.empty_like(values)
+    convert(values.view(np.uint32).astype(np.int64), out)
+    np.testing.assert_array_equal(out.view(np.uint32), values.view(np.uint32))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .bits import exp32
 from .elementwise import softmax_inplace
 from .flags import FASTMATH
 from .halfprec import cache_row
@@ -99,35 +100,42 @@ def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
         s1 = min(s0 + DECODE_BLOCK, length)
         bits = np.empty(D, np.uint32)
         row = bits.view(np.float32)
+        # Small task-local arrays (the group's scaled queries, running maxima, output sums) keep
+        # the inner loops on unit-stride 1-D data, which LLVM vectorises.
+        q_group = np.empty((G, D), np.float32)
+        for j in range(G):
+            for d in range(D):
+                q_group[j, d] = q[g * G + j, d] * scale
+        m = np.full(G, -np.inf, np.float32)
         for s in range(s0, s1):  # each K row is read once for the G query heads of its group
             k = cache_row(k_cache, g, s, bits, row)
             for j in range(G):
-                h = g * G + j
+                qj = q_group[j]
                 acc = np.float32(0.0)
                 for d in range(D):
-                    acc += q[h, d] * k[d]
-                scores[h, s] = acc * scale
+                    acc += qj[d] * k[d]
+                scores[g * G + j, s] = acc
+                m[j] = max(m[j], acc)
         for j in range(G):
-            h = g * G + j
-            m = -np.inf
-            for s in range(s0, s1):
-                m = max(m, scores[h, s])
+            block = scores[g * G + j, s0:s1]
             total = np.float32(0.0)
-            for s in range(s0, s1):
-                e = np.exp(scores[h, s] - m)
-                scores[h, s] = e
+            for s in range(block.shape[0]):
+                e = exp32(block[s] - m[j])
+                block[s] = e
                 total += e
-            partial[b, h, D] = m
-            partial[b, h, D + 1] = total
-            for d in range(D):
-                partial[b, h, d] = 0.0
+            partial[b, g * G + j, D] = m[j]
+            partial[b, g * G + j, D + 1] = total
+        o = np.zeros((G, D), np.float32)
         for s in range(s0, s1):  # each V row is read once for the G query heads of its group
             v = cache_row(v_cache, g, s, bits, row)
             for j in range(G):
-                h = g * G + j
-                p = scores[h, s]
+                p = scores[g * G + j, s]
+                oj = o[j]
                 for d in range(D):
-                    partial[b, h, d] += p * v[d]
+                    oj[d] += p * v[d]
+        for j in range(G):
+            for d in range(D):
+                partial[b, g * G + j, d] = o[j, d]
     for h in range(H):
         m_all = -np.inf
         for b in range(n_blocks):
@@ -136,7 +144,7 @@ def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
         for d in range(D):
             out[h, d] = 0.0
         for b in range(n_blocks):
-            w = np.exp(partial[b, h, D] - m_all)
+            w = exp32(partial[b, h, D] - m_all)
             total += w * partial[b, h, D + 1]
             for d in range(D):
                 out[h, d] += w * partial[b, h, d]

@@ -1,8 +1,9 @@
 """float16 KV-cache support for Numba, which has no float16 type on the CPU.
 
 A float16 cache is stored as its raw uint16 bit patterns. Kernels read a cache row through
-:func:`cache_row`: a view for a float32 cache; for a uint16 one, the row decoded with integer bit
-operations that vectorise and equal NumPy's float16→float32 cast exactly (:func:`half_row_to_f32`).
+:func:`cache_row`: a view for a float32 cache; for a uint16 one, the row decoded into float32 by
+:func:`half_row_to_f32` — with the CPU's conversion instruction where it has one (F16C), else with
+integer bit operations; both vectorise and equal NumPy's float16→float32 cast exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from .bits import HAS_F16C, float32_from_half_bits
 from .flags import FASTMATH
 
 #: 2^112 = 2^(127 − 15): moves a float16 exponent, placed in a float32's exponent field, to its value.
@@ -19,6 +21,21 @@ _REBIAS = np.float32(2.0 ** 112)
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def half_row_to_f32(src, bits, out):
     """Decode float16 bit patterns src (uint16 [n]) into out (float32 [n], a view of bits, uint32 [n]).
+
+    With F16C (:data:`~mqa_gen.kernels.bits.HAS_F16C`) the hardware conversion does it, 8 or 16
+    values per instruction (NaNs come back quiet, still NaN); otherwise
+    :func:`half_row_to_f32_portable`.
+    """
+    if HAS_F16C:  # a compile-time constant: Numba keeps only one branch
+        for i in range(src.shape[0]):
+            out[i] = float32_from_half_bits(src[i])
+    else:
+        half_row_to_f32_portable(src, bits, out)
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def half_row_to_f32_portable(src, bits, out):
+    """:func:`half_row_to_f32` with integer operations only, for CPUs without F16C.
 
     Sign to bit 31; exponent and mantissa shifted by 13 into the float32 fields, then × 2^112 to
     re-bias the exponent from 15 to 127 — exact for normal and subnormal halves (a power-of-two

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .bits import high_nibble_f32, low_nibble_f32
 from .flags import FASTMATH
 
 #: Output rows per tile: 32 float32 lanes = two AVX-512 or four AVX2 registers of accumulators.
@@ -155,7 +156,7 @@ def _q4_1_tile(codes, scales, mins, x, xsum, t, y):
             hi = x[b * BLOCK + 16 + i]
             for r in range(T):
                 q = codes[t, b, i, r]
-                blk[r] += np.float32(q & 15) * lo + np.float32(q >> 4) * hi
+                blk[r] += low_nibble_f32(q) * lo + high_nibble_f32(q) * hi
         for r in range(T):
             acc[r] += scales[t, b, r] * blk[r] + mins[t, b, r] * xsum[b]
     for r in range(min(T, y.shape[0] - t * T)):
@@ -211,7 +212,7 @@ def q4_1_matmul(codes, scales, mins, x, y):
                     hi = x[k, b * BLOCK + 16 + i]
                     for r in range(T):
                         q = codes[t, b, i, r]
-                        blk[k, r] += np.float32(q & 15) * lo + np.float32(q >> 4) * hi
+                        blk[k, r] += low_nibble_f32(q) * lo + high_nibble_f32(q) * hi
             for k in range(n):
                 for r in range(T):
                     acc[k, r] += scales[t, b, r] * blk[k, r] + mins[t, b, r] * xsum[k, b]
@@ -256,8 +257,8 @@ def q4_1_dequantize_transposed(codes, scales, mins, out):
             for i in range(16):
                 for r in range(T):
                     q = codes[t, b, i, r]
-                    out[b * BLOCK + i, t * T + r] = scales[t, b, r] * np.float32(q & 15) + mins[t, b, r]
-                    out[b * BLOCK + 16 + i, t * T + r] = scales[t, b, r] * np.float32(q >> 4) + mins[t, b, r]
+                    out[b * BLOCK + i, t * T + r] = scales[t, b, r] * low_nibble_f32(q) + mins[t, b, r]
+                    out[b * BLOCK + 16 + i, t * T + r] = scales[t, b, r] * high_nibble_f32(q) + mins[t, b, r]
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -282,8 +283,8 @@ def q4_1_dequantize_rows(codes, scales, mins, row_ids, out):
             d, m = scales[t, b, r], mins[t, b, r]
             for i in range(16):
                 q = codes[t, b, i, r]
-                out[k, b * BLOCK + i] = d * np.float32(q & 15) + m
-                out[k, b * BLOCK + 16 + i] = d * np.float32(q >> 4) + m
+                out[k, b * BLOCK + i] = d * low_nibble_f32(q) + m
+                out[k, b * BLOCK + 16 + i] = d * high_nibble_f32(q) + m
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
