@@ -146,8 +146,10 @@ def _reader_class():
                     (length,) = u64.unpack_from(buffer, offs)
                     if offs + 8 + length > size:
                         raise _Truncated("the header", offs)
-                    # Only the string bytes become a part (the stock reader also keeps each length).
-                    parts.append(plain[offs + 8 : offs + 8 + length])
+                    # Only the string bytes become a part (the stock reader also keeps each length),
+                    # as a memoryview: ~5x cheaper to make than an array view, and contents() only
+                    # calls .tobytes() on it.
+                    parts.append(buffer[offs + 8 : offs + 8 + length])
                     offs += 8 + length
                 return offs - orig_offs, parts, list(range(2, 2 + n)), [GGUFValueType.ARRAY, itype]
             return super()._get_field_parts(orig_offs, raw_type)  # arrays of arrays: rare, small

@@ -6,6 +6,7 @@ quick; the full default run is documented in README.md.
 
 from __future__ import annotations
 
+import importlib
 import csv
 import io
 import json
@@ -35,7 +36,7 @@ def config(smollm2_path):
 @pytest.fixture
 def invoke(smollm2, monkeypatch):
     """Run the CLI in-process with the session's model instead of loading it again."""
-    module = sys.modules["mqa_gen.cli.bench_cache"]  # the package attribute is the command, not the module
+    module = importlib.import_module("mqa_gen.cli.bench_cache")
     monkeypatch.setattr(module, "load_model", lambda name, quiet: smollm2)
 
     def run(*args):
@@ -134,7 +135,7 @@ def test_perplexity_needs_two_tokens(smollm2):
 
 
 def test_no_measure_prints_the_formula_table_without_loading_weights(invoke, monkeypatch):
-    module = sys.modules["mqa_gen.cli.bench_cache"]
+    module = importlib.import_module("mqa_gen.cli.bench_cache")
     monkeypatch.setattr(module, "load_model", lambda *a: pytest.fail("--no-measure loaded the weights"))
     result = invoke("--no-measure")
     assert result.exit_code == 0, result.stderr
@@ -215,7 +216,6 @@ def test_plot_without_matplotlib_is_one_line_and_exit_2(invoke, monkeypatch, tmp
 
 
 def test_installed_entry_point_no_measure_and_bad_kv_heads():
-    import shutil
     import subprocess
 
     exe = mqa_gen_exe()

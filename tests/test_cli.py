@@ -6,9 +6,9 @@ installed ``mqa-gen`` entry point as a real subprocess.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -23,7 +23,7 @@ GREEDY = load_fixture("greedy.json")["prompts"]
 @pytest.fixture
 def invoke(smollm2, monkeypatch):
     """Run the CLI in-process with the session's model instead of loading it again."""
-    module = sys.modules["mqa_gen.cli.generate"]  # the package attribute is the command, not the module
+    module = importlib.import_module("mqa_gen.cli.generate")
     monkeypatch.setattr(module, "load_model", lambda name, quiet: smollm2)
 
     def run(*args, input=None):

@@ -4,6 +4,7 @@ oracle — transformers' Gemma3ForCausalLM on the same GGUF, fp32 (tests/fixture
 
 from __future__ import annotations
 
+import importlib
 import numpy as np
 import pytest
 
@@ -94,14 +95,13 @@ def test_cli_generate_streams_the_oracle_continuation(gemma3, monkeypatch):
     """`mqa-gen generate -m gemma3-270m --no-chat` (in-process, the session's loaded model): the
     JSON token ids are the oracle's greedy continuation; the stop set holds <eos> and <end_of_turn>."""
     import json
-    import sys
 
     from click.testing import CliRunner
 
     from mqa_gen.cli import cli
     from mqa_gen.cli.generate import build_prompt_ids
 
-    monkeypatch.setattr(sys.modules["mqa_gen.cli.generate"], "load_model", lambda name, quiet: gemma3)
+    monkeypatch.setattr(importlib.import_module("mqa_gen.cli.generate"), "load_model", lambda name, quiet: gemma3)
     case = GREEDY[0]
     result = CliRunner().invoke(cli, ["generate", "-m", "gemma3-270m", "--no-chat", "--temp", "0", "-n", "32",
                                       "--json", "--prompt", case["prompt"]], catch_exceptions=False)

@@ -7,17 +7,23 @@ failures print one line and exit 1 (``MQA_GEN_DEBUG=1`` shows the traceback); Ct
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import click
 
 from ..errors import MqaGenError
-from .bench_cache import bench_cache
-from .chat import chat
-from .convert import convert
-from .generate import generate
-from .info import info
+
+#: Each verb's module, imported only when the verb runs (or ``--help`` lists it): ``generate``
+#: should not pay for importing what ``chat``, ``convert`` and ``bench-cache`` need.
+COMMANDS = {
+    "generate": "generate",
+    "chat": "chat",
+    "convert": "convert",
+    "info": "info",
+    "bench-cache": "bench_cache",
+}
 
 
 class OneLineError(click.ClickException):
@@ -32,7 +38,17 @@ class OneLineError(click.ClickException):
 
 
 class App(click.Group):
-    """Click group that maps library errors to the exit-code contract above."""
+    """Click group that maps library errors to the exit-code contract above and imports each
+    verb's module on first use (:data:`COMMANDS`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        return getattr(importlib.import_module(f"{__name__}.{module}"), module)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -57,12 +73,6 @@ class App(click.Group):
 def cli() -> None:
     """Generate text with Multi-Query Attention and measure what the KV cache costs."""
 
-
-cli.add_command(generate)
-cli.add_command(chat)
-cli.add_command(convert)
-cli.add_command(info)
-cli.add_command(bench_cache)
 
 
 def main() -> None:
