@@ -74,9 +74,10 @@ def test_real_model_tensors_stay_quantised(smollm2):
     emb = linear_from_gguf(gguf, "token_embd.weight", (49152, 576))
     assert isinstance(q, QuantizedLinear) and q.type_name == "Q4_1"
     assert isinstance(emb, QuantizedLinear) and emb.type_name == "Q8_0"
-    # Held bytes: 4-bit codes plus two float32 per 32 weights (Q4_1), 8-bit codes plus one (Q8_0).
-    assert q.nbytes == 576 * 576 // 2 + 2 * 4 * 576 * 576 // 32
-    assert emb.nbytes == 49152 * 576 + 4 * 49152 * 576 // 32
+    # Held bytes are the file's: 4-bit codes plus two float16 per 32 weights (Q4_1), 8-bit codes
+    # plus one (Q8_0) — the tensors' byte sizes in the GGUF (576 rows fill whole tiles).
+    assert q.nbytes == 576 * 576 // 2 + 2 * 2 * 576 * 576 // 32 == gguf.tensors["blk.0.attn_q.weight"].data.nbytes
+    assert emb.nbytes == 49152 * 576 + 2 * 49152 * 576 // 32 == gguf.tensors["token_embd.weight"].data.nbytes
     x = RNG.standard_normal(576).astype(np.float32)
     w = dequantize(np.asarray(gguf.tensors["blk.0.attn_q.weight"].data), GGMLQuantizationType.Q4_1)
     np.testing.assert_allclose(q.matvec(x), w @ x, rtol=1e-5, atol=1e-4)

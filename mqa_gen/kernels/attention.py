@@ -50,10 +50,9 @@ def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
         first = max(0, end - window) if window > 0 else 0
         n = end - first
         scores = np.empty((G, n), dtype=np.float32)
-        bits = np.empty(D, np.uint32)
-        row = bits.view(np.float32)
+        row = np.empty(D, np.float32)  # a float16 cache row, decoded
         for s in range(n):
-            k = cache_row(k_cache, g, first + s, bits, row)
+            k = cache_row(k_cache, g, first + s, row)
             for j in range(G):
                 h = g * G + j
                 acc = np.float32(0.0)
@@ -65,7 +64,7 @@ def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
             for d in range(D):
                 out[t, g * G + j, d] = 0.0
         for s in range(n):
-            v = cache_row(v_cache, g, first + s, bits, row)
+            v = cache_row(v_cache, g, first + s, row)
             for j in range(G):
                 p = scores[j, s]
                 h = g * G + j
@@ -98,8 +97,7 @@ def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
         b = task % n_blocks
         s0 = b * DECODE_BLOCK
         s1 = min(s0 + DECODE_BLOCK, length)
-        bits = np.empty(D, np.uint32)
-        row = bits.view(np.float32)
+        row = np.empty(D, np.float32)  # a float16 cache row, decoded
         # Small task-local arrays (the group's scaled queries, running maxima, output sums) keep
         # the inner loops on unit-stride 1-D data, which LLVM vectorises.
         q_group = np.empty((G, D), np.float32)
@@ -108,7 +106,7 @@ def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
                 q_group[j, d] = q[g * G + j, d] * scale
         m = np.full(G, -np.inf, np.float32)
         for s in range(s0, s1):  # each K row is read once for the G query heads of its group
-            k = cache_row(k_cache, g, s, bits, row)
+            k = cache_row(k_cache, g, s, row)
             for j in range(G):
                 qj = q_group[j]
                 acc = np.float32(0.0)
@@ -127,7 +125,7 @@ def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
             partial[b, g * G + j, D + 1] = total
         o = np.zeros((G, D), np.float32)
         for s in range(s0, s1):  # each V row is read once for the G query heads of its group
-            v = cache_row(v_cache, g, s, bits, row)
+            v = cache_row(v_cache, g, s, row)
             for j in range(G):
                 p = scores[g * G + j, s]
                 oj = o[j]

@@ -12,11 +12,15 @@ Block formats (ggml, see ggml-common.h / the GGUF spec):
 
 At load time every type is repacked, exactly, into one of two in-memory layouts, and each layout
 has one set of kernels:
-* *4-bit affine* (Q4_1, Q4_K): per block of 32, float32 scale and minimum and 16 bytes of nibbles
+* *4-bit affine* (Q4_1, Q4_K): per block of 32, a scale and a minimum and 16 bytes of nibbles
   in Q4_1's order — a Q4_K sub-block is a Q4_1 block with scale d·sc and minimum −dmin·m;
-* *int8 symmetric* (Q8_0, Q5_0, Q6_K): per block, a float32 scale and int8 codes (q − 16 for
+* *int8 symmetric* (Q8_0, Q5_0, Q6_K): per block, a scale and int8 codes (q − 16 for
   Q5_0, q − 32 for Q6_K); blocks of 32 weights, or of 16 for Q6_K (the kernels read the block
   length from the codes' shape).
+Scales and minimums the file stores as float16 (Q4_1, Q8_0, Q5_0) stay float16 — uint16 bits,
+converted as they are read (:func:`~mqa_gen.kernels.halfprec.as_float32`), so decode reads no
+more bytes than the file holds; the K-quants' products d·sc are not float16 values and are
+kept as float32. Numba compiles each kernel once per scale type.
 Both are laid out as *row tiles* of ``TILE`` output rows side by side: codes [n_tiles, n_blocks,
 bytes_per_block, TILE], scales [n_tiles, n_blocks, TILE]. The innermost loop then runs across the TILE rows with one x element
 broadcast, which LLVM turns into wide SIMD; a per-row dot product over packed nibbles vectorises
@@ -32,6 +36,7 @@ from numba import njit, prange
 
 from .bits import high_nibble_f32, low_nibble_f32
 from .flags import FASTMATH
+from .halfprec import as_float32
 
 #: Output rows per tile: 32 float32 lanes = two AVX-512 or four AVX2 registers of accumulators.
 TILE = 32
@@ -55,28 +60,30 @@ def untile_rows(tiles: np.ndarray, rows: int) -> np.ndarray:
     return flat.reshape((-1,) + flat.shape[2:])[:rows]
 
 
-def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
-    return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.float16)[:, :, 0].astype(np.float32)
+def _fp16_bits(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The fp16 field at byte ``offset`` of each block, as its uint16 bit pattern [rows, nb]."""
+    return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.uint16)[:, :, 0]
 
 
 def repack_q4_1(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GGUF Q4_1 bytes uint8 [rows, cols/32·20] → (codes uint8 [n_tiles, nb, 16, TILE],
-    scales float32 [n_tiles, nb, TILE], minimums float32 [n_tiles, nb, TILE])."""
+    scales [n_tiles, nb, TILE], minimums [n_tiles, nb, TILE]); scales and minimums stay the file's
+    float16, as uint16 bits (5 bits a weight in memory, as in the file, not 6 with float32)."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 20)
-    return tile_rows(blocks[:, :, 4:20], rows), tile_rows(_fp16_field(blocks, 0), rows), \
-        tile_rows(_fp16_field(blocks, 2), rows)
+    return tile_rows(blocks[:, :, 4:20], rows), tile_rows(_fp16_bits(blocks, 0), rows), \
+        tile_rows(_fp16_bits(blocks, 2), rows)
 
 
 def repack_q8_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """GGUF Q8_0 bytes uint8 [rows, cols/32·34] → (codes int8 [n_tiles, nb, 32, TILE],
-    scales float32 [n_tiles, nb, TILE])."""
+    scales [n_tiles, nb, TILE] as the file's float16 bits, uint16)."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 34)
-    return tile_rows(blocks[:, :, 2:34].view(np.int8), rows), tile_rows(_fp16_field(blocks, 0), rows)
+    return tile_rows(blocks[:, :, 2:34].view(np.int8), rows), tile_rows(_fp16_bits(blocks, 0), rows)
 
 
 def repack_q5_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """GGUF Q5_0 bytes uint8 [rows, cols/32·22] → int8 layout (codes q − 16 [n_tiles, nb, 32, TILE],
-    scales float32 [n_tiles, nb, TILE]). Weight i's low 4 bits: byte i (i < 16, low nibble) or
+    scales [n_tiles, nb, TILE] as the file's float16 bits, uint16). Weight i's low 4 bits: byte i (i < 16, low nibble) or
     byte i − 16 (high nibble); its 5th bit: bit i of the little-endian uint32 qh."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, 22)
     qs = blocks[:, :, 6:22]
@@ -84,7 +91,7 @@ def repack_q5_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.n
     qh = np.ascontiguousarray(blocks[:, :, 2:6]).view(np.uint32)  # (rows, nb, 1)
     high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (rows, nb, 32)
     codes = ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8)
-    return tile_rows(codes, rows), tile_rows(_fp16_field(blocks, 0), rows)
+    return tile_rows(codes, rows), tile_rows(_fp16_bits(blocks, 0), rows)
 
 
 QK_K = 256  # weights per K-quant super-block
@@ -158,7 +165,7 @@ def _q4_1_tile(codes, scales, mins, x, xsum, t, y):
                 q = codes[t, b, i, r]
                 blk[r] += low_nibble_f32(q) * lo + high_nibble_f32(q) * hi
         for r in range(T):
-            acc[r] += scales[t, b, r] * blk[r] + mins[t, b, r] * xsum[b]
+            acc[r] += as_float32(scales[t, b, r]) * blk[r] + as_float32(mins[t, b, r]) * xsum[b]
     for r in range(min(T, y.shape[0] - t * T)):
         y[t * T + r] = acc[r]
 
@@ -215,7 +222,7 @@ def q4_1_matmul(codes, scales, mins, x, y):
                         blk[k, r] += low_nibble_f32(q) * lo + high_nibble_f32(q) * hi
             for k in range(n):
                 for r in range(T):
-                    acc[k, r] += scales[t, b, r] * blk[k, r] + mins[t, b, r] * xsum[k, b]
+                    acc[k, r] += as_float32(scales[t, b, r]) * blk[k, r] + as_float32(mins[t, b, r]) * xsum[k, b]
         for k in range(n):
             for r in range(min(T, rows - t * T)):
                 y[k, t * T + r] = acc[k, r]
@@ -238,7 +245,7 @@ def int8_matvec(codes, scales, x, y):
                 for r in range(T):
                     blk[r] += np.float32(codes[t, b, i, r]) * xi
             for r in range(T):
-                acc[r] += scales[t, b, r] * blk[r]
+                acc[r] += as_float32(scales[t, b, r]) * blk[r]
         for r in range(T):
             row = t * T + r
             if row < rows:
@@ -257,8 +264,9 @@ def q4_1_dequantize_transposed(codes, scales, mins, out):
             for i in range(16):
                 for r in range(T):
                     q = codes[t, b, i, r]
-                    out[b * BLOCK + i, t * T + r] = scales[t, b, r] * low_nibble_f32(q) + mins[t, b, r]
-                    out[b * BLOCK + 16 + i, t * T + r] = scales[t, b, r] * high_nibble_f32(q) + mins[t, b, r]
+                    d, m = as_float32(scales[t, b, r]), as_float32(mins[t, b, r])
+                    out[b * BLOCK + i, t * T + r] = d * low_nibble_f32(q) + m
+                    out[b * BLOCK + 16 + i, t * T + r] = d * high_nibble_f32(q) + m
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -269,7 +277,7 @@ def int8_dequantize_transposed(codes, scales, out):
         for b in range(nb):
             for i in range(bs):
                 for r in range(T):
-                    out[b * bs + i, t * T + r] = scales[t, b, r] * np.float32(codes[t, b, i, r])
+                    out[b * bs + i, t * T + r] = as_float32(scales[t, b, r]) * np.float32(codes[t, b, i, r])
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -280,7 +288,7 @@ def q4_1_dequantize_rows(codes, scales, mins, row_ids, out):
         row = row_ids[k]
         t, r = row // TILE, row % TILE
         for b in range(nb):
-            d, m = scales[t, b, r], mins[t, b, r]
+            d, m = as_float32(scales[t, b, r]), as_float32(mins[t, b, r])
             for i in range(16):
                 q = codes[t, b, i, r]
                 out[k, b * BLOCK + i] = d * low_nibble_f32(q) + m
@@ -295,6 +303,6 @@ def int8_dequantize_rows(codes, scales, row_ids, out):
         row = row_ids[k]
         t, r = row // TILE, row % TILE
         for b in range(nb):
-            d = scales[t, b, r]
+            d = as_float32(scales[t, b, r])
             for i in range(bs):
                 out[k, b * bs + i] = d * np.float32(codes[t, b, i, r])

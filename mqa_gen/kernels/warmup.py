@@ -32,6 +32,8 @@ from .quant import (
     int8_dequantize_transposed,
     int8_matvec,
     repack_q4_1,
+    repack_q4_k,
+    repack_q6_k,
     repack_q8_0,
 )
 
@@ -70,18 +72,21 @@ def compile_kernels() -> None:
         scores = np.empty((2, 4), f32)
         partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4 + 2), f32)
         attention_decode(q[0], k, k, 3, f32(0.5), scores, partial, np.empty((2, 4), f32))
-    x, rows = np.ones(32, f32), np.arange(2)
-    codes, scales, mins = repack_q4_1(np.zeros((TILE, 20), np.uint8), TILE, 32)
-    q4_1_matvec(codes, scales, mins, x, np.empty(TILE, f32))
-    q4_1_matmul(codes, scales, mins, np.ones((2, 32), f32), np.empty((2, TILE), f32))
-    y = np.empty(TILE, f32)
-    q4_1_matvec3(codes, scales, mins, y, codes, scales, mins, y, codes[:0], scales[:0], mins[:0], y[:0], x)
-    q4_1_dequantize_rows(codes, scales, mins, rows, np.empty((2, 32), f32))
-    q4_1_dequantize_transposed(codes, scales, mins, np.empty((32, TILE), f32))
-    codes, scales = repack_q8_0(np.zeros((TILE, 34), np.uint8), TILE, 32)
-    int8_matvec(codes, scales, x, np.empty(TILE, f32))
-    int8_dequantize_rows(codes, scales, rows, np.empty((2, 32), f32))
-    int8_dequantize_transposed(codes, scales, np.empty((32, TILE), f32))
+    x, rows = np.ones(256, f32), np.arange(2)
+    # Scales as float16 bits (Q4_1, Q8_0, Q5_0) and as float32 (the K-quants' products d·sc).
+    for codes, scales, mins in (repack_q4_1(np.zeros((TILE, 8 * 20), np.uint8), TILE, 256),
+                                repack_q4_k(np.zeros((TILE, 144), np.uint8), TILE, 256)):
+        q4_1_matvec(codes, scales, mins, x, np.empty(TILE, f32))
+        q4_1_matmul(codes, scales, mins, np.ones((2, 256), f32), np.empty((2, TILE), f32))
+        y = np.empty(TILE, f32)
+        q4_1_matvec3(codes, scales, mins, y, codes, scales, mins, y, codes[:0], scales[:0], mins[:0], y[:0], x)
+        q4_1_dequantize_rows(codes, scales, mins, rows, np.empty((2, 256), f32))
+        q4_1_dequantize_transposed(codes, scales, mins, np.empty((256, TILE), f32))
+    for codes, scales in (repack_q8_0(np.zeros((TILE, 8 * 34), np.uint8), TILE, 256),
+                          repack_q6_k(np.zeros((TILE, 210), np.uint8), TILE, 256)):
+        int8_matvec(codes, scales, x, np.empty(TILE, f32))
+        int8_dequantize_rows(codes, scales, rows, np.empty((2, 256), f32))
+        int8_dequantize_transposed(codes, scales, np.empty((256, TILE), f32))
     marker = _marker_path()
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
