@@ -72,6 +72,65 @@ def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
                     out[t, h, d] += p * v[d]
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows):
+    """scores[h0 + j, s] = q_group[j] · k_cache[g, s] for s in [s0, s1), and m[j] = max(m[j], those).
+
+    Four K rows at a time: each q element loaded once serves four dot products, whose four
+    accumulators keep the FMA units busy. rows: float32 [4, head_dim] scratch (float16 decoding).
+    """
+    G, D = q_group.shape
+    s = s0
+    while s + 4 <= s1:
+        k0, k1 = cache_row(k_cache, g, s, rows[0]), cache_row(k_cache, g, s + 1, rows[1])
+        k2, k3 = cache_row(k_cache, g, s + 2, rows[2]), cache_row(k_cache, g, s + 3, rows[3])
+        for j in range(G):
+            qj = q_group[j]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for d in range(D):
+                a0 += qj[d] * k0[d]
+                a1 += qj[d] * k1[d]
+                a2 += qj[d] * k2[d]
+                a3 += qj[d] * k3[d]
+            scores[h0 + j, s], scores[h0 + j, s + 1] = a0, a1
+            scores[h0 + j, s + 2], scores[h0 + j, s + 3] = a2, a3
+            m[j] = max(m[j], max(max(a0, a1), max(a2, a3)))
+        s += 4
+    for s in range(s, s1):
+        k0 = cache_row(k_cache, g, s, rows[0])
+        for j in range(G):
+            qj = q_group[j]
+            a0 = np.float32(0.0)
+            for d in range(D):
+                a0 += qj[d] * k0[d]
+            scores[h0 + j, s] = a0
+            m[j] = max(m[j], a0)
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _block_values(p, v_cache, g, s0, s1, h0, o, rows):
+    """o[j] += Σ_s p[h0 + j, s] · v_cache[g, s] over s in [s0, s1), four V rows per pass over o
+    (one load and store of o per four rows). o: float32 [G, head_dim]; rows as above."""
+    G, D = o.shape
+    s = s0
+    while s + 4 <= s1:
+        v0, v1 = cache_row(v_cache, g, s, rows[0]), cache_row(v_cache, g, s + 1, rows[1])
+        v2, v3 = cache_row(v_cache, g, s + 2, rows[2]), cache_row(v_cache, g, s + 3, rows[3])
+        for j in range(G):
+            p0, p1, p2, p3 = p[h0 + j, s], p[h0 + j, s + 1], p[h0 + j, s + 2], p[h0 + j, s + 3]
+            oj = o[j]
+            for d in range(D):
+                oj[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+        s += 4
+    for s in range(s, s1):
+        v0 = cache_row(v_cache, g, s, rows[0])
+        for j in range(G):
+            p0 = p[h0 + j, s]
+            oj = o[j]
+            for d in range(D):
+                oj[d] += p0 * v0[d]
+
+
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
     """Attention of one new query row per head over the first ``length`` cache positions.
@@ -97,43 +156,30 @@ def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
         b = task % n_blocks
         s0 = b * DECODE_BLOCK
         s1 = min(s0 + DECODE_BLOCK, length)
-        row = np.empty(D, np.float32)  # a float16 cache row, decoded
-        # Small task-local arrays (the group's scaled queries, running maxima, output sums) keep
-        # the inner loops on unit-stride 1-D data, which LLVM vectorises.
+        h0 = g * G  # the group's first query head
+        # Small task-local arrays (the group's scaled queries, running maxima, output sums, decoded
+        # float16 rows) keep the inner loops on unit-stride 1-D data, which LLVM vectorises.
+        rows = np.empty((4, D), np.float32)
         q_group = np.empty((G, D), np.float32)
         for j in range(G):
             for d in range(D):
-                q_group[j, d] = q[g * G + j, d] * scale
+                q_group[j, d] = q[h0 + j, d] * scale
         m = np.full(G, -np.inf, np.float32)
-        for s in range(s0, s1):  # each K row is read once for the G query heads of its group
-            k = cache_row(k_cache, g, s, row)
-            for j in range(G):
-                qj = q_group[j]
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += qj[d] * k[d]
-                scores[g * G + j, s] = acc
-                m[j] = max(m[j], acc)
+        _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows)  # K rows read once per group
         for j in range(G):
-            block = scores[g * G + j, s0:s1]
+            block = scores[h0 + j, s0:s1]
             total = np.float32(0.0)
-            for s in range(block.shape[0]):
-                e = exp32(block[s] - m[j])
-                block[s] = e
+            for i in range(block.shape[0]):
+                e = exp32(block[i] - m[j])
+                block[i] = e
                 total += e
-            partial[b, g * G + j, D] = m[j]
-            partial[b, g * G + j, D + 1] = total
+            partial[b, h0 + j, D] = m[j]
+            partial[b, h0 + j, D + 1] = total
         o = np.zeros((G, D), np.float32)
-        for s in range(s0, s1):  # each V row is read once for the G query heads of its group
-            v = cache_row(v_cache, g, s, row)
-            for j in range(G):
-                p = scores[g * G + j, s]
-                oj = o[j]
-                for d in range(D):
-                    oj[d] += p * v[d]
+        _block_values(scores, v_cache, g, s0, s1, h0, o, rows)  # V rows read once per group
         for j in range(G):
             for d in range(D):
-                partial[b, g * G + j, d] = o[j, d]
+                partial[b, h0 + j, d] = o[j, d]
     for h in range(H):
         m_all = -np.inf
         for b in range(n_blocks):
