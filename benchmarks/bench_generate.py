@@ -10,7 +10,8 @@ same token ids for every engine and the same thread count (default 2):
   ``sample_prompts/capital_france.txt``) and at depth 2048 (``--depths``; the text ids repeated);
   the prompt is prefilled once, then each repeat cuts the cache back to the depth and decodes again;
 * time to first token (TTFT): cold — a fresh process with an empty Numba cache, so it compiles the
-  kernels as a first install does — and warm — a second fresh process that finds the kernels cached;
+  kernels as a first install does — and warm — the median of ``--repeats`` later fresh processes
+  that find the kernels cached;
   for mqa-gen this is the wall time of ``mqa-gen generate --prompt-file … --no-chat -n 1 --json``,
   for transformers of a small script that imports torch, loads the model and computes one token.
   "TTFT in-process" is the same thing inside an already loaded process (one prefill + argmax);
@@ -515,8 +516,18 @@ def mqa_gen_cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "mqa_gen.cli"]
 
 
+def timed_runs(runner: Runner, cmd: list[str], env: dict, n: int):
+    """Run ``cmd`` n times: (median wall time or None if any run failed, the last payload, stderr)."""
+    walls, payload, stderr = [], None, ""
+    for _ in range(n):
+        wall, payload, stderr = runner.timed(cmd, env)
+        walls.append(wall)
+    return (None if None in walls else median(walls)), payload, stderr
+
+
 def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool) -> dict:
-    """Cold and warm TTFT of fresh processes: wall time spawn → exit, one token."""
+    """Cold (one run) and warm (median of ``--repeats`` runs) TTFT of fresh processes: wall time
+    spawn → exit, one token."""
     out: dict = {}
     env = thread_env(args.threads)
     if engine == "mqa-gen":
@@ -530,7 +541,7 @@ def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool) 
             if not cold:  # fill the private cache first so "warm" really finds the kernels cached
                 runner.timed(cmd, env)
             for label in runs:
-                wall, payload, stderr = runner.timed(cmd, env)
+                wall, payload, stderr = timed_runs(runner, cmd, env, 1 if label == "cold" else args.repeats)
                 out[f"ttft_{label}_s"] = wall
                 if payload:
                     out[f"load_{label}_s"] = payload["stats"].get("load_seconds")
@@ -541,9 +552,9 @@ def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool) 
     else:
         python = args.llamacpp_python if engine == "llama.cpp" else args.transformers_python
         for label in (["cold"] if cold else []) + ["warm"]:
-            wall, payload, _ = runner.timed(
-                [python, str(Path(__file__).resolve()), "--child", engine,
-                 "--spec", runner.spec_path + ".ttft"], env)
+            wall, payload, _ = timed_runs(
+                runner, [python, str(Path(__file__).resolve()), "--child", engine, "--spec", runner.spec_path + ".ttft"],
+                env, 1 if label == "cold" else args.repeats)
             out[f"ttft_{label}_s"] = wall
             if payload:
                 out[f"load_{label}_s"] = payload.get("load_seconds")
@@ -586,7 +597,7 @@ def build_rows(results: dict, spec: dict, args) -> list[tuple[str, str, str, dic
         rows.append((label, "tps", "↑", {e: get(e, "decode_tokens_per_s", str(d), "median") for e in results}))
     rows.append(("TTFT in-process, after load", "s", "↓", {e: get(e, "ttft_inprocess_s") for e in results}))
     rows.append(("TTFT cold (fresh process, empty kernel cache)", "s", "↓", {e: get(e, "ttft_cold_s") for e in results}))
-    rows.append(("TTFT warm (second fresh process)", "s", "↓", {e: get(e, "ttft_warm_s") for e in results}))
+    rows.append(("TTFT warm (fresh process, kernels cached)", "s", "↓", {e: get(e, "ttft_warm_s") for e in results}))
     rows.append(("load time in process", "s", "↓", {e: get(e, "load_seconds") for e in results}))
     rows.append(("peak RSS of the bench process", "mib", "↓", {e: get(e, "peak_rss_bytes") for e in results}))
     return rows
@@ -850,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{spec['text_tokens']} token ids of {' + '.join(str(f.relative_to(REPO)) for f in TEXT_FILES)}, "
                  "repeated and truncated; every engine gets the same ids.")
     notes.append("TTFT cold/warm = wall time of a whole fresh process (interpreter start, imports, load, one "
-                 "token, exit); mqa-gen runs its CLI with a private empty NUMBA_CACHE_DIR for the cold run. "
+                 f"token, exit); cold is one run, warm the median of {args.repeats}; mqa-gen runs its CLI with a private empty NUMBA_CACHE_DIR for the cold run. "
                  "The OS file cache is not dropped, so 'cold' still reads the GGUF from page cache.")
     notes.append("peak RSS is the benchmark child's own peak (model + the largest prompt's activations + "
                  "a cache for the deepest prompt); CLI TTFT runs report theirs in the raw JSON.")

@@ -15,12 +15,14 @@ only, and the cache of such a layer is a ring of ``window`` rows (:class:`~mqa_g
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from .cache import KVCache
 from .kernels import attention_decode, attention_prefill, rmsnorm, rope
 from .kernels.attention import DECODE_BLOCK
-from .linear import DenseLinear, matvec_many
+from .linear import DenseLinear, FusedMatvec
 
 
 class DecodeScratch:
@@ -65,11 +67,20 @@ class Attention:
         if wk.out_features != n_kv_heads * head_dim or wv.out_features != wk.out_features:
             raise ValueError(f"W_k/W_v do not fit {n_kv_heads} KV heads of {head_dim}")
         self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.qkv_matvec = FusedMatvec((wq, wk, wv))  # decode: q, k, v in one kernel launch
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope_interleaved = rope_interleaved
         self.q_norm, self.k_norm, self.norm_eps = q_norm, k_norm, norm_eps
         self.window = window
         self.scale = np.float32(1.0 / np.sqrt(head_dim) if scale is None else scale)
+
+    def with_kv_projections(self, wk, wv, n_kv_heads: int) -> "Attention":
+        """A copy of this block whose K/V projections (:mod:`mqa_gen.linear` objects, [n_kv_heads ·
+        head_dim, d_model]) serve ``n_kv_heads`` KV heads; W_q, W_o and the rest are shared."""
+        new = copy.copy(self)
+        new.wk, new.wv, new.n_kv_heads = wk, wv, n_kv_heads
+        new.qkv_matvec = FusedMatvec((new.wq, wk, wv))
+        return new
 
     def __call__(self, x: np.ndarray, cache: KVCache, layer: int, cos: np.ndarray, sin: np.ndarray,
                  scratch: DecodeScratch) -> np.ndarray:
@@ -82,7 +93,7 @@ class Attention:
         T = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         if T == 1:
-            q, k, v = matvec_many((self.wq, self.wk, self.wv), x[0])
+            q, k, v = self.qkv_matvec(x[0])  # buffers reused by the next decode step of this layer
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.q_norm is not None:  # per-head RMSNorm, in place on the (T·H, D) rows

@@ -141,6 +141,11 @@ class KVCache:
         if self.length + T > self.max_seq_len:
             raise ValueError(f"KV cache full: {self.length} + {T} tokens > capacity {self.max_seq_len}")
         cap = self._capacity[layer]
+        if T == 1:  # decode: one row into its slot (the common case, kept short)
+            slot = self.length % cap
+            self.keys[layer][:, slot, :] = self.to_storage(k[0])
+            self.values[layer][:, slot, :] = self.to_storage(v[0])
+            return
         end = self.length + T
         n = min(T, cap)  # a ring keeps only the last `cap` of the new rows
         first = end - n

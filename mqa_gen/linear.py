@@ -168,19 +168,35 @@ _NO_Q4_1 = (np.zeros((0, 1, 16, TILE), np.uint8), np.zeros((0, 1, TILE), np.floa
             np.zeros((0, 1, TILE), np.float32), np.zeros(0, np.float32))
 
 
-def matvec_many(linears, x: np.ndarray) -> list[np.ndarray]:
-    """[W x for W in linears] for one float32 vector x [in_features], each float32 [out_features].
+class FusedMatvec:
+    """[W x for W in linears] for one float32 vector x [in_features], as decode needs it: W_q, W_k,
+    W_v of a layer, or W_gate, W_up.
 
-    Two or three 4-bit matrices (W_q/W_k/W_v, W_gate/W_up) run in one fused kernel launch.
+    Two or three 4-bit matrices run in one kernel launch (one parallel region instead of three).
+    The outputs, float32 [out_features] each, are buffers owned by this object and overwritten by
+    the next call: no allocation per decode step.
     """
-    x = np.ascontiguousarray(x)
-    if 2 <= len(linears) <= 3 and all(getattr(w, "mins", None) is not None for w in linears):
-        outs = [np.empty(w.out_features, np.float32) for w in linears]
-        slots = [(w.codes, w.scales, w.mins, y) for w, y in zip(linears, outs)]
-        slots += [_NO_Q4_1] * (3 - len(slots))
-        q4_1_matvec3(*slots[0], *slots[1], *slots[2], x)
-        return outs
-    return [w(x[None])[0] for w in linears]
+
+    def __init__(self, linears):
+        self.linears = tuple(linears)
+        self.outs = [np.empty(w.out_features, np.float32) for w in self.linears]
+        fused = 2 <= len(self.linears) <= 3 and all(getattr(w, "mins", None) is not None for w in self.linears)
+        self._fused_args = None
+        if fused:
+            slots = [(w.codes, w.scales, w.mins, y) for w, y in zip(self.linears, self.outs)]
+            slots += [_NO_Q4_1] * (3 - len(slots))
+            self._fused_args = tuple(a for slot in slots for a in slot)
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        if self._fused_args is not None:
+            q4_1_matvec3(*self._fused_args, x)
+            return self.outs
+        for w, y in zip(self.linears, self.outs):
+            if isinstance(w, QuantizedLinear):
+                w.matvec(x, y)
+            else:
+                y[:] = w(x[None])[0]
+        return self.outs
 
 
 def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):

@@ -76,10 +76,9 @@ def regroup_model(model, n_kv_heads: int):
     new.blocks = []
     for block in model.blocks:
         block = copy.copy(block)
-        attn = copy.copy(block.attention)
-        attn.wk = _regroup_linear(attn.wk, native, n_kv_heads, attn.head_dim)
-        attn.wv = _regroup_linear(attn.wv, native, n_kv_heads, attn.head_dim)
-        attn.n_kv_heads = n_kv_heads
-        block.attention = attn
+        attn = block.attention
+        block.attention = attn.with_kv_projections(_regroup_linear(attn.wk, native, n_kv_heads, attn.head_dim),
+                                                   _regroup_linear(attn.wv, native, n_kv_heads, attn.head_dim),
+                                                   n_kv_heads)
         new.blocks.append(block)
     return new

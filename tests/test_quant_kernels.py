@@ -83,14 +83,20 @@ def test_real_model_tensors_stay_quantised(smollm2):
     np.testing.assert_allclose(q.matvec(x), w @ x, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("shapes", [[(64, 96), (TILE + 1, 96), (3, 96)], [(40, 64), (70, 64)]])
-def test_fused_matvec_equals_separate_products(shapes):
-    from mqa_gen.linear import matvec_many
+@pytest.mark.parametrize("shapes,types", [
+    ([(64, 96), (TILE + 1, 96), (3, 96)], ["Q4_1"] * 3),  # one fused kernel launch
+    ([(40, 64), (70, 64)], ["Q4_1"] * 2),
+    ([(40, 64), (70, 64)], ["Q4_1", "Q8_0"]),  # mixed layouts: one product each
+])
+def test_fused_matvec_equals_separate_products(shapes, types):
+    from mqa_gen.linear import FusedMatvec
 
-    pairs = [quantized(rows, cols, "Q4_1") for rows, cols in shapes]
-    x = RNG.standard_normal(shapes[0][1]).astype(np.float32)
-    for (lin, _), fused in zip(pairs, matvec_many([lin for lin, _ in pairs], x)):
-        np.testing.assert_array_equal(fused, lin.matvec(x))
+    pairs = [quantized(rows, cols, t) for (rows, cols), t in zip(shapes, types)]
+    fused = FusedMatvec([lin for lin, _ in pairs])
+    for _ in range(2):  # the output buffers are reused: a second call gives the new products
+        x = RNG.standard_normal(shapes[0][1]).astype(np.float32)
+        for (lin, _), y in zip(pairs, fused(x)):
+            np.testing.assert_array_equal(y, lin.matvec(x))
 
 
 @pytest.mark.parametrize("type_name", ALL_TYPES)

@@ -16,7 +16,7 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..gguf_file import GGUFFile
 from ..kernels import rmsnorm, swiglu
-from ..linear import linear_from_gguf, matvec_many
+from ..linear import FusedMatvec, linear_from_gguf
 from ..weights import tensor_f32
 
 
@@ -54,11 +54,12 @@ class GatedMLP:
     def __init__(self, w_gate, w_up, w_down, gated_activation=swiglu):
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         self.gated_activation = gated_activation
+        self.gate_up_matvec = FusedMatvec((w_gate, w_up))  # decode: one kernel launch
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: float32 [T, d_model] → float32 [T, d_model]."""
         if x.shape[0] == 1:
-            gate, up = (y[None] for y in matvec_many((self.w_gate, self.w_up), x[0]))
+            gate, up = (y[None] for y in self.gate_up_matvec(x[0]))  # buffers reused next step
         else:
             gate, up = self.w_gate(x), self.w_up(x)  # (T, d_ff)
         self.gated_activation(gate, up, gate)
