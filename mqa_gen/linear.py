@@ -16,7 +16,6 @@ import numpy as np
 
 from .gguf_file import GGUFFile
 from .kernels.quant import (
-    TILE,
     tile_rows,
     untile_rows,
     q4_1_dequantize_rows,
@@ -164,10 +163,6 @@ class QuantizedLinear:
         return out
 
 
-_NO_Q4_1 = (np.zeros((0, 1, 16, TILE), np.uint8), np.zeros((0, 1, TILE), np.float32),
-            np.zeros((0, 1, TILE), np.float32), np.zeros(0, np.float32))
-
-
 class FusedMatvec:
     """[W x for W in linears] for one float32 vector x [in_features], as decode needs it: W_q, W_k,
     W_v of a layer, or W_gate, W_up.
@@ -184,7 +179,9 @@ class FusedMatvec:
         self._fused_args = None
         if fused:
             slots = [(w.codes, w.scales, w.mins, y) for w, y in zip(self.linears, self.outs)]
-            slots += [_NO_Q4_1] * (3 - len(slots))
+            # An unused third slot: 0-tile slices of the first matrix (the same types, so the
+            # kernel the warm-up compiled is the one that runs).
+            slots += [tuple(a[:0] for a in slots[0])] * (3 - len(slots))
             self._fused_args = tuple(a for slot in slots for a in slot)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:

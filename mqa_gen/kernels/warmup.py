@@ -59,6 +59,9 @@ def compile_kernels() -> None:
     f32 = np.float32
     x = np.ones((2, 8), f32)
     rmsnorm(x, np.ones(8, f32), 1e-5, np.empty_like(x))
+    gain = np.ones(8, f32)
+    gain.flags.writeable = False  # float32 norm weights are read-only views of the GGUF mapping
+    rmsnorm(x, gain, 1e-5, np.empty_like(x))
     swiglu(x, x, np.empty_like(x))
     geglu_tanh(x, x, np.empty_like(x))
     softmax_inplace(np.ones(4, f32))
