@@ -74,7 +74,6 @@ def cli() -> None:
     """Generate text with Multi-Query Attention and measure what the KV cache costs."""
 
 
-
 def main() -> None:
     """Console-script entry point."""
     try:
