@@ -98,7 +98,8 @@ def generation_options(f):
 _GENERATION_OPTIONS = [
     click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
     click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy."),
-    click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens; 0 = off."),
+    click.option("--top-k", type=int, default=0, show_default=True,
+                 help="Keep the k most likely tokens; 0 (or less, as in llama.cpp) = off."),
     click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass; 1 = off."),
     click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p × p(best); 0 = off."),
     click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Repetition penalty; 1 = off."),
@@ -107,7 +108,9 @@ _GENERATION_OPTIONS = [
     click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); it is not printed."),
     click.option("--ctx-size", type=int, default=None, help="Context in tokens (default: the model's)."),
     click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA."),
-    click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
+    click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+                 help="KV-cache element type: float32 keeps transformers' logits; float16 (llama.cpp's "
+                      "default) halves the cache and is faster at long contexts."),
 ]
 
 
