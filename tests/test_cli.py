@@ -148,3 +148,14 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch, load, expected):
 
     monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
     assert idle_cores(2) == expected
+
+
+def test_help_lists_every_command_and_an_unknown_one_exits_2():
+    from mqa_gen.cli import COMMANDS
+
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:  # verbs are imported on use; --help must still list them all
+        assert name in result.output
+    assert set(COMMANDS) == {"generate", "chat", "convert", "info", "bench-cache"}
+    assert CliRunner().invoke(cli, ["frobnicate"]).exit_code == 2

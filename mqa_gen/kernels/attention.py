@@ -73,6 +73,14 @@ def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
+def _four_rows(cache, g, s, rows):
+    """Cache rows s .. s+3 of KV head g as four float32 [head_dim] arrays (views of a float32
+    cache, or float16 rows decoded into rows[0..3], float32 [4, head_dim])."""
+    return (cache_row(cache, g, s, rows[0]), cache_row(cache, g, s + 1, rows[1]),
+            cache_row(cache, g, s + 2, rows[2]), cache_row(cache, g, s + 3, rows[3]))
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows):
     """scores[h0 + j, s] = q_group[j] · k_cache[g, s] for s in [s0, s1), and m[j] = max(m[j], those).
 
@@ -82,8 +90,7 @@ def _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows):
     G, D = q_group.shape
     s = s0
     while s + 4 <= s1:
-        k0, k1 = cache_row(k_cache, g, s, rows[0]), cache_row(k_cache, g, s + 1, rows[1])
-        k2, k3 = cache_row(k_cache, g, s + 2, rows[2]), cache_row(k_cache, g, s + 3, rows[3])
+        k0, k1, k2, k3 = _four_rows(k_cache, g, s, rows)
         for j in range(G):
             qj = q_group[j]
             a0 = a1 = a2 = a3 = np.float32(0.0)
@@ -114,8 +121,7 @@ def _block_values(p, v_cache, g, s0, s1, h0, o, rows):
     G, D = o.shape
     s = s0
     while s + 4 <= s1:
-        v0, v1 = cache_row(v_cache, g, s, rows[0]), cache_row(v_cache, g, s + 1, rows[1])
-        v2, v3 = cache_row(v_cache, g, s + 2, rows[2]), cache_row(v_cache, g, s + 3, rows[3])
+        v0, v1, v2, v3 = _four_rows(v_cache, g, s, rows)
         for j in range(G):
             p0, p1, p2, p3 = p[h0 + j, s], p[h0 + j, s + 1], p[h0 + j, s + 2], p[h0 + j, s + 3]
             oj = o[j]
