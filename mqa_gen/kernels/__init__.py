@@ -29,7 +29,7 @@ def _configure_numba_cache() -> None:
 _configure_numba_cache()
 
 from .attention import attention_decode, attention_prefill  # noqa: E402
-from .elementwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu  # noqa: E402
+from .rowwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu  # noqa: E402
 from .warmup import compile_kernels, kernels_are_compiled  # noqa: E402
 
 __all__ = [

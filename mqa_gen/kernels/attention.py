@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bits import exp32
-from .elementwise import softmax_inplace
+from .rowwise import softmax_inplace
 from .flags import FASTMATH
 from .halfprec import cache_row
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _user_cache_dir
 from .attention import DECODE_BLOCK, attention_decode, attention_prefill
-from .elementwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu
+from .rowwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu
 from .quant import (
     TILE,
     q4_1_dequantize_rows,
