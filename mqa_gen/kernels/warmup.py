@@ -18,7 +18,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import _user_cache_dir
+from .numba_cache import user_cache_dir
 from .attention import DECODE_BLOCK, attention_decode, attention_prefill
 from .rowwise import geglu_tanh, rmsnorm, rope, softmax_inplace, swiglu
 from .quant import (
@@ -44,7 +44,7 @@ def _marker_path() -> Path:
     for source in sorted(here.glob("*.py")):
         digest.update(source.read_bytes())
     digest.update(f"{numba.__version__}|{sys.version}|{platform.machine()}|{here}".encode())
-    cache_root = Path(os.environ.get("NUMBA_CACHE_DIR") or _user_cache_dir()).parent
+    cache_root = Path(os.environ.get("NUMBA_CACHE_DIR") or user_cache_dir()).parent
     return cache_root / f"kernels-compiled-{digest.hexdigest()[:16]}"
 
 
