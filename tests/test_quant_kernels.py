@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, dequantize, quantize
 
-from mqa_gen.kernels.quant import TILE
+from mqa_gen.kernels.quant import TILE, int8_matmul, repack_q5_0, repack_q6_k, repack_q8_0
 from mqa_gen.linear import QuantizedLinear, linear_from_gguf
 
 RNG = np.random.default_rng(3)
@@ -107,3 +107,45 @@ def test_repeating_heads_keeps_the_quantised_values(type_name):
     assert wide.type_name == type_name and wide.out_features == 9 * 16
     expected = np.repeat(w.reshape(3, 16, cols), 3, axis=0).reshape(9 * 16, cols)
     np.testing.assert_array_equal(wide.dequantize(), expected)
+
+
+INT8_REPACKERS = {"Q8_0": (repack_q8_0, SHAPES[2]), "Q5_0": (repack_q5_0, (100, 576)),
+                  "Q6_K": (repack_q6_k, (TILE + 3, 512))}  # rows not a multiple of TILE
+
+
+def int8_layout(type_name: str):
+    """(codes, scales, W) for a random matrix of ``type_name``, W dequantised by the gguf package."""
+    repack, (rows, cols) = INT8_REPACKERS[type_name]
+    raw = random_raw(rows, cols, type_name)
+    reference = dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, cols)
+    return (*repack(raw, rows, cols), reference.astype(np.float64))
+
+
+@pytest.mark.parametrize("type_name", list(INT8_REPACKERS))
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_int8_matmul_equals_dequantised_matmul(type_name, n):
+    codes, scales, w = int8_layout(type_name)
+    rows, cols = w.shape
+    x = RNG.standard_normal((n, cols)).astype(np.float32)
+    expected = x.astype(np.float64) @ w.T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w).T  # float32 rounding scales with Σ|x w|
+    # Scales as the repacking keeps them (float16 bits for Q8_0 and Q5_0, float32 for Q6_K) and
+    # as float32 values: both scale types compile and give the product.
+    f32_scales = scales.view(np.float16).astype(np.float32) if scales.dtype == np.uint16 else scales
+    for s in (scales, f32_scales):
+        y = np.full((n, rows), np.nan, np.float32)
+        int8_matmul(codes, s, x, y)
+        assert np.all(np.abs(y - expected) <= 1e-5 * magnitude)
+
+
+@pytest.mark.parametrize("type_name", list(INT8_REPACKERS))
+def test_int8_matmul_row_does_not_depend_on_its_batch(type_name):
+    """A sequence decoded in a batch gets the same product, bit for bit, as decoded alone."""
+    codes, scales, w = int8_layout(type_name)
+    x = RNG.standard_normal((5, w.shape[1])).astype(np.float32)
+    batch = np.empty((5, w.shape[0]), np.float32)
+    int8_matmul(codes, scales, x, batch)
+    for k in range(5):
+        alone = np.empty((1, w.shape[0]), np.float32)
+        int8_matmul(codes, scales, x[k:k + 1], alone)
+        np.testing.assert_array_equal(batch[k], alone[0])
