@@ -201,3 +201,16 @@ def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
         inv = np.float32(1.0) / total
         for d in range(D):
             out[h, d] *= inv
+
+
+def warm_up() -> None:
+    """Call both kernels once on tiny inputs, for a float32 cache and a float16 one (uint16 bits),
+    so Numba compiles (or loads from its disk cache) each specialisation before the first token."""
+    f32 = np.float32
+    q = np.ones((2, 2, 4), f32)
+    for storage in (np.float32, np.uint16):
+        k = np.zeros((1, 4, 4), storage)
+        attention_prefill(q, k, k, 0, f32(0.5), 0, np.empty_like(q))
+        scores = np.empty((2, 4), f32)
+        partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4 + 2), f32)
+        attention_decode(q[0], k, k, 3, f32(0.5), scores, partial, np.empty((2, 4), f32))

@@ -341,3 +341,26 @@ def int8_dequantize_rows(codes, scales, row_ids, out):
             d = as_float32(scales[t, b, r])
             for i in range(bs):
                 out[k, b * bs + i] = d * np.float32(codes[t, b, i, r])
+
+
+def warm_up() -> None:
+    """Call each product and dequantisation kernel once on tiny repacked matrices, with float16-bit
+    scales (Q4_1, Q8_0, Q5_0) and float32 ones (the K-quants), so Numba compiles (or loads from its
+    disk cache) each specialisation before the first token."""
+    f32 = np.float32
+    x, xs, rows = np.ones(256, f32), np.ones((2, 256), f32), np.arange(2)
+    for codes, scales, mins in (repack_q4_1(np.zeros((TILE, 8 * 20), np.uint8), TILE, 256),
+                                repack_q4_k(np.zeros((TILE, 144), np.uint8), TILE, 256)):
+        q4_1_matvec(codes, scales, mins, x, np.empty(TILE, f32))
+        q4_1_matmul(codes, scales, mins, xs, np.empty((2, TILE), f32))
+        y = np.empty(TILE, f32)
+        # The unused third slot of a fused product: empty slices of the first matrix's arrays.
+        q4_1_matvec3(codes, scales, mins, y, codes, scales, mins, y, codes[:0], scales[:0], mins[:0], y[:0], x)
+        q4_1_dequantize_rows(codes, scales, mins, rows, np.empty((2, 256), f32))
+        q4_1_dequantize_transposed(codes, scales, mins, np.empty((256, TILE), f32))
+    for codes, scales in (repack_q8_0(np.zeros((TILE, 8 * 34), np.uint8), TILE, 256),
+                          repack_q6_k(np.zeros((TILE, 210), np.uint8), TILE, 256)):
+        int8_matvec(codes, scales, x, np.empty(TILE, f32))
+        int8_matmul(codes, scales, xs, np.empty((2, TILE), f32))
+        int8_dequantize_rows(codes, scales, rows, np.empty((2, 256), f32))
+        int8_dequantize_transposed(codes, scales, np.empty((256, TILE), f32))

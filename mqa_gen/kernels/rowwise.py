@@ -100,3 +100,21 @@ def softmax_inplace(row):
     inv = np.float32(1.0) / total
     for i in range(row.shape[0]):
         row[i] *= inv
+
+
+def warm_up() -> None:
+    """Call each kernel here once on tiny inputs, with every argument type the model passes, so
+    Numba compiles (or loads from its disk cache) each specialisation before the first token."""
+    f32 = np.float32
+    x = np.ones((2, 8), f32)
+    rmsnorm(x, np.ones(8, f32), 1e-5, np.empty_like(x))
+    gain = np.ones(8, f32)
+    gain.flags.writeable = False  # float32 norm weights are read-only views of the GGUF mapping
+    rmsnorm(x, gain, 1e-5, np.empty_like(x))
+    swiglu(x, x, np.empty_like(x))
+    geglu_tanh(x, x, np.empty_like(x))
+    softmax_inplace(np.ones(4, f32))
+    q = np.ones((2, 2, 4), f32)
+    cos, sin = np.ones((2, 2), f32), np.zeros((2, 2), f32)
+    rope(q, cos, sin, True)
+    rope(q, cos, sin, False)
