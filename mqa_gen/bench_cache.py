@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import CACHE_DTYPES, KVCache
+from .cache import KVCache
 from .config import ModelConfig
 from .errors import MqaGenError
+from .kv_storage import STORAGE_TYPES
 from .regroup import regroup_model, valid_kv_heads
 
 #: Defaults of ``mqa-gen bench-cache`` (GUIDE.md §3). Models with sliding-window layers (Gemma 3)
@@ -240,9 +241,9 @@ def itemsize(cache_dtype: str) -> int:
     Raises:
         BenchError: an unknown dtype.
     """
-    if cache_dtype not in CACHE_DTYPES:
-        raise BenchError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
-    return np.dtype(CACHE_DTYPES[cache_dtype]).itemsize
+    if cache_dtype not in STORAGE_TYPES:
+        raise BenchError(f"--cache-dtype must be one of {', '.join(STORAGE_TYPES)}, got {cache_dtype!r}")
+    return STORAGE_TYPES[cache_dtype].itemsize
 
 
 def formula_result(model_name: str, config: ModelConfig, kv_heads: Sequence[int], contexts: Sequence[int],
@@ -269,11 +270,12 @@ def formula_result(model_name: str, config: ModelConfig, kv_heads: Sequence[int]
 def held_bytes(cache: KVCache) -> int:
     """Bytes the cache's K and V arrays hold, summed from the NumPy arrays themselves (not from the
     formula), so comparing it with the formula checks the cache's layout."""
-    return int(sum(a.nbytes for a in cache.keys) + sum(a.nbytes for a in cache.values))
+    return int(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
 
 
 def fill_direct(cache: KVCache, n_tokens: int, seed: int = 0) -> None:
-    """Append ``n_tokens`` rows to every layer with :meth:`KVCache.write` and :meth:`KVCache.advance`
+    """Append ``n_tokens`` rows to every layer through its layer cache (``update_and_fetch``) and
+    :meth:`KVCache.advance`
     (seeded standard-normal K/V values), without running the model."""
     rng = np.random.default_rng(seed)
     block = rng.standard_normal((_FILL_CHUNK, cache.n_kv_heads, cache.head_dim), dtype=np.float32)
@@ -281,7 +283,7 @@ def fill_direct(cache: KVCache, n_tokens: int, seed: int = 0) -> None:
     while done < n_tokens:
         n = min(_FILL_CHUNK, n_tokens - done)
         for layer in range(cache.n_layers):
-            cache.write(layer, block[:n], block[:n])
+            cache.layers[layer].update_and_fetch(block[:n], block[:n], cache.length)
         cache.advance(n)
         done += n
 

@@ -1,24 +1,24 @@
-"""The per-layer KV cache: preallocated, head-major, written in place.
+"""The KV cache: per sequence, one preallocated K/V store per layer, written in place.
 
-Layout per layer: K and V arrays of shape [n_kv_heads, max_seq_len, head_dim], so the decode kernel
-reads each KV head's history as one contiguous block. Decode writes row ``length`` in place;
-nothing is concatenated or reallocated per token. A float16 cache stores its values as uint16 bit
-patterns (Numba has no float16 on the CPU; kernels decode them with a lookup table).
+Two layers of objects, as mlx-lm's ``models/cache.py`` keeps one class per storage policy:
 
-Bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × itemsize — the quantity MQA
-shrinks by a factor n_heads relative to MHA (Shazeer 2019).
+* a **layer cache** holds one layer's K and V arrays of shape [n_kv_heads, capacity, head_dim]
+  (head-major, so the decode kernel reads a KV head's history as one contiguous block) and answers
+  one call, :meth:`LayerCache.update_and_fetch`: store the new rows, return what the attention
+  kernels read. :class:`LayerCache` keeps every position (row p holds position p);
+  :class:`RingLayerCache` keeps the last ``window`` positions of a sliding-window layer in a ring
+  (position p in slot p mod capacity). Neither concatenates or reallocates per token.
+* a **sequence cache**, :class:`KVCache`, holds the layer caches of one sequence, how many
+  positions are stored (``length``), and which token id produced each position (``token_ids``), so
+  a later prompt can reuse the longest common prefix (:meth:`KVCache.common_prefix`). The model's
+  ``forward`` writes rows through the layer caches and advances ``length``; whoever knows the ids
+  labels them (:meth:`KVCache.label_tokens`, the generation loop does). A position nobody labelled
+  is unknown (-1) and never matches, so an unlabelled cache is never silently reused.
 
-The cache also remembers which token id produced each stored position (``token_ids``), so a later
-prompt can reuse the longest common prefix (:meth:`KVCache.common_prefix`). The model's
-``forward`` only writes K/V rows; whoever knows the ids labels them with
-:meth:`KVCache.label_tokens` (the generation loop does). A position nobody labelled is "unknown"
-(-1) and never matches, so an unlabelled cache is never silently reused. :meth:`KVCache.save` and
-:meth:`KVCache.load` persist the stored rows and their ids (format in :mod:`mqa_gen.prompt_cache`).
-
-Sliding-window layers (Gemma 3's local layers attend to the last ``window`` positions only) keep a
-ring buffer of ``window`` rows: position p lives in slot p mod capacity. The same rule holds for a
-full layer, whose capacity is ``max_seq_len`` (so the slot is p). A ring cannot be rolled back
-further than it remembers, see :meth:`KVCache.can_truncate`.
+The element type is a storage object (:mod:`mqa_gen.kv_storage`): float32, or float16 kept as
+uint16 bits. Bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × itemsize — the
+quantity MQA shrinks by a factor n_heads relative to MHA (Shazeer 2019). Saving and loading a cache
+is :mod:`mqa_gen.prompt_cache`'s job.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import mmap
 
 import numpy as np
 
-CACHE_DTYPES = {"float32": np.float32, "float16": np.float16}
+from .kv_storage import CacheStorage, storage_type
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -52,53 +52,168 @@ def kv_bytes(n_tokens: int, windows, n_kv_heads: int, head_dim: int, itemsize: i
     return 2 * rows * n_kv_heads * head_dim * itemsize
 
 
+class LayerCache:
+    """One full-attention layer's K and V: position p is stored in row p.
+
+    Args:
+        n_kv_heads, capacity, head_dim: ints > 0 (capacity in positions).
+        storage: the element type (:class:`~mqa_gen.kv_storage.CacheStorage`).
+
+    Attributes:
+        keys, values: [n_kv_heads, capacity, head_dim] arrays of ``storage.array_dtype``.
+        window: 0 (every earlier position is attended to).
+    """
+
+    window = 0
+
+    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, storage: CacheStorage):
+        self.capacity, self.storage = capacity, storage
+        self.keys = lazy_zeros((n_kv_heads, capacity, head_dim), storage.array_dtype)
+        self.values = lazy_zeros((n_kv_heads, capacity, head_dim), storage.array_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the K and V arrays (the whole capacity)."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def slot(self, position: int) -> int:
+        """The row that holds ``position``."""
+        return position % self.capacity
+
+    def update_and_fetch(self, k: np.ndarray, v: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Store the K/V rows of T new tokens at positions position .. position+T-1 and return what
+        the attention kernels read for them.
+
+        k, v: float32 [T, n_kv_heads, head_dim]. Returns ``(keys, values, start)``: stored arrays
+        [n_kv_heads, S, head_dim] in which new token t sits at index start + t and may attend to
+        every index ≤ start + t (a sliding-window layer's kernel applies the window itself). For
+        one new token that means all rows 0 .. start, in any order (softmax ignores order).
+
+        Raises:
+            ValueError: the rows do not fit in the capacity.
+        """
+        if position + k.shape[0] > self.capacity:
+            raise ValueError(f"KV cache full: {position} + {k.shape[0]} tokens > capacity {self.capacity}")
+        self._store(k, v, position)
+        return self.keys, self.values, position
+
+    def _store(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
+        T, cap = k.shape[0], self.capacity
+        encode = self.storage.encode
+        if T == 1:  # one row into its slot: the decode step's write, kept short
+            slot = position % cap
+            self.keys[:, slot, :] = encode(k[0])
+            self.values[:, slot, :] = encode(v[0])
+            return
+        end = position + T
+        n = min(T, cap)  # a ring keeps only the last `cap` of the new rows
+        first = end - n
+        if first // cap == (end - 1) // cap:  # one contiguous run of slots
+            slots = slice(first % cap, (end - 1) % cap + 1)
+        else:
+            slots = np.arange(first, end) % cap
+        self.keys[:, slots, :] = encode(k[T - n:]).transpose(1, 0, 2)
+        self.values[:, slots, :] = encode(v[T - n:]).transpose(1, 0, 2)
+
+    def rows(self, end: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stored K and V [n_kv_heads, m, head_dim] of positions end − m .. end − 1, in position
+        order, m = min(n, end, capacity) (copies; for saving, tests and the ring prefill path)."""
+        m = min(n, end, self.capacity)
+        slots = np.arange(end - m, end) % self.capacity
+        return self.keys[:, slots, :], self.values[:, slots, :]
+
+    def load_rows(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
+        """Put stored rows k, v [n_kv_heads, m, head_dim] (``storage.array_dtype``) at ``positions``
+        (int [m], each < the sequence capacity; a ring keeps those it holds): for loading a cache."""
+        slots = positions % self.capacity
+        self.keys[:, slots, :] = k
+        self.values[:, slots, :] = v
+
+    def can_truncate(self, length: int, n_tokens: int) -> bool:
+        """Whether a sequence of ``length`` positions may be cut back to ``n_tokens``: always here."""
+        return True
+
+
+class RingLayerCache(LayerCache):
+    """A sliding-window layer's K and V: a ring of ``capacity`` = min(window, max_seq_len) rows,
+    position p in slot p mod capacity (Gemma 3's local layers attend to the last ``window``
+    positions only, Beltagy et al. 2020). Once the ring has wrapped it no longer holds the rows a
+    rollback would need (:meth:`can_truncate`)."""
+
+    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, storage: CacheStorage, window: int):
+        super().__init__(n_kv_heads, capacity, head_dim, storage)
+        self.window = window
+
+    def update_and_fetch(self, k: np.ndarray, v: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """As :meth:`LayerCache.update_and_fetch`. One new token: the ring itself, start =
+        min(position, capacity − 1) (all rows held are in its window). Several tokens that fit
+        before the ring wraps: the ring, start = position. Several that wrap it: a new array
+        [the window's older rows | the new rows] in position order, start = the older rows' count
+        (read before the new rows overwrite them)."""
+        T, cap = k.shape[0], self.capacity
+        if T == 1:
+            self._store(k, v, position)
+            return self.keys, self.values, min(position, cap - 1)
+        if position + T <= cap:  # rows still in position order
+            self._store(k, v, position)
+            return self.keys, self.values, position
+        old_k, old_v = self.rows(position, self.window - 1)  # (KV, n_old, D)
+        encode = self.storage.encode
+        keys = np.concatenate([old_k, encode(k).transpose(1, 0, 2)], axis=1)
+        values = np.concatenate([old_v, encode(v).transpose(1, 0, 2)], axis=1)
+        self._store(k, v, position)
+        return keys, values, old_k.shape[1]
+
+    def can_truncate(self, length: int, n_tokens: int) -> bool:
+        """A ring that has wrapped only goes back one position (the next token needs positions
+        n − window + 1 .. n − 1; the ring holds length − window ..); back to 0 always works."""
+        return n_tokens == 0 or length <= self.capacity or n_tokens >= length - 1
+
+
 class KVCache:
-    """K and V arrays for every layer, preallocated for ``max_seq_len`` tokens.
+    """The KV cache of one sequence: a layer cache per layer, preallocated for ``max_seq_len`` tokens.
 
     Args:
         n_layers, n_kv_heads, head_dim: model dimensions (ints > 0).
         max_seq_len: capacity in tokens (int > 0).
-        dtype: ``"float32"`` or ``"float16"`` (stored as uint16 bits).
+        dtype: a storage name (``"float32"``, ``"float16"``) or :class:`~mqa_gen.kv_storage.CacheStorage`.
         windows: per layer, the sliding window in tokens (0 = full attention); None = all full.
 
     Attributes:
-        keys, values: lists of n_layers arrays [n_kv_heads, capacity(layer), head_dim], dtype
-            float32 or uint16; capacity is max_seq_len, or min(window, max_seq_len) for a
-            sliding-window layer.
-        length: tokens stored (int); positions ``max(0, length - capacity) .. length-1`` are held
-            by each layer, in slot ``position % capacity``.
+        layers: one :class:`LayerCache` (or :class:`RingLayerCache`) per layer.
+        storage: the element type; ``dtype`` is its name.
+        length: tokens stored (int); layer i holds positions max(0, length − capacity_i) .. length − 1.
         token_ids: int64 [length] view of the id stored at each position (-1 = unknown).
 
     Raises:
         ValueError: a dimension ≤ 0, an unknown dtype, or a windows list of the wrong length.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: str = "float32",
-                 windows=None):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
+                 dtype: str | CacheStorage = "float32", windows=None):
         if min(n_layers, n_kv_heads, head_dim, max_seq_len) <= 0:
             raise ValueError("KV cache dimensions must all be > 0")
-        if dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+        self.storage = storage_type(dtype)
         windows = tuple(int(w) for w in windows) if windows is not None else (0,) * n_layers
         if len(windows) != n_layers or min(windows) < 0:
             raise ValueError(f"windows must give one value >= 0 per layer ({n_layers}), got {windows!r}")
-        self.n_layers = n_layers
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = head_dim
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.max_seq_len = max_seq_len
-        self.dtype = dtype
         self.windows = windows
-        self._capacity = [min(w, max_seq_len) if w else max_seq_len for w in windows]
-        storage = np.float32 if dtype == "float32" else np.uint16
-        self.keys = [lazy_zeros((n_kv_heads, c, head_dim), storage) for c in self._capacity]
-        self.values = [lazy_zeros((n_kv_heads, c, head_dim), storage) for c in self._capacity]
+        self.layers = [RingLayerCache(n_kv_heads, min(w, max_seq_len), head_dim, self.storage, w) if w
+                       else LayerCache(n_kv_heads, max_seq_len, head_dim, self.storage) for w in windows]
         self._ids = np.full(max_seq_len, -1, dtype=np.int64)  # token id per position, -1 = unknown
         self.length = 0
 
     @property
+    def dtype(self) -> str:
+        """The storage type's name: ``"float32"`` or ``"float16"``."""
+        return self.storage.name
+
+    @property
     def itemsize(self) -> int:
         """Bytes per stored element: 4 (float32) or 2 (float16)."""
-        return np.dtype(CACHE_DTYPES[self.dtype]).itemsize
+        return self.storage.itemsize
 
     @property
     def bytes_per_token(self) -> int:
@@ -107,7 +222,7 @@ class KVCache:
 
     def capacity(self, layer: int) -> int:
         """Rows ``layer`` holds: max_seq_len, or its window for a sliding-window layer."""
-        return self._capacity[layer]
+        return self.layers[layer].capacity
 
     def bytes_at(self, n_tokens: int) -> int:
         """Bytes the K/V of ``n_tokens`` tokens occupy (sliding-window layers count ≤ window rows)."""
@@ -116,7 +231,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache's arrays (allocated for max_seq_len tokens)."""
-        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+        return sum(layer.nbytes for layer in self.layers)
 
     @property
     def used_bytes(self) -> int:
@@ -128,50 +243,13 @@ class KVCache:
         """Tokens that still fit."""
         return self.max_seq_len - self.length
 
-    def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Store K and V rows for the next tokens of one layer at positions length .. length+T-1.
-
-        k, v: float32 [T, n_kv_heads, head_dim]. ``length`` is not advanced: call :meth:`advance`
-        once after every layer has written.
-
-        Raises:
-            ValueError: the rows do not fit in the remaining capacity.
-        """
-        T = k.shape[0]
-        if self.length + T > self.max_seq_len:
-            raise ValueError(f"KV cache full: {self.length} + {T} tokens > capacity {self.max_seq_len}")
-        cap = self._capacity[layer]
-        if T == 1:  # decode: one row into its slot (the common case, kept short)
-            slot = self.length % cap
-            self.keys[layer][:, slot, :] = self.to_storage(k[0])
-            self.values[layer][:, slot, :] = self.to_storage(v[0])
-            return
-        end = self.length + T
-        n = min(T, cap)  # a ring keeps only the last `cap` of the new rows
-        first = end - n
-        if first // cap == (end - 1) // cap:  # one contiguous run of slots
-            slots = slice(first % cap, (end - 1) % cap + 1)
-        else:
-            slots = np.arange(first, end) % cap
-        self.keys[layer][:, slots, :] = self.to_storage(k[T - n:]).transpose(1, 0, 2)
-        self.values[layer][:, slots, :] = self.to_storage(v[T - n:]).transpose(1, 0, 2)
-
-    def to_storage(self, x: np.ndarray) -> np.ndarray:
-        """float32 rows in this cache's storage type (float32, or float16 bits as uint16)."""
-        return x if self.dtype == "float32" else x.astype(np.float16).view(np.uint16)
-
-    def window_rows(self, layer: int, n_before: int) -> tuple[np.ndarray, np.ndarray]:
-        """The K and V (storage dtype, [n_kv_heads, n, head_dim], position order) of the last
-        ``n = min(n_before, rows held)`` positions before ``length`` in ``layer`` — what a
-        sliding-window prefill needs from a ring before the new rows overwrite it."""
-        cap = self._capacity[layer]
-        n = min(n_before, self.length, cap)
-        slots = np.arange(self.length - n, self.length) % cap
-        return self.keys[layer][:, slots, :], self.values[layer][:, slots, :]
-
     def advance(self, n_tokens: int) -> None:
         """Mark ``n_tokens`` more positions as stored (after every layer wrote them). Their token
-        ids start unknown (-1) until :meth:`label_tokens` names them."""
+        ids start unknown (-1) until :meth:`label_tokens` names them.
+
+        Raises:
+            ValueError: past the capacity.
+        """
         if self.length + n_tokens > self.max_seq_len:
             raise ValueError("KV cache advanced past its capacity")
         self._ids[self.length : self.length + n_tokens] = -1
@@ -185,18 +263,18 @@ class KVCache:
         return view
 
     def label_tokens(self, ids) -> None:
-        """Record that the last ``len(ids)`` stored positions hold the tokens ``ids`` (ints ≥ 0),
-        e.g. right after ``model.forward(ids, cache)``.
+        """Record that the last ``len(ids)`` stored positions hold the tokens ``ids`` (ints ≥ -1; -1
+        = unknown), e.g. right after ``model.forward(ids, cache)``.
 
         Raises:
-            ValueError: more ids than stored positions, or a negative id.
+            ValueError: more ids than stored positions, or an id below -1.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = ids.shape[0]
         if n > self.length:
             raise ValueError(f"cannot label {n} tokens: the cache stores only {self.length}")
-        if n and ids.min() < 0:
-            raise ValueError("token ids must be >= 0")
+        if n and ids.min() < -1:
+            raise ValueError("token ids must be >= 0 (or -1 for unknown)")
         self._ids[self.length - n : self.length] = ids
 
     def common_prefix(self, ids) -> int:
@@ -209,13 +287,11 @@ class KVCache:
 
     def can_truncate(self, n_tokens: int) -> bool:
         """Whether :meth:`truncate` to ``n_tokens`` keeps every row the next token needs: always
-        for full layers; a ring of ``window`` rows that has wrapped only goes back one position
-        (the next token needs positions n − window + 1 .. n − 1, the ring holds length − window ..);
-        back to 0 always works (nothing is needed)."""
+        for full layers; a sliding-window ring that has wrapped goes back only one position; back to
+        0 always works (nothing is needed)."""
         if not 0 <= n_tokens <= self.length:
             return False
-        return n_tokens == 0 or all(not w or self.length <= c or n_tokens >= self.length - 1
-                                    for w, c in zip(self.windows, self._capacity))
+        return all(layer.can_truncate(self.length, n_tokens) for layer in self.layers)
 
     def truncate(self, n_tokens: int) -> None:
         """Keep only the first ``n_tokens`` positions (0 ≤ n_tokens ≤ length); nothing is copied.
@@ -235,46 +311,26 @@ class KVCache:
         """Forget every stored token (``truncate(0)``, allowed for every cache)."""
         self.length = 0
 
+    def resized(self, max_seq_len: int) -> "KVCache":
+        """A new cache of capacity ``max_seq_len`` (≥ length) holding this one's stored rows and token
+        ids (for a cache that grows as its owner appends: a copy, not an in-place change).
+
+        Raises:
+            ValueError: max_seq_len < length.
+        """
+        if max_seq_len < self.length:
+            raise ValueError(f"cannot resize a cache of {self.length} tokens to {max_seq_len}")
+        new = KVCache(self.n_layers, self.n_kv_heads, self.head_dim, max_seq_len, self.storage, self.windows)
+        for old_layer, new_layer in zip(self.layers, new.layers):
+            k, v = old_layer.rows(self.length, self.length)
+            new_layer.load_rows(k, v, np.arange(self.length - k.shape[1], self.length))
+        new.advance(self.length)
+        new.label_tokens(self.token_ids)
+        return new
+
     def layer_view(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """K and V of one layer's stored tokens as float32 [n_kv_heads, n, head_dim] copies in
         position order, n = min(length, capacity(layer)) (for tests and analysis; the kernels read
-        the raw arrays)."""
-        k, v = self.window_rows(layer, self.length)
-        if self.dtype == "float16":
-            k, v = k.view(np.float16), v.view(np.float16)
-        return k.astype(np.float32), v.astype(np.float32)
-
-    def save(self, path, model_id: str, extra: dict | None = None) -> int:
-        """Write the ``length`` stored rows, their token ids and ``model_id`` (see
-        :func:`mqa_gen.prompt_cache.model_identity`) to ``path`` atomically; returns bytes written.
-
-        Only the stored rows are written (not the whole capacity). ``extra`` is a JSON-able dict
-        kept in the file (``mqa-gen chat`` keeps the conversation there).
-
-        Raises:
-            PromptCacheError: the file cannot be written (the previous file, if any, is untouched).
-        """
-        from .prompt_cache import save_prompt_cache
-
-        return save_prompt_cache(path, self, model_id, extra)
-
-    @classmethod
-    def load(cls, path, model_id: str, *, config=None, dtype: str | None = None,
-             max_seq_len: int | None = None) -> "KVCache":
-        """Read a cache written by :meth:`save`, refusing it unless it matches.
-
-        Args:
-            model_id: the identity of the model that will use it; a file made by another model is refused.
-            config: the (possibly regrouped) model's config: n_layers, n_kv_heads and head_dim must match.
-            dtype: the cache dtype the caller expects (``"float32"``/``"float16"``); None accepts either.
-            max_seq_len: capacity of the returned cache (default: the stored length); if it is smaller
-                than the stored length, only the first ``max_seq_len`` positions are kept.
-
-        Raises:
-            PromptCacheError: missing, truncated, corrupt, another format version, another model,
-                other KV heads or dtype. The message is one line.
-        """
-        from .prompt_cache import load_prompt_cache
-
-        cache, _extra = load_prompt_cache(path, model_id, config=config, dtype=dtype, max_seq_len=max_seq_len)
-        return cache
+        the stored arrays)."""
+        k, v = self.layers[layer].rows(self.length, self.length)
+        return self.storage.decode(k), self.storage.decode(v)

@@ -14,13 +14,12 @@ This is a cheap, local stand-in. Layer by layer:
 
 Each layer is fitted on the original model's states, independently of the others. Weights are
 read from the GGUF file (dequantised to float32), not from the model object, so this does not
-depend on how the model keeps its weights in memory. Layout conversions: GGUF/PyTorch matrices
-are [out, in] (y = x Wᵀ); the layer's are [in, out] (y = x W).
+depend on how the model keeps its weights in memory; GGUF's [out, in] matrices go into the layer
+as they are (:meth:`~mqa_gen.layer.MultiQueryAttention.from_projections`).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ def attention_layer(gguf: GGUFFile, config: ModelConfig, layer: int, n_kv_heads:
         wv = regroup_kv_projection(wv, c.n_kv_heads, kv, hd)
     cfg = MultiQueryAttentionConfig(num_heads=c.n_heads, head_dim=hd, num_kv_heads=kv, causal=True,
                                     rope_theta=c.rope_theta, rope_interleaved=c.rope_interleaved)
-    return MultiQueryAttention.from_weights(cfg, wq.T, wk.T, wv.T, wo.T, dtype=dtype)
+    return MultiQueryAttention.from_projections(cfg, wq, wk, wv, wo, dtype=dtype)
 
 
 class _RecordingBlock:
@@ -90,13 +89,11 @@ def collect_attention_inputs(model, gguf: GGUFFile, config: ModelConfig, chunks:
     Returns one float32 [n_chunks, T, d_model] array per layer: RMSNorm(h_ℓ) with the layer's
     ``attn_norm`` gain, as the block computes it.
     """
-    from .models.llama import rms_norm
+    from .models.base import rms_norm
     from .weights import tensor_f32
 
     recorders = [_RecordingBlock(b) for b in model.blocks]
-    probe = copy.copy(model)
-    probe.blocks = recorders
-    probe._scratch = None
+    probe = model.replace(blocks=recorders)
     for ids in chunks:
         probe.forward(ids, probe.new_cache(len(ids)))
     out = []
@@ -210,7 +207,7 @@ def calibrate_kv(model, gguf: GGUFFile, config: ModelConfig, n_kv_heads: int, id
         target = attention_layer(gguf, config, layer).forward(x)  # the original attention
         mqa = attention_layer(gguf, config, layer, n_kv_heads)  # mean-pooled start
         before, after = fit_kv(mqa, x, target, steps, lr)
-        result.kv_weights[layer] = (np.ascontiguousarray(mqa.w_k.T), np.ascontiguousarray(mqa.w_v.T))
+        result.kv_weights[layer] = (mqa.projection("w_k").copy(), mqa.projection("w_v").copy())
         fit = LayerFit(layer, before, after)
         result.fits.append(fit)
         inputs[layer] = None  # free as we go

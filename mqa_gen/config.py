@@ -94,47 +94,18 @@ class ModelConfig:
         return dataclasses.replace(self, n_kv_heads=n_kv_heads)
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
-
-#: Gemma 3: every 6th layer is global, the others slide (Gemma Team 2025, "Gemma 3 Technical
-#: Report" §2; llama.cpp and transformers use the same default), with RoPE base 10,000 locally.
-GEMMA3_SLIDING_PATTERN = 6
-GEMMA3_LOCAL_ROPE_THETA = 10_000.0
-
-
-def _gemma3_extras(gguf: GGUFFile, n_layers: int, key) -> dict:
-    """The gemma3 fields GGUF metadata implies: NeoX RoPE order (the converter does not permute
-    Q/K rows for gemma), the window of each layer, and the local RoPE base."""
-    window = key("attention.sliding_window", int)
-    pattern = gguf.get("gemma3.attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
-    if isinstance(pattern, list):  # per-layer flags: true = sliding
-        if len(pattern) != n_layers:
-            raise ConfigError(f"gemma3.attention.sliding_window_pattern has {len(pattern)} entries for "
-                              f"{n_layers} layers in {gguf.path}")
-        windows = tuple(window if flag else 0 for flag in pattern)
-    elif isinstance(pattern, int) and pattern > 0:
-        windows = tuple(window if (i + 1) % pattern else 0 for i in range(n_layers))
-    else:
-        raise ConfigError(f"invalid gemma3.attention.sliding_window_pattern {pattern!r} in {gguf.path}")
-    return {"rope_interleaved": False, "layer_windows": windows, "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA}
-
-
-def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+def read_config(gguf: GGUFFile, arch: str, extras) -> ModelConfig:
     """Build a :class:`ModelConfig` from GGUF metadata (keys ``{arch}.block_count`` etc., as in the
-    GGUF spec's "LLM" section).
+    GGUF spec's "LLM" section). The architecture's own fields come from
+    ``extras(gguf, n_layers, key)`` → dict (its module's ``config_extras``; ``key(name, kind,
+    default)`` reads ``{arch}.{name}`` with the checks below); :func:`mqa_gen.models.config_from_gguf`
+    passes it.
 
     Raises:
-        UnsupportedModelError: an architecture other than llama, per-layer head counts, or RoPE
-            scaling we do not implement.
+        UnsupportedModelError: per-layer head counts, or RoPE scaling we do not implement.
         ConfigError: a missing, mistyped or inconsistent dimension; the message names the file.
     """
     path = gguf.path
-    arch = gguf.get("general.architecture")
-    if arch is None:
-        raise UnsupportedModelError(f"GGUF file {path} does not say its architecture (no general.architecture)")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        raise UnsupportedModelError(f"unsupported model architecture {arch!r} in {path} (supported: {supported})")
 
     def key(name: str, kind: type, default=None):
         # One place that turns absent or oddly typed metadata into a one-line error naming the key.
@@ -166,7 +137,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         head_dim = 0  # ModelConfig reports the zero head count itself
     tokens = gguf.get("tokenizer.ggml.tokens")
     n_layers = key("block_count", int)
-    extra = _gemma3_extras(gguf, n_layers, key) if arch == "gemma3" else {}
+    extra = extras(gguf, n_layers, key)
     dims = dict(
         n_layers=n_layers,
         n_kv_heads=key("attention.head_count_kv", int, n_heads),

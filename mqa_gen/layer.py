@@ -11,12 +11,13 @@ For x [batch, seq, d_model] (row-vector convention, y = x W):
     o_h = softmax(q_h k_{h//G}ᵀ / √head_dim) v_{h//G}       G = num_heads / num_kv_heads, causal or not
     y = concat_h(o_h) W_o → [B, T, d_model]
 
-Which kernel runs (no second attention: generation's kernels are reused wherever they fit):
+Which code runs (no second attention: the models' block is reused wherever it fits):
 
-* ``forward_with_cache`` and the plain float32 causal ``forward`` write K/V into the model's own
-  :class:`~mqa_gen.cache.KVCache` (one per sequence, see :class:`LayerKVCache`) and run the model's
-  ``attention_prefill`` / ``attention_decode`` kernels. Those compute in float32 (the cache is
-  float32 or float16), so a float64 layer's cached forward is float32-accurate.
+* ``forward_with_cache`` and the plain float32 causal ``forward`` run the models' own attention
+  block (:class:`mqa_gen.attention.Attention`, which holds this layer's weights) over the models'
+  :class:`~mqa_gen.cache.KVCache` (one per sequence, see :class:`LayerKVCache`), as one batch of
+  sequences: its ``attention_prefill`` / ``attention_decode`` kernels compute in float32 (the cache
+  is float32 or float16), so a float64 layer's cached forward is float32-accurate.
 * ``forward(keep=True)``, training with dropout, non-causal layers and float64 layers run
   :func:`~mqa_gen.kernels.attention_grad.attention_forward`, which keeps the softmax
   probabilities for :meth:`MultiQueryAttention.backward` and computes in the arrays' dtype.
@@ -35,10 +36,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .attention import Attention, DecodeScratch
+from .batch import Batch, rope_cos_sin
 from .cache import KVCache
 from .errors import ConfigError
+from .linear import DenseLinear
 
 WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
+_BLOCK_WEIGHTS = {"w_q": "wq", "w_k": "wk", "w_v": "wv", "w_o": "wo"}  # the attention block's names
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -155,6 +160,8 @@ class LayerKVCache:
 
     Args:
         batch, n_kv_heads, head_dim, max_seq_len: ints > 0. dtype: ``"float32"`` or ``"float16"``.
+        growable: whether :meth:`make_room` may enlarge the caches (a cache the layer made for its
+            caller grows as mlx-lm's does; one the caller sized stays as sized).
 
     Attributes:
         items: the per-sequence :class:`KVCache` objects (they advance together).
@@ -163,9 +170,14 @@ class LayerKVCache:
         LayerError: batch ≤ 0. ValueError (from KVCache): another dimension ≤ 0 or a bad dtype.
     """
 
-    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: str = "float32"):
+    #: Tokens a growable cache gains at a time, at least (as mlx-lm's KVCache grows by 256).
+    GROWTH_STEP = 256
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: str = "float32",
+                 *, growable: bool = False):
         batch = _positive_int("batch", batch)
         self.items = [KVCache(1, n_kv_heads, head_dim, max_seq_len, dtype) for _ in range(batch)]
+        self.growable = growable
 
     @classmethod
     def wrap(cls, caches: list[KVCache]) -> "LayerKVCache":
@@ -186,6 +198,7 @@ class LayerKVCache:
                 raise LayerError("the KVCaches of one batch must have equal dimensions, dtype and length")
         self = cls.__new__(cls)
         self.items = caches
+        self.growable = False
         return self
 
     batch = property(lambda self: len(self.items), doc="Sequences in the batch.")
@@ -200,6 +213,14 @@ class LayerKVCache:
     def bytes_per_token(self) -> int:
         """K and V bytes one token of one sequence occupies (2 × n_kv_heads × head_dim × itemsize)."""
         return self.items[0].bytes_per_token
+
+    def make_room(self, n_tokens: int) -> None:
+        """Make sure ``n_tokens`` more tokens fit: a growable cache is enlarged (to at least double,
+        by at least :attr:`GROWTH_STEP`); a fixed one is left as it is (the caller checks)."""
+        needed = self.length + n_tokens
+        if self.growable and needed > self.max_seq_len:
+            size = max(needed, 2 * self.max_seq_len, self.max_seq_len + self.GROWTH_STEP)
+            self.items = [c.resized(size) for c in self.items]
 
     def truncate(self, n_tokens: int) -> None:
         """Keep the first ``n_tokens`` positions of every sequence (nothing is copied)."""
@@ -302,6 +323,16 @@ class MultiQueryAttention:
         self._setup(config, dtype, {n: np.array(a, dtype=dtype, order="C") for n, a in arrays.items()})
         return self
 
+    @classmethod
+    def from_projections(cls, config: MultiQueryAttentionConfig, w_q, w_k, w_v, w_o, *,
+                         dtype=None) -> "MultiQueryAttention":
+        """A layer holding copies of weights given in the models' layout [out_features,
+        in_features] (y = x Wᵀ, as GGUF files and :class:`mqa_gen.attention.Attention` hold them):
+        w_q [num_heads·head_dim, d_model], w_k, w_v [num_kv_heads·head_dim, d_model], w_o
+        [d_model, num_heads·head_dim]. Otherwise as :meth:`from_weights` (its errors name the
+        transposed shapes)."""
+        return cls.from_weights(config, *(np.asarray(w).T for w in (w_q, w_k, w_v, w_o)), dtype=dtype)
+
     @staticmethod
     def weight_shapes(d_model: int, config: MultiQueryAttentionConfig) -> dict[str, tuple[int, int]]:
         """Name → shape of the four weight matrices for ``d_model`` and ``config``."""
@@ -325,14 +356,34 @@ class MultiQueryAttention:
         return dtype
 
     def _setup(self, config: MultiQueryAttentionConfig, dtype: np.dtype, weights: dict[str, np.ndarray]) -> None:
+        """weights: name → [in, out] array (the public layout)."""
+        self._setup_projections(config, dtype, {n: w.T for n, w in weights.items()})
+
+    def _setup_projections(self, config: MultiQueryAttentionConfig, dtype: np.dtype,
+                           projections: dict[str, np.ndarray]) -> None:
+        """projections: name → [out, in] array (y = x Wᵀ), the layout the block holds."""
         self.config = config
         self.dtype = dtype
         self.d_model = config.d_model
-        self.w_q, self.w_k, self.w_v, self.w_o = (weights[n] for n in WEIGHT_NAMES)
+        c = config
+        # The weights live in the models' attention block (one layout, [out, in]); w_q … are views.
+        self._block = Attention(*(DenseLinear(projections[n], dtype) for n in WEIGHT_NAMES), c.num_heads,
+                                c.num_kv_heads, c.head_dim, rope_theta=c.rope_theta,
+                                rope_interleaved=c.rope_interleaved)
         self.scale = dtype.type(1.0 / np.sqrt(config.head_dim))
         self._saved: _Saved | None = None
         self._versions = dict.fromkeys(WEIGHT_NAMES, 0)  # bumped when a weight changes
-        self._decode_scratch = None
+        self._decode_scratch: DecodeScratch | None = None
+
+    def projection(self, name: str) -> np.ndarray:
+        """Weight ``name`` (``"w_q"`` …) in the models' layout [out_features, in_features] (y = x Wᵀ):
+        the live array, of which ``w_q`` … are transposed views."""
+        return getattr(self._block, _BLOCK_WEIGHTS[name]).weight
+
+    w_q = property(lambda self: self.projection("w_q").T, doc="W_q [d_model, num_heads·head_dim], live (a view).")
+    w_k = property(lambda self: self.projection("w_k").T, doc="W_k [d_model, num_kv_heads·head_dim], live (a view).")
+    w_v = property(lambda self: self.projection("w_v").T, doc="W_v [d_model, num_kv_heads·head_dim], live (a view).")
+    w_o = property(lambda self: self.projection("w_o").T, doc="W_o [num_heads·head_dim, d_model], live (a view).")
 
     def __repr__(self) -> str:
         c = self.config
@@ -436,14 +487,16 @@ class MultiQueryAttention:
         if not self.config.causal:
             raise LayerError("forward_with_cache needs a causal layer (config.causal=True)")
         B, T = x.shape[:2]
-        if cache is None:
-            cache = self.new_cache(B, max(T, max_seq_len or T), cache_dtype)
+        if cache is None:  # made for the caller, so it grows as later calls append tokens
+            cache = self.new_cache(B, max(T, max_seq_len or T), cache_dtype, growable=True)
         return self._forward_cached(x, cache)
 
-    def new_cache(self, batch: int, max_seq_len: int, dtype: str = "float32") -> LayerKVCache:
-        """An empty :class:`LayerKVCache` for ``batch`` sequences of up to ``max_seq_len`` tokens."""
+    def new_cache(self, batch: int, max_seq_len: int, dtype: str = "float32", *,
+                  growable: bool = False) -> LayerKVCache:
+        """An empty :class:`LayerKVCache` for ``batch`` sequences of up to ``max_seq_len`` tokens
+        (``growable``: enlarged as needed beyond that)."""
         c = self.config
-        return LayerKVCache(batch, c.num_kv_heads, c.head_dim, max_seq_len, dtype)
+        return LayerKVCache(batch, c.num_kv_heads, c.head_dim, max_seq_len, dtype, growable=growable)
 
     def _check_input(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -458,8 +511,6 @@ class MultiQueryAttention:
         return np.ascontiguousarray(x, dtype=self.dtype)
 
     def _rope_tables(self, start: int, T: int):
-        from .attention import rope_cos_sin
-
         c = self.config
         cos, sin = rope_cos_sin(np.arange(start, start + T), c.head_dim, c.rope_theta)  # (T, D/2)
         return cos.astype(self.dtype), sin.astype(self.dtype)
@@ -507,6 +558,7 @@ class MultiQueryAttention:
     def _cache_items(self, cache, B: int, T: int) -> list[KVCache]:
         c = self.config
         if isinstance(cache, LayerKVCache):
+            cache.make_room(T)
             items = cache.items
         elif isinstance(cache, KVCache):
             if cache.n_layers != 1:
@@ -529,32 +581,19 @@ class MultiQueryAttention:
         return items
 
     def _forward_cached(self, x: np.ndarray, cache):
-        from .attention import DecodeScratch
-        from .kernels import attention_decode, attention_prefill
-
+        """The models' attention block over B sequences of T new tokens each, one cache apiece."""
         c = self.config
         B, T, _ = x.shape
         items = self._cache_items(cache, B, T)
-        start = items[0].length
-        q, k, v, _, _ = self._project(x, start)
-        q32 = np.ascontiguousarray(q, dtype=np.float32)  # the model's kernels are float32
-        scale = np.float32(self.scale)
-        o = np.empty((B, T, c.num_heads, c.head_dim), dtype=np.float32)  # (B, T, H, D)
-        for b, item in enumerate(items):
-            item.write(0, k[b], v[b])
-            k_cache, v_cache = item.keys[0], item.values[0]
-            if T == 1:
-                s = self._decode_scratch
-                if s is None or s.max_seq_len < item.max_seq_len:
-                    s = self._decode_scratch = DecodeScratch(c.num_heads, c.head_dim, item.max_seq_len)
-                attention_decode(q32[b, 0], k_cache, v_cache, start + 1, scale,
-                                 s.scores, s.partial, s.out)
-                o[b, 0] = s.out
-            else:
-                attention_prefill(q32[b], k_cache, v_cache, start, scale, 0, o[b])
-            item.advance(T)
-        y = (o.reshape(B * T, -1).astype(self.dtype, copy=False) @ self.w_o).reshape(B, T, self.d_model)
-        return y, cache
+        batch = Batch(items, [T] * B, c.head_dim)
+        if batch.decode:
+            s = self._decode_scratch
+            if s is None or not s.fits(c.num_heads, c.head_dim, items[0].max_seq_len):
+                s = self._decode_scratch = DecodeScratch(c.num_heads, c.head_dim, items[0].max_seq_len)
+            batch.scratch = s
+        y = self._block(x.reshape(B * T, self.d_model), batch)  # (B·T, d_model)
+        batch.advance()
+        return y.reshape(B, T, self.d_model).astype(self.dtype, copy=False), cache
 
     # ---------------------------------------------------------------------------------------------
     # backward

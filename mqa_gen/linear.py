@@ -1,11 +1,12 @@
 """Weight matrices as y = x Wᵀ, kept in the file's quantised form when we have kernels for it.
 
 * :class:`QuantizedLinear` — Q4_1, Q4_K, Q8_0, Q5_0 or Q6_K blocks, repacked once at load (see
-  :mod:`mqa_gen.kernels.quant`). Decode (one row of x) runs the quantised matrix × vector kernel,
-  reading 5 (4-bit) or 8–9 (int8) bits per weight instead of 32; a few rows (a short chat turn) run
-  a kernel that unpacks each Q4_1 weight once for all of them. A long prefill dequantises the
-  matrix into a temporary float32 array and multiplies with BLAS through NumPy: prompt-sized
-  products are compute-bound, and no float32 copy outlives the call.
+  :mod:`mqa_gen.kernels.quant`). One row of x (a single sequence's decode step) runs the quantised
+  matrix × vector kernel, reading 5 (4-bit) or 8–9 (int8) bits per weight instead of 32; a few rows
+  (a batch of sequences decoding together, a short chat turn) run a kernel that unpacks each weight
+  once for all of them, so a batched decode step reads every matrix once. Many rows (a prefill)
+  dequantise the matrix into a temporary float32 array and multiply with BLAS through NumPy:
+  prompt-sized products are compute-bound, and no float32 copy outlives the call.
 * :class:`DenseLinear` — a float32 matrix (F32/F16 tensors, other quantisation types, and the
   K/V projections that ``--kv-heads`` rewrites).
 """
@@ -25,6 +26,7 @@ from .kernels.quant import (
     q4_1_matvec3,
     int8_dequantize_rows,
     int8_dequantize_transposed,
+    int8_matmul,
     int8_matvec,
     repack_q4_1,
     repack_q4_k,
@@ -40,16 +42,22 @@ REPACKERS = {"Q4_1": (repack_q4_1, 32), "Q4_K": (repack_q4_k, 256),
              "Q8_0": (repack_q8_0, 32), "Q5_0": (repack_q5_0, 32), "Q6_K": (repack_q6_k, 256)}
 QUANTIZED_KERNEL_TYPES = tuple(REPACKERS)
 
-#: Up to this many rows of x, Q4_1 products unpack each weight once for all rows; above it,
+#: Up to this many rows of x, quantised products unpack each weight once for all rows; above it,
 #: dequantising the matrix and calling BLAS is faster (it amortises over the rows).
 SMALL_BATCH = 16
 
 
 class DenseLinear:
-    """y = x Wᵀ with a float32 W [out_features, in_features]."""
+    """y = x Wᵀ with a dense W [out_features, in_features], float32 (float64 when asked: the
+    trainable :class:`~mqa_gen.layer.MultiQueryAttention` may hold float64 weights).
 
-    def __init__(self, weight: np.ndarray):
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
+    Args:
+        weight: [out_features, in_features], any real dtype.
+        dtype: the dtype to hold (float32 by default).
+    """
+
+    def __init__(self, weight: np.ndarray, dtype=np.float32):
+        self.weight = np.ascontiguousarray(weight, dtype=dtype)
         self.out_features, self.in_features = self.weight.shape
 
     @property
@@ -129,12 +137,18 @@ class QuantizedLinear:
         return y
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x: float32 [T, in_features] → float32 [T, out_features]."""
-        if x.shape[0] == 1:
+        """x: float32 [N, in_features] → float32 [N, out_features]. The kernel is chosen by N
+        (see the module docstring): matrix × vector, few rows, or dequantise + BLAS."""
+        n = x.shape[0]
+        if n == 1:
             return self.matvec(np.ascontiguousarray(x[0]))[None]
-        if x.shape[0] <= SMALL_BATCH and self.mins is not None:
-            y = np.empty((x.shape[0], self.out_features), np.float32)
-            q4_1_matmul(self.codes, self.scales, self.mins, np.ascontiguousarray(x), y)
+        if n <= SMALL_BATCH:
+            y = np.empty((n, self.out_features), np.float32)
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if self.mins is not None:
+                q4_1_matmul(self.codes, self.scales, self.mins, x, y)
+            else:
+                int8_matmul(self.codes, self.scales, x, y)
             return y
         return x @ self.dequantize_transposed()[:, : self.out_features]
 
@@ -163,18 +177,20 @@ class QuantizedLinear:
         return out
 
 
-class FusedMatvec:
-    """[W x for W in linears] for one float32 vector x [in_features], as decode needs it: W_q, W_k,
-    W_v of a layer, or W_gate, W_up.
+class FusedProjections:
+    """[x Wᵀ for W in linears] for the same input rows x [N, in_features]: W_q, W_k, W_v of a
+    layer, or W_gate, W_up.
 
-    Two or three 4-bit matrices run in one kernel launch (one parallel region instead of three).
-    The outputs, float32 [out_features] each, are buffers owned by this object and overwritten by
-    the next call: no allocation per decode step.
+    For one row (a single sequence's decode step), two or three 4-bit matrices run in one kernel
+    launch (one parallel region instead of three), into float32 [1, out_features] buffers owned by
+    this object and overwritten by the next call: no allocation per decode step. Other row counts
+    run each matrix's own product (:class:`QuantizedLinear` reads each weight once for all rows).
     """
 
     def __init__(self, linears):
         self.linears = tuple(linears)
         self.outs = [np.empty(w.out_features, np.float32) for w in self.linears]
+        self.rows = [y[None] for y in self.outs]  # the same buffers as [1, out_features]
         fused = 2 <= len(self.linears) <= 3 and all(getattr(w, "mins", None) is not None for w in self.linears)
         self._fused_args = None
         if fused:
@@ -185,15 +201,18 @@ class FusedMatvec:
             self._fused_args = tuple(a for slot in slots for a in slot)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        """x: float32 [N, in_features] → one float32 [N, out_features] array per matrix."""
+        if x.shape[0] != 1:
+            return [w(x) for w in self.linears]
         if self._fused_args is not None:
-            q4_1_matvec3(*self._fused_args, x)
-            return self.outs
+            q4_1_matvec3(*self._fused_args, np.ascontiguousarray(x[0]))
+            return self.rows
         for w, y in zip(self.linears, self.outs):
             if isinstance(w, QuantizedLinear):
-                w.matvec(x, y)
+                w.matvec(np.ascontiguousarray(x[0]), y)
             else:
-                y[:] = w(x[None])[0]
-        return self.outs
+                y[:] = w(x)[0]
+        return self.rows
 
 
 def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):

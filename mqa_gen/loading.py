@@ -6,12 +6,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .config import ModelConfig, config_from_gguf
+from .config import ModelConfig
 from .gguf_file import GGUFFile, read_gguf
-from .models import build_model
+from .models import build_model, check_tensors, config_from_gguf
 from .registry import resolve_model
 from .tokenizer import Tokenizer
-from .weights import check_tensors
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A prompt cache lets a later run skip the prefill of a prompt prefix it has already seen
 (``mqa-gen generate --prompt-cache FILE``, ``/save`` and ``/load`` in ``mqa-gen chat``,
-:meth:`mqa_gen.cache.KVCache.save` / :meth:`~mqa_gen.cache.KVCache.load`).
+:func:`save_prompt_cache` / :func:`load_prompt_cache` in Python).
 
 File format (version 1): an uncompressed NumPy ``.npz`` archive (a zip of ``.npy`` arrays; every
 member has a CRC-32, so flipped bytes are detected), read with ``allow_pickle=False`` — no pickle
@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from .cache import CACHE_DTYPES, KVCache
+from .cache import KVCache
 from .errors import MqaGenError
+from .kv_storage import STORAGE_TYPES
 
 FORMAT = "mqa-gen-prompt-cache"
 VERSION = 1
@@ -136,7 +137,7 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
     }
     for layer in range(cache.n_layers):
         # (KV, rows, D): the rows held, in position order; not the capacity
-        arrays[f"k_{layer}"], arrays[f"v_{layer}"] = cache.window_rows(layer, n)
+        arrays[f"k_{layer}"], arrays[f"v_{layer}"] = cache.layers[layer].rows(n, n)
 
     tmp = None
     try:
@@ -243,23 +244,20 @@ def load_prompt_cache(
             raise PromptCacheError(f"prompt cache {path} holds {n} tokens, more than this run's context "
                                    f"{keep}, and its sliding-window layers cannot be cut back")
         cache = KVCache(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], capacity, meta["dtype"], windows)
-        storage = cache.keys[0].dtype
+        storage = cache.storage.array_dtype
         tokens = _array(npz, "tokens", path, (n,), np.dtype(np.int64))
         for layer, window in enumerate(windows):
             rows = min(n, window) if window else n
             row_shape = (meta["n_kv_heads"], rows, meta["head_dim"])
             k = _array(npz, f"k_{layer}", path, row_shape, storage)
             v = _array(npz, f"v_{layer}", path, row_shape, storage)
-            cap = cache.capacity(layer)
             positions = np.arange(n - rows, n)
-            wanted = (positions < keep) & (positions >= keep - cap)
-            slots = positions[wanted] % cap
-            cache.keys[layer][:, slots, :] = k[:, wanted, :]
-            cache.values[layer][:, slots, :] = v[:, wanted, :]
+            wanted = (positions < keep) & (positions >= keep - cache.capacity(layer))
+            cache.layers[layer].load_rows(k[:, wanted, :], v[:, wanted, :], positions[wanted])
     if n and tokens.min() < -1:
         raise PromptCacheError(f"prompt cache {path} is corrupt: negative token ids")
     cache.advance(keep)
-    cache._ids[:keep] = tokens[:keep]  # unknown (-1) positions stay unknown
+    cache.label_tokens(tokens[:keep])  # unknown (-1) positions stay unknown
     return cache, meta.get("extra", {})
 
 
@@ -335,7 +333,7 @@ def _meta(npz, path: str) -> dict:
             raise PromptCacheError(f"prompt cache {path} is corrupt: meta field {key!r} is missing or invalid")
     if min(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"]) <= 0 or meta["length"] < 0:
         raise PromptCacheError(f"prompt cache {path} is corrupt: invalid dimensions in its meta record")
-    if meta["dtype"] not in CACHE_DTYPES:
+    if meta["dtype"] not in STORAGE_TYPES:
         raise PromptCacheError(f"prompt cache {path} is corrupt: unknown cache dtype {meta['dtype']!r}")
     windows = meta.setdefault("windows", [0] * meta["n_layers"])
     if (not isinstance(windows, list) or len(windows) != meta["n_layers"]

@@ -70,15 +70,12 @@ def regroup_model(model, n_kv_heads: int):
             f"--kv-heads {n_kv_heads} is not valid for this model "
             f"(n_heads={config.n_heads}, native n_kv_heads={native}); valid: {', '.join(map(str, valid))}"
         )
-    new = copy.copy(model)
-    new.config = config.with_kv_heads(n_kv_heads)
-    new._scratch = None
-    new.blocks = []
+    blocks = []
     for block in model.blocks:
-        block = copy.copy(block)
+        block = copy.copy(block)  # norms and MLP shared; only the attention's K/V projections change
         attn = block.attention
         block.attention = attn.with_kv_projections(_regroup_linear(attn.wk, native, n_kv_heads, attn.head_dim),
                                                    _regroup_linear(attn.wv, native, n_kv_heads, attn.head_dim),
                                                    n_kv_heads)
-        new.blocks.append(block)
-    return new
+        blocks.append(block)
+    return model.replace(config=config.with_kv_heads(n_kv_heads), blocks=blocks)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mqa_gen.attention import Attention, DecodeScratch, rope_cos_sin
+from mqa_gen.attention import Attention, DecodeScratch
+from mqa_gen.batch import Batch
 from mqa_gen.cache import KVCache
 from mqa_gen.regroup import regroup_kv_projection, valid_kv_heads
 
@@ -45,7 +46,7 @@ def hf_attention(x, wq, wk, wv, wo, n_heads, n_kv_heads, theta):
     return o @ wo.T
 
 
-def run_block(attn: Attention, x: np.ndarray, theta: float, split: int | None = None) -> np.ndarray:
+def run_block(attn: Attention, x: np.ndarray, split: int | None = None) -> np.ndarray:
     """Run the block over x, as one prefill or as a prefill of ``split`` tokens then decode steps."""
     T = x.shape[0]
     cache = KVCache(1, attn.n_kv_heads, attn.head_dim, T + 3)
@@ -53,10 +54,9 @@ def run_block(attn: Attention, x: np.ndarray, theta: float, split: int | None = 
     outs = []
     pieces = [slice(0, T)] if split is None else [slice(0, split)] + [slice(i, i + 1) for i in range(split, T)]
     for piece in pieces:
-        positions = np.arange(piece.start, piece.stop)
-        cos, sin = rope_cos_sin(positions, attn.head_dim, theta)
-        outs.append(attn(x[piece], cache, 0, cos, sin, scratch))
-        cache.advance(piece.stop - piece.start)
+        batch = Batch([cache], [piece.stop - piece.start], attn.head_dim, scratch)
+        outs.append(attn(x[piece], batch))
+        batch.advance()
     return np.concatenate(outs)
 
 
@@ -76,19 +76,19 @@ def test_pairwise_rope_on_gguf_rows_equals_hf_attention(n_heads, n_kv_heads):
     x = RNG.standard_normal((T, d_model)).astype(np.float32)
     expected = hf_attention(x, wq, wk, wv, wo, n_heads, n_kv_heads, theta)
     ours = Attention(gguf_row_order(wq, n_heads), gguf_row_order(wk, n_kv_heads), wv, wo,
-                     n_heads, n_kv_heads, D, rope_interleaved=True)
-    np.testing.assert_allclose(run_block(ours, x, theta), expected, atol=1e-4)
+                     n_heads, n_kv_heads, D, rope_theta=theta, rope_interleaved=True)
+    np.testing.assert_allclose(run_block(ours, x), expected, atol=1e-4)
     # The same layer with HF's row order and half-split RoPE (Gemma-style files) agrees too.
-    hf_layout = Attention(wq, wk, wv, wo, n_heads, n_kv_heads, D, rope_interleaved=False)
-    np.testing.assert_allclose(run_block(hf_layout, x, theta), expected, atol=1e-4)
+    hf_layout = Attention(wq, wk, wv, wo, n_heads, n_kv_heads, D, rope_theta=theta, rope_interleaved=False)
+    np.testing.assert_allclose(run_block(hf_layout, x), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(9, 3), (4, 1), (8, 8)])
 def test_cached_decode_equals_one_prefill(n_heads, n_kv_heads):
     D, d_model, T, theta = 16, 40, 9, 10000.0
-    attn = Attention(*random_weights(d_model, n_heads, n_kv_heads, D), n_heads, n_kv_heads, D, True)
+    attn = Attention(*random_weights(d_model, n_heads, n_kv_heads, D), n_heads, n_kv_heads, D, rope_theta=theta)
     x = RNG.standard_normal((T, d_model)).astype(np.float32)
-    np.testing.assert_allclose(run_block(attn, x, theta, split=3), run_block(attn, x, theta), atol=1e-5)
+    np.testing.assert_allclose(run_block(attn, x, split=3), run_block(attn, x), atol=1e-5)
 
 
 @pytest.mark.parametrize("target", [3, 9])
@@ -96,10 +96,10 @@ def test_expanding_kv_heads_is_exact(target):
     n_heads, native, D, d_model, theta = 9, 3, 16, 40, 10000.0
     wq, wk, wv, wo = random_weights(d_model, n_heads, native, D)
     x = RNG.standard_normal((6, d_model)).astype(np.float32)
-    base = Attention(wq, wk, wv, wo, n_heads, native, D, True)
+    base = Attention(wq, wk, wv, wo, n_heads, native, D, rope_theta=theta)
     wide = Attention(wq, regroup_kv_projection(wk, native, target, D), regroup_kv_projection(wv, native, target, D),
-                     wo, n_heads, target, D, True)
-    np.testing.assert_allclose(run_block(wide, x, theta, split=2), run_block(base, x, theta), atol=1e-5)
+                     wo, n_heads, target, D, rope_theta=theta)
+    np.testing.assert_allclose(run_block(wide, x, split=2), run_block(base, x), atol=1e-5)
 
 
 def test_mean_pooling_averages_each_group_of_heads():
@@ -116,6 +116,6 @@ def test_mean_pooling_averages_each_group_of_heads():
 def test_attention_rejects_inconsistent_heads():
     wq, wk, wv, wo = random_weights(40, 9, 3, 16)
     with pytest.raises(ValueError, match="divisible"):
-        Attention(wq, wk, wv, wo, 9, 2, 16, True)
+        Attention(wq, wk, wv, wo, 9, 2, 16)
     with pytest.raises(ValueError, match="KV heads"):
-        Attention(wq, wk, wv, wo, 9, 9, 16, True)
+        Attention(wq, wk, wv, wo, 9, 9, 16)

@@ -60,15 +60,13 @@ class _Recorder:
 
 def recorded_attention(model, ids):
     """Inputs and outputs of every layer's attention block when ``model`` runs ``ids``."""
-    probe = copy.copy(model)
-    probe._scratch = None
-    probe.blocks = []
-    recorders = []
+    blocks, recorders = [], []
     for block in model.blocks:
         block = copy.copy(block)
         block.attention = _Recorder(block.attention)
         recorders.append(block.attention)
-        probe.blocks.append(block)
+        blocks.append(block)
+    probe = model.replace(blocks=blocks)
     probe.forward(ids, probe.new_cache(len(ids)))
     return [r.calls[0] for r in recorders]
 
@@ -105,7 +103,7 @@ def test_calibrated_loss_is_below_mean_pooled(tiny):
         assert relative_mse(mqa.forward(inputs[layer]), target) == pytest.approx(fit.before, rel=1e-5)
         wk, wv = result.kv_weights[layer]
         assert wk.shape == (8, 32) and wv.shape == (8, 32)
-        mqa.w_k[...], mqa.w_v[...] = wk.T, wv.T
+        mqa.projection("w_k")[...], mqa.projection("w_v")[...] = wk, wv
         mqa.weights_changed()
         assert relative_mse(mqa.forward(inputs[layer]), target) == pytest.approx(fit.after, rel=1e-4)
 
@@ -202,7 +200,7 @@ def test_convert_cli_text_output_and_mean_pooled_only(tiny, tmp_path):
     assert "native GQA (2 KV heads)" in result.stdout
     expected = mean_pooled_kv(tiny.gguf, tiny.config, 1)
     written = load(str(out))
-    np.testing.assert_array_equal(attention_layer(written.gguf, written.config, 1).w_k, expected[1][0].T)
+    np.testing.assert_array_equal(attention_layer(written.gguf, written.config, 1).projection("w_k"), expected[1][0])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -138,13 +138,32 @@ def test_forward_with_cache_accepts_a_plain_kv_cache_and_writes_in_place():
     layer = make_layer(1, dtype=np.float32)
     x = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
     kv = KVCache(1, 1, 4, 8)
-    keys_before = kv.keys[0]
+    keys_before = kv.layers[0].keys
     y, same = layer.forward_with_cache(x, kv)
-    assert same is kv and kv.length == 5 and kv.keys[0] is keys_before  # no reallocation
+    assert same is kv and kv.length == 5 and kv.layers[0].keys is keys_before  # no reallocation
     np.testing.assert_allclose(kv.layer_view(0)[0][0], (x[0] @ layer.w_k), rtol=1e-6)
     np.testing.assert_allclose(y, layer.forward(x), atol=1e-6)
     wrapped = LayerKVCache.wrap([KVCache(1, 1, 4, 8), KVCache(1, 1, 4, 8)])
     assert wrapped.batch == 2 and wrapped.bytes_per_token == 2 * 4 * 4
+
+
+@pytest.mark.parametrize("kv", GROUPINGS, ids=["MQA", "GQA", "MHA"])
+def test_a_cache_made_for_the_caller_grows_with_single_token_calls(kv):
+    """The seed use of the layer: the prompt with no cache, then tokens one at a time. The cache the
+    layer makes must leave room for them, and the pieces must equal one forward over everything."""
+    layer = make_layer(kv, rope=10000.0, dtype=np.float32)
+    x = np.random.default_rng(5).standard_normal((2, 26, 16)).astype(np.float32)
+    y, cache = layer.forward_with_cache(x[:, :6], None)
+    pieces = [y]
+    for t in range(6, 26):  # 20 decode steps
+        y, cache = layer.forward_with_cache(x[:, t:t + 1], cache)
+        pieces.append(y)
+    assert cache.length == 26 and cache.max_seq_len >= 26
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), layer.forward(x), atol=1e-5, rtol=0)
+    fixed = layer.new_cache(2, 6)  # a cache the caller sized stays that size
+    layer.forward_with_cache(x[:, :6], fixed)
+    with pytest.raises(LayerError, match="no room"):
+        layer.forward_with_cache(x[:, 6:7], fixed)
 
 
 def test_forward_with_cache_default_capacity_and_truncate():

@@ -28,6 +28,7 @@ from mqa_gen.prompt_cache import (
     load_prompt_cache,
     model_identity,
     read_prompt_cache_meta,
+    save_prompt_cache,
 )
 
 from conftest import REPO, load_fixture
@@ -43,7 +44,7 @@ def filled_cache(length=7, capacity=16, dtype="float32", n_layers=2, n_kv_heads=
     rng = np.random.default_rng(seed)
     for layer in range(n_layers):
         k = rng.standard_normal((length, n_kv_heads, head_dim)).astype(np.float32)
-        cache.write(layer, k, -2 * k)
+        cache.layers[layer].update_and_fetch(k, -2 * k, cache.length)
     cache.advance(length)
     cache.label_tokens(range(100, 100 + length))
     return cache
@@ -83,7 +84,7 @@ def test_token_ids_follow_advance_truncate_and_labels():
 def test_round_trip_saves_only_the_stored_rows(tmp_path, dtype):
     cache = filled_cache(length=7, capacity=64, dtype=dtype)
     path = tmp_path / "c.npz"
-    size = cache.save(path, MODEL_ID, extra={"note": "hi"})
+    size = save_prompt_cache(path, cache, MODEL_ID, extra={"note": "hi"})
     assert size == path.stat().st_size
     with np.load(path, allow_pickle=False) as npz:
         storage = np.float32 if dtype == "float32" else np.uint16
@@ -101,7 +102,7 @@ def test_round_trip_saves_only_the_stored_rows(tmp_path, dtype):
     for layer in range(2):
         for a, b in zip(back.layer_view(layer), cache.layer_view(layer), strict=True):
             np.testing.assert_array_equal(a, b)
-    short = KVCache.load(path, MODEL_ID, max_seq_len=4)  # a smaller context keeps a prefix
+    short = load_prompt_cache(path, MODEL_ID, max_seq_len=4)[0]  # a smaller context keeps a prefix
     assert (short.length, short.token_ids.tolist()) == (4, [100, 101, 102, 103])
 
 
@@ -109,7 +110,7 @@ def test_no_pickle_anywhere(tmp_path):
     """A file with an object array (which only pickle could read) is refused, never unpickled."""
     path = tmp_path / "evil.npz"
     good = tmp_path / "good.npz"
-    filled_cache().save(good, MODEL_ID)
+    save_prompt_cache(good, filled_cache(), MODEL_ID)
     with np.load(good) as npz:
         arrays = dict(npz)
     arrays["tokens"] = np.array([object()] * 7, dtype=object)
@@ -139,7 +140,7 @@ class Config:
 def bad_files(tmp_path):
     """(name, path, expected fragment, load kwargs) for every way a file must be refused."""
     good = tmp_path / "good.npz"
-    filled_cache(length=9).save(good, MODEL_ID)
+    save_prompt_cache(good, filled_cache(length=9), MODEL_ID)
     data = good.read_bytes()
     cases = []
 
@@ -189,7 +190,7 @@ def leftovers(folder):
 def test_a_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch, where):
     path = tmp_path / "c.npz"
     old = filled_cache(length=5, seed=1)
-    old.save(path, MODEL_ID)
+    save_prompt_cache(path, old, MODEL_ID)
     before = path.read_bytes()
 
     def boom(*args, **kwargs):
@@ -198,18 +199,18 @@ def test_a_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch, where):
     target = {"savez": (np, "savez"), "fsync": (os, "fsync"), "replace": (os, "replace")}[where]
     monkeypatch.setattr(*target, boom)
     with pytest.raises(PromptCacheError) as e:
-        filled_cache(length=9, seed=2).save(path, MODEL_ID)
+        save_prompt_cache(path, filled_cache(length=9, seed=2), MODEL_ID)
     monkeypatch.undo()
     assert_one_line(str(e.value), str(path), "No space left")
     assert path.read_bytes() == before
     assert leftovers(tmp_path) == []
-    back = KVCache.load(path, MODEL_ID)
+    back = load_prompt_cache(path, MODEL_ID)[0]
     assert back.length == 5 and np.array_equal(back.layer_view(1)[0], old.layer_view(1)[0])
 
 
 def test_ctrl_c_during_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "c.npz"
-    filled_cache(length=5).save(path, MODEL_ID)
+    save_prompt_cache(path, filled_cache(length=5), MODEL_ID)
     before = path.read_bytes()
 
     def interrupted(*args, **kwargs):
@@ -217,27 +218,28 @@ def test_ctrl_c_during_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        filled_cache(length=9).save(path, MODEL_ID)
+        save_prompt_cache(path, filled_cache(length=9), MODEL_ID)
     assert path.read_bytes() == before and leftovers(tmp_path) == []
 
 
 def test_a_killed_writer_leaves_the_old_file_in_place(tmp_path):
     """A real process dies (os._exit, no cleanup) after writing the new data, before the rename."""
     path = tmp_path / "c.npz"
-    filled_cache(length=5).save(path, MODEL_ID)
+    save_prompt_cache(path, filled_cache(length=5), MODEL_ID)
     before = path.read_bytes()
     child = f"""
 import os, sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 from test_prompt_cache import filled_cache, MODEL_ID
+from mqa_gen.prompt_cache import save_prompt_cache
 os.fsync = lambda fd: os._exit(9)  # the kill: after the data is written, before fsync and rename
-filled_cache(length=9, seed=3).save({str(path)!r}, MODEL_ID)
+save_prompt_cache({str(path)!r}, filled_cache(length=9, seed=3), MODEL_ID)
 """
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
     assert path.read_bytes() == before  # the old file, whole
     assert len(leftovers(tmp_path)) == 1  # the dead writer's temporary file, which nothing reads
-    assert KVCache.load(path, MODEL_ID).length == 5
+    assert load_prompt_cache(path, MODEL_ID)[0].length == 5
 
 
 # ───────────────────────────── model identity ─────────────────────────────
@@ -270,11 +272,11 @@ def test_reloaded_cache_gives_the_same_tokens_and_logits(smollm2, tmp_path):
     assert gen.stats.reused_tokens == 0
     assert gen.cache.token_ids.tolist() == first["prompt_ids"] + gen.token_ids[:-1]
     path = tmp_path / "chat.npz"
-    gen.cache.save(path, model_id)
+    save_prompt_cache(path, gen.cache, model_id)
 
     shared = next(i for i, (a, b) in enumerate(zip(first["prompt_ids"], second["prompt_ids"], strict=False)) if a != b)
     assert shared > 20  # the default system prompt
-    cache = KVCache.load(path, model_id, config=model.config, dtype="float32", max_seq_len=128)
+    cache = load_prompt_cache(path, model_id, config=model.config, dtype="float32", max_seq_len=128)[0]
     n = 8
     reused = stream_generate(model, tok, second["prompt_ids"], max_tokens=n, cache=cache)
     list(reused)
@@ -284,7 +286,7 @@ def test_reloaded_cache_gives_the_same_tokens_and_logits(smollm2, tmp_path):
 
     # Logits: the suffix on the reloaded prefix against one fresh pass over the whole prompt.
     fresh = model.forward(second["prompt_ids"], model.new_cache(128))
-    prefix = KVCache.load(path, model_id, max_seq_len=128)
+    prefix = load_prompt_cache(path, model_id, max_seq_len=128)[0]
     prefix.truncate(shared)
     # The two passes multiply in different orders (a short suffix runs the quantised kernels, the
     # full prompt dequantises + BLAS), so they agree to float32 rounding: 1e-5 of the logits' scale.
@@ -394,7 +396,7 @@ def test_cli_refuses_other_kv_heads_or_dtype(invoke, tmp_path, args, fragment):
 def test_cli_refuses_damaged_files(invoke, tmp_path, content):
     path = tmp_path / "p.cache"
     good = filled_cache(length=5)
-    good.save(path, MODEL_ID)
+    save_prompt_cache(path, good, MODEL_ID)
     data = path.read_bytes()
     bad = {"truncated": data[: len(data) * 2 // 3], "random": os.urandom(4096), "empty": b""}[content]
     path.write_bytes(bad)
@@ -414,6 +416,6 @@ def test_cli_missing_folder_is_refused_before_generating(invoke, tmp_path):
 def test_zip_members_are_stored_uncompressed(tmp_path):
     """Loading is a copy, not a decompression (the time-to-first-token benchmark depends on it)."""
     path = tmp_path / "c.npz"
-    filled_cache().save(path, MODEL_ID)
+    save_prompt_cache(path, filled_cache(), MODEL_ID)
     with zipfile.ZipFile(path) as z:
         assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}

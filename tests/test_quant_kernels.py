@@ -88,15 +88,19 @@ def test_real_model_tensors_stay_quantised(smollm2):
     ([(40, 64), (70, 64)], ["Q4_1"] * 2),
     ([(40, 64), (70, 64)], ["Q4_1", "Q8_0"]),  # mixed layouts: one product each
 ])
-def test_fused_matvec_equals_separate_products(shapes, types):
-    from mqa_gen.linear import FusedMatvec
+def test_fused_projections_equal_separate_products(shapes, types):
+    from mqa_gen.linear import FusedProjections
 
     pairs = [quantized(rows, cols, t) for (rows, cols), t in zip(shapes, types)]
-    fused = FusedMatvec([lin for lin, _ in pairs])
+    fused = FusedProjections([lin for lin, _ in pairs])
     for _ in range(2):  # the output buffers are reused: a second call gives the new products
         x = RNG.standard_normal(shapes[0][1]).astype(np.float32)
-        for (lin, _), y in zip(pairs, fused(x)):
-            np.testing.assert_array_equal(y, lin.matvec(x))
+        for (lin, _), y in zip(pairs, fused(x[None])):
+            assert y.shape == (1, lin.out_features)
+            np.testing.assert_array_equal(y[0], lin.matvec(x))
+    rows = RNG.standard_normal((3, shapes[0][1])).astype(np.float32)  # several rows: each matrix's product
+    for (lin, _), y in zip(pairs, fused(rows)):
+        np.testing.assert_array_equal(y, lin(rows))
 
 
 @pytest.mark.parametrize("type_name", ALL_TYPES)

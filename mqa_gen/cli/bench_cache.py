@@ -98,7 +98,7 @@ def write_csv(result, out) -> None:
 
 def read_config(model: str):
     """The model's config from GGUF metadata only (no weights are read)."""
-    from ..config import config_from_gguf
+    from ..models import config_from_gguf
     from ..gguf_file import read_gguf
     from ..registry import resolve_model
 

@@ -16,10 +16,9 @@ from .common import model_option
 @model_option
 def info(model: str) -> None:
     """Print a model's configuration, parameter count, tensor types and KV-cache cost."""
-    from ..config import config_from_gguf
+    from ..models import check_tensors, config_from_gguf
     from ..gguf_file import read_gguf
     from ..registry import resolve_model
-    from ..weights import check_tensors
 
     gguf = read_gguf(resolve_model(model))
     config = config_from_gguf(gguf)
