@@ -26,6 +26,7 @@ from .atomic_file import atomic_write
 from .config import ModelConfig
 from .errors import ConfigError, ModelFileError
 from .gguf_file import GGUFFile
+from .kv_heads import check_kv_heads
 
 KV_TYPES = {"F32": np.float32, "F16": np.float16}
 
@@ -41,7 +42,7 @@ def mean_pooled_kv(gguf: GGUFFile, config: ModelConfig, n_kv_heads: int) -> dict
     from .weights import tensor_f32
 
     c = config
-    check_kv_heads(c, n_kv_heads)
+    check_kv_heads(c.n_heads, c.n_kv_heads, n_kv_heads)
     shape = (c.n_kv_heads * c.head_dim, c.d_model)
     out = {}
     for i in range(c.n_layers):
@@ -50,16 +51,6 @@ def mean_pooled_kv(gguf: GGUFFile, config: ModelConfig, n_kv_heads: int) -> dict
         out[i] = (regroup_kv_projection(wk, c.n_kv_heads, n_kv_heads, c.head_dim),
                   regroup_kv_projection(wv, c.n_kv_heads, n_kv_heads, c.head_dim))
     return out
-
-
-def check_kv_heads(config: ModelConfig, n_kv_heads: int) -> None:
-    """Raise :class:`ConfigError` unless ``n_kv_heads`` is a valid regrouping of the model's KV heads."""
-    from .regroup import valid_kv_heads
-
-    valid = valid_kv_heads(config.n_heads, config.n_kv_heads)
-    if n_kv_heads not in valid:
-        raise ConfigError(f"--kv-heads {n_kv_heads} is not valid for this model (n_heads={config.n_heads}, "
-                          f"native n_kv_heads={config.n_kv_heads}); valid: {', '.join(map(str, valid))}")
 
 
 def write_regrouped_gguf(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], config: ModelConfig,
