@@ -81,6 +81,23 @@ class Vocab:
     chat_template: str | None = None
 
 
+def _add_whole_tokens(backend: HFTokenizer, specials: list[AddedToken], user: list[AddedToken], n: int) -> None:
+    """Have ``backend`` match ``specials`` (CONTROL tokens, dropped by a skip-special decode) and
+    ``user`` (USER_DEFINED ones) whole in the text, each under its own id.
+
+    Raises:
+        UnsupportedModelError: one of them is not in the ``n``-token vocabulary, so ``tokenizers``
+            would give it a new id past the end.
+    """
+    if specials:
+        backend.add_special_tokens(specials)
+    if user:
+        backend.add_tokens(user)
+    for added in (*specials, *user):
+        if backend.token_to_id(added.content) >= n:
+            raise UnsupportedModelError(f"special token {added.content!r} would get an id past the vocabulary")
+
+
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-to-printable-character table, inverted: character -> byte.
 
@@ -163,15 +180,7 @@ def _build_byte_level_bpe(md: dict[str, Any]) -> Vocab:
         for tok, t in zip(tokens, types)
         if t == TOKEN_USER_DEFINED
     ]
-    if specials:
-        backend.add_special_tokens(specials)
-    if user:
-        backend.add_tokens(user)
-    for added in (*specials, *user):  # each must keep its own id, not get a new one past the end
-        if backend.token_to_id(added.content) >= len(tokens):
-            raise UnsupportedModelError(
-                f"special token {added.content!r} would get an id past the vocabulary"
-            )
+    _add_whole_tokens(backend, specials, user, len(tokens))
     return Vocab(backend, pieces, types)
 
 
@@ -288,13 +297,7 @@ def _build_sentencepiece_bpe(md: dict[str, Any]) -> Vocab:
         for i in np.flatnonzero(kinds == TOKEN_USER_DEFINED).tolist()
         if tokens[i] and tokens[i] == spelled[i]
     ]
-    if specials:
-        backend.add_special_tokens(specials)
-    if user:
-        backend.add_tokens(user)
-    for added in (*specials, *user):  # each must keep its own id, not get a new one past the end
-        if backend.token_to_id(added.content) >= n:
-            raise UnsupportedModelError(f"special token {added.content!r} would get an id past the vocabulary")
+    _add_whole_tokens(backend, specials, user, n)
     return Vocab(backend, pieces, types)
 
 
