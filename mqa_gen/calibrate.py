@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ModelConfig
-from .kv_heads import check_kv_heads
 from .errors import ConfigError
 from .gguf_file import GGUFFile
+from .kv_heads import check_kv_heads
 from .layer import MultiQueryAttention, MultiQueryAttentionConfig
 from .optim import Adam
 
