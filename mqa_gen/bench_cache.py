@@ -2,7 +2,7 @@
 
 For each variant of a model — MQA (n_kv_heads = 1, Shazeer 2019, "Fast Transformer Decoding: One
 Write-Head is All You Need"), its native grouping and MHA (n_kv_heads = n_heads), or any count
-:func:`mqa_gen.regroup.valid_kv_heads` allows — and each context length, this module gives:
+:func:`mqa_gen.kv_heads.valid_kv_heads` allows — and each context length, this module gives:
 
 * **formula** columns, from the config alone:
   bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × itemsize, bytes at a context
@@ -43,8 +43,9 @@ import numpy as np
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import MqaGenError
+from .kv_heads import check_kv_heads as _check_kv_heads
 from .kv_storage import STORAGE_TYPES
-from .regroup import regroup_model, valid_kv_heads
+from .regroup import regroup_model
 
 #: Defaults of ``mqa-gen bench-cache`` (GUIDE.md §3). Models with sliding-window layers (Gemma 3)
 #: get longer contexts by default, so the points reach well past the window.
@@ -64,7 +65,9 @@ _FILL_CHUNK = 256
 
 
 class BenchError(MqaGenError):
-    """A bad bench-cache setting (KV-head count, context, missing plotting library); exit code 2."""
+    """A bad bench-cache setting (a list that is not integers, a context, a cache dtype, the output
+    options, a missing plotting library); exit code 2. A bad KV-head count is a
+    :class:`~mqa_gen.errors.ConfigError`, as in every command that takes ``--kv-heads``."""
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -173,13 +176,6 @@ class BenchResult:
 # --- settings and formulas -----------------------------------------------------------------------
 
 
-def variant_label(n_kv_heads: int, n_heads: int) -> str:
-    """``"MQA"`` (1 KV head), ``"MHA"`` (n_heads KV heads) or ``"GQA"`` (anything between)."""
-    if n_kv_heads == 1:
-        return "MQA"
-    return "MHA" if n_kv_heads == n_heads else "GQA"
-
-
 def default_kv_heads(config: ModelConfig) -> list[int]:
     """MQA, the native count and MHA, ascending and without repeats (SmolLM2-135M: 1, 3, 9)."""
     return sorted({1, config.n_kv_heads, config.n_heads})
@@ -202,19 +198,13 @@ def parse_int_list(text: str, option: str) -> list[int]:
 
 
 def check_kv_heads(config: ModelConfig, kv_heads: Sequence[int]) -> list[int]:
-    """The KV-head counts, sorted, after checking each is reachable by regrouping.
+    """The KV-head counts, sorted and without repeats, after checking each is reachable by regrouping.
 
     Raises:
-        BenchError: a count that is not in :func:`~mqa_gen.regroup.valid_kv_heads` (the message
+        ConfigError: a count that is not in :func:`mqa_gen.kv_heads.valid_kv_heads` (the message
             lists the valid ones).
     """
-    valid = valid_kv_heads(config.n_heads, config.n_kv_heads)
-    bad = [n for n in kv_heads if n not in valid]
-    if bad:
-        raise BenchError(
-            f"--kv-heads {','.join(map(str, bad))} not valid for this model (n_heads={config.n_heads}, "
-            f"native n_kv_heads={config.n_kv_heads}); valid: {', '.join(map(str, valid))}"
-        )
+    _check_kv_heads(config.n_heads, config.n_kv_heads, kv_heads)
     return sorted(set(kv_heads))
 
 
@@ -256,7 +246,7 @@ def formula_result(model_name: str, config: ModelConfig, kv_heads: Sequence[int]
         grouped = config.with_kv_heads(n)
         per_token = grouped.kv_bytes_per_token(size)
         variants.append(Variant(
-            label=variant_label(n, config.n_heads), n_kv_heads=n, native=n == config.n_kv_heads,
+            label=grouped.attention_kind, n_kv_heads=n, native=n == config.n_kv_heads,
             kv_bytes_per_token=per_token, ratio_to_mha=per_token / mha_per_token,
             # sliding-window layers (Gemma 3) hold at most their window, whatever the context
             points=[Point(c, grouped.kv_bytes(c, size)) for c in contexts],

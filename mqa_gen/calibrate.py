@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ModelConfig
-from .convert import check_kv_heads
 from .errors import ConfigError
 from .gguf_file import GGUFFile
+from .kv_heads import check_kv_heads
 from .layer import MultiQueryAttention, MultiQueryAttentionConfig
 from .optim import Adam
 
@@ -195,7 +195,7 @@ def calibrate_kv(model, gguf: GGUFFile, config: ModelConfig, n_kv_heads: int, id
     Raises:
         ConfigError: an invalid n_kv_heads (the message lists the valid ones) or too little text.
     """
-    check_kv_heads(config, n_kv_heads)
+    check_kv_heads(config.n_heads, config.n_kv_heads, n_kv_heads)
     if steps < 0 or not lr > 0:
         raise ConfigError(f"calibration needs steps ≥ 0 and lr > 0, got steps={steps}, lr={lr}")
     start = time.perf_counter()

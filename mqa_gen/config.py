@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .cache import kv_bytes, kv_bytes_per_token
 from .errors import ConfigError, UnsupportedModelError
 from .gguf_file import GGUFFile
+from .kv_heads import attention_kind
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,8 @@ class ModelConfig:
 
     @property
     def attention_kind(self) -> str:
-        """``"MQA"``, ``"GQA"`` or ``"MHA"``."""
-        if self.n_kv_heads == 1:
-            return "MQA"
-        return "MHA" if self.n_kv_heads == self.n_heads else "GQA"
+        """``"MQA"``, ``"GQA"`` or ``"MHA"`` (:func:`mqa_gen.kv_heads.attention_kind`)."""
+        return attention_kind(self.n_heads, self.n_kv_heads)
 
     def kv_bytes_per_token(self, itemsize: int = 4) -> int:
         """KV-cache bytes per token while no sliding window is full: 2 × n_layers × n_kv_heads ×

@@ -18,14 +18,15 @@ replaces ``out_path`` only once complete.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
+from .atomic_file import atomic_write
 from .config import ModelConfig
 from .errors import ConfigError, ModelFileError
 from .gguf_file import GGUFFile
+from .kv_heads import check_kv_heads
 
 KV_TYPES = {"F32": np.float32, "F16": np.float16}
 
@@ -41,7 +42,7 @@ def mean_pooled_kv(gguf: GGUFFile, config: ModelConfig, n_kv_heads: int) -> dict
     from .weights import tensor_f32
 
     c = config
-    check_kv_heads(c, n_kv_heads)
+    check_kv_heads(c.n_heads, c.n_kv_heads, n_kv_heads)
     shape = (c.n_kv_heads * c.head_dim, c.d_model)
     out = {}
     for i in range(c.n_layers):
@@ -50,16 +51,6 @@ def mean_pooled_kv(gguf: GGUFFile, config: ModelConfig, n_kv_heads: int) -> dict
         out[i] = (regroup_kv_projection(wk, c.n_kv_heads, n_kv_heads, c.head_dim),
                   regroup_kv_projection(wv, c.n_kv_heads, n_kv_heads, c.head_dim))
     return out
-
-
-def check_kv_heads(config: ModelConfig, n_kv_heads: int) -> None:
-    """Raise :class:`ConfigError` unless ``n_kv_heads`` is a valid regrouping of the model's KV heads."""
-    from .regroup import valid_kv_heads
-
-    valid = valid_kv_heads(config.n_heads, config.n_kv_heads)
-    if n_kv_heads not in valid:
-        raise ConfigError(f"--kv-heads {n_kv_heads} is not valid for this model (n_heads={config.n_heads}, "
-                          f"native n_kv_heads={config.n_kv_heads}); valid: {', '.join(map(str, valid))}")
 
 
 def write_regrouped_gguf(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], config: ModelConfig,
@@ -102,43 +93,34 @@ def write_regrouped_gguf(src_path: str | os.PathLike[str], out_path: str | os.Pa
     reader = GGUFReader(src_path, "r")
     arch = reader.fields["general.architecture"].contents()
     kv_key = f"{arch}.attention.head_count_kv"
-    folder = os.path.dirname(os.path.abspath(out_path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".convert-", suffix=".gguf", dir=folder)
-        os.close(fd)
+        with atomic_write(out_path) as tmp:
+            writer = GGUFWriter(tmp, arch)  # writes general.architecture itself
+            for key, f in reader.fields.items():
+                if key.startswith("GGUF.") or key == "general.architecture":
+                    continue
+                vtype = f.types[0]
+                if key == "general.alignment":
+                    writer.data_alignment = int(f.contents())
+                if vtype == GGUFValueType.ARRAY and len(f.types) > 2:
+                    raise ConfigError(f"cannot copy nested-array metadata {key!r}")
+                value = n_kv_heads if key == kv_key else f.contents()
+                if vtype == GGUFValueType.ARRAY and len(value) == 0:
+                    raise ConfigError(f"cannot copy empty-array metadata {key!r}")
+                writer.add_key_value(key, value, vtype, f.types[-1] if vtype == GGUFValueType.ARRAY else None)
+            if kv_key not in reader.fields:
+                writer.add_key_value(kv_key, n_kv_heads, GGUFValueType.UINT32)
+            for t in reader.tensors:
+                if t.name in replacements:
+                    writer.add_tensor(t.name, replacements.pop(t.name))
+                else:
+                    writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+            if replacements:
+                raise ConfigError(f"the source file lacks {sorted(replacements)[0]}")
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     except OSError as e:
         raise ModelFileError(f"cannot write {out_path}: {e.strerror or e}") from None
-    try:
-        writer = GGUFWriter(tmp, arch)  # writes general.architecture itself
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF.") or key == "general.architecture":
-                continue
-            vtype = f.types[0]
-            if key == "general.alignment":
-                writer.data_alignment = int(f.contents())
-            if vtype == GGUFValueType.ARRAY and len(f.types) > 2:
-                raise ConfigError(f"cannot copy nested-array metadata {key!r}")
-            value = n_kv_heads if key == kv_key else f.contents()
-            if vtype == GGUFValueType.ARRAY and len(value) == 0:
-                raise ConfigError(f"cannot copy empty-array metadata {key!r}")
-            writer.add_key_value(key, value, vtype, f.types[-1] if vtype == GGUFValueType.ARRAY else None)
-        if kv_key not in reader.fields:
-            writer.add_key_value(kv_key, n_kv_heads, GGUFValueType.UINT32)
-        for t in reader.tensors:
-            if t.name in replacements:
-                writer.add_tensor(t.name, replacements.pop(t.name))
-            else:
-                writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-        if replacements:
-            raise ConfigError(f"the source file lacks {sorted(replacements)[0]}")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out_path)
-    except OSError as e:
-        raise ModelFileError(f"cannot write {out_path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return os.path.getsize(out_path)

@@ -40,6 +40,7 @@ from .attention import Attention, DecodeScratch
 from .batch import Batch, rope_cos_sin
 from .cache import KVCache
 from .errors import ConfigError
+from .kv_heads import attention_kind
 from .linear import DenseLinear
 
 WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
@@ -113,10 +114,9 @@ class MultiQueryAttentionConfig:
 
     @property
     def kind(self) -> str:
-        """``"MQA"`` (one KV head), ``"MHA"`` (one per query head) or ``"GQA"``."""
-        if self.num_kv_heads == 1:
-            return "MQA"
-        return "MHA" if self.num_kv_heads == self.num_heads else "GQA"
+        """``"MQA"`` (one KV head), ``"MHA"`` (one per query head) or ``"GQA"``
+        (:func:`mqa_gen.kv_heads.attention_kind`)."""
+        return attention_kind(self.num_heads, self.num_kv_heads)
 
     def with_kv_heads(self, num_kv_heads: int) -> "MultiQueryAttentionConfig":
         """The same config with ``num_kv_heads`` K/V heads."""

@@ -104,8 +104,3 @@ def read_text(path: str | Path | None = None) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise PerplexityError(f"cannot read perplexity text {path}: {getattr(e, 'strerror', None) or e}") from None
 
-
-def perplexity_of_text(model, tokenizer, text: str, max_tokens: int = DEFAULT_WINDOW,
-                       cache_dtype: str = "float32") -> Perplexity:
-    """Perplexity on the first ``max_tokens`` tokens of ``text`` (one window, no BOS)."""
-    return perplexity(model, window_ids(tokenizer, text, max_tokens), cache_dtype)

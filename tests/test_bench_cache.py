@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from mqa_gen import bench_cache as bench
 from mqa_gen.cli import cli
 from mqa_gen.cli.bench_cache import CSV_COLUMNS, read_config
+from mqa_gen.errors import ConfigError
 from mqa_gen.perplexity import PerplexityError, perplexity, read_text, window_ids
 from mqa_gen.regroup import regroup_model
 
@@ -66,7 +67,7 @@ def test_settings_are_checked(config):
     assert bench.parse_int_list(" 2048,512,512 ", "--contexts") == [512, 2048]
     with pytest.raises(bench.BenchError, match="comma-separated integers"):
         bench.parse_int_list("512,lots", "--contexts")
-    with pytest.raises(bench.BenchError, match="valid: 1, 3, 9"):
+    with pytest.raises(ConfigError, match="valid: 1, 3, 9"):
         bench.check_kv_heads(config, [1, 2])
     with pytest.raises(bench.BenchError, match="outside 1 … 8192"):
         bench.check_contexts(config, [0])
@@ -225,7 +226,7 @@ def test_installed_entry_point_no_measure_and_bad_kv_heads():
     assert per_token == [15_360, 46_080, 138_240]
     bad = subprocess.run([exe, "bench-cache", "--kv-heads", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.strip() == ("error: --kv-heads 2 not valid for this model (n_heads=9, native n_kv_heads=3); "
+    assert bad.stderr.strip() == ("error: --kv-heads 2 is not valid for this model (n_heads=9, native n_kv_heads=3); "
                                   "valid: 1, 3, 9")
 
 

@@ -17,12 +17,8 @@ from pathlib import Path
 import pytest
 
 from mqa_gen.gguf_file import GGUFFile, read_gguf
-from mqa_gen.tokenizer import (
-    SPIECE_SPACE,
-    Tokenizer,
-    _sentencepiece_merges,
-    _sentencepiece_merges_reference,
-)
+from mqa_gen.gguf_tokenizer import SPIECE_SPACE, _sentencepiece_merges, _sentencepiece_merges_reference
+from mqa_gen.tokenizer import Tokenizer
 
 from conftest import load_fixture
 
@@ -242,7 +238,7 @@ def test_fast_merges_equal_the_definition_on_random_vocabularies(seed: int) -> N
 def test_hash_collisions_cannot_add_a_wrong_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     """With base 1 the hash of a text is the sum of its characters' mixed values, so "ba" (not a
     token) hashes like "ab": the character check must drop the cut "ba" + "b" of "bab"."""
-    import mqa_gen.tokenizer as module
+    import mqa_gen.gguf_tokenizer as module
 
     monkeypatch.setattr(module, "_HASH_BASE", 1)
     monkeypatch.setattr(module, "_HASH_BASE_INVERSE", 1)
@@ -252,7 +248,7 @@ def test_hash_collisions_cannot_add_a_wrong_merge(monkeypatch: pytest.MonkeyPatc
 
 
 def test_colliding_token_hashes_fall_back_to_the_plain_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mqa_gen.tokenizer as module
+    import mqa_gen.gguf_tokenizer as module
 
     monkeypatch.setattr(module, "_HASH_BASE", 1)
     monkeypatch.setattr(module, "_HASH_BASE_INVERSE", 1)

@@ -63,7 +63,7 @@ def byte_ids(tok: Tokenizer, data: bytes) -> list[int]:
 
 def expected_ids(e: dict) -> list[int]:
     """The ids the file's own pre-tokenizer gives: the oracle's, except where the fixture records
-    ``native_ids`` (transformers ignores the "smollm" digit split; see mqa_gen/tokenizer.py)."""
+    ``native_ids`` (transformers ignores the "smollm" digit split; see mqa_gen/gguf_tokenizer.py)."""
     return e.get("native_ids", e["ids"])
 
 

@@ -53,7 +53,8 @@ def convert(model, kv_heads, calibration_text, steps, lr, calib_tokens, chunk_to
     mean-pooled and the calibrated model on a held-out text.
     """
     from ..calibrate import calibrate_kv
-    from ..convert import check_kv_heads, mean_pooled_kv, write_regrouped_gguf
+    from ..convert import mean_pooled_kv, write_regrouped_gguf
+    from ..kv_heads import attention_kind, check_kv_heads
     from ..perplexity import DEFAULT_TEXT, perplexity, read_text, window_ids
     from ..regroup import regroup_model
 
@@ -63,7 +64,7 @@ def convert(model, kv_heads, calibration_text, steps, lr, calib_tokens, chunk_to
     loaded = load_model(model, quiet)
     if _same_file(loaded.path, output):
         raise ModelFileError(f"the output {output} is the source model; choose another path")
-    check_kv_heads(loaded.config, kv_heads)
+    check_kv_heads(loaded.config.n_heads, loaded.config.n_kv_heads, kv_heads)
     ensure_kernels(quiet)
     c = loaded.config
     say = (lambda text: None) if quiet else (lambda text: stderr.print(text, soft_wrap=True))
@@ -119,8 +120,7 @@ def convert(model, kv_heads, calibration_text, steps, lr, calib_tokens, chunk_to
     if as_json:
         click.echo(json.dumps(result))
         return
-    kind = {1: "MQA", c.n_heads: "MHA"}.get(kv_heads, "GQA")
-    native_kind = {1: "MQA", c.n_heads: "MHA"}.get(c.n_kv_heads, "GQA")
+    kind = attention_kind(c.n_heads, kv_heads)
     heads = lambda n: f"{n} KV head{'s' if n != 1 else ''}"  # noqa: E731
     click.echo(f"wrote {output} ({mib(size)}): attn_k/attn_v of {c.n_layers} layers as {kv_type}, "
                f"{heads(c.n_kv_heads)} → {heads(kv_heads)}")
@@ -128,7 +128,7 @@ def convert(model, kv_heads, calibration_text, steps, lr, calib_tokens, chunk_to
         p = result["perplexity"]
         held = f"; calibrated on {calibration_text}" if calibration_text is not None else ""
         click.echo(f"perplexity on {p['text']} (first {p['tokens']} tokens{held}):")
-        rows = [(f"native {native_kind} ({heads(c.n_kv_heads)})", p["native"]),
+        rows = [(f"native {c.attention_kind} ({heads(c.n_kv_heads)})", p["native"]),
                 (f"mean-pooled {kind} ({heads(kv_heads)})", p["mean_pooled"])]
         if calibration_text is not None:
             rows.append((f"calibrated {kind} ({heads(kv_heads)})", p["calibrated"]))
