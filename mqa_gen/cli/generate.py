@@ -53,22 +53,11 @@ def build_prompt_ids(loaded, text: str, chat: bool | None) -> tuple[list[int], s
     return tok.encode(text), end_of_turn_ids(tok), use_chat
 
 
-#: SamplingParams field → the CLI flag that sets it, so errors name what the user typed.
+#: The library's name of a setting (SamplingError.field) → the CLI flag that sets it, so errors
+#: name what the user typed.
 FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
-         "repetition_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n", "seed": "--seed"}
-
-
-def validate_with_flag_names(params: SamplingParams) -> None:
-    """``params.validate()``, with the message naming the CLI flag instead of the field."""
-    try:
-        params.validate()
-    except SamplingError as e:
-        message = str(e)
-        for field, flag in FLAGS.items():
-            if message.startswith(field):
-                message = flag + message[len(field):]
-                break
-        raise SamplingError(message) from None
+         "repetition_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n", "seed": "--seed",
+         "max_tokens": "--max-tokens", "ctx_size": "--ctx-size"}
 
 
 def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
@@ -115,17 +104,18 @@ _GENERATION_OPTIONS = [
 
 
 def check_generation_options(params: SamplingParams, max_tokens: int, ctx_size: int | None) -> None:
-    """Validate what :func:`generation_options` collected; errors name the CLI flag.
+    """Validate what :func:`generation_options` collected, with the library's
+    :func:`~mqa_gen.generate.validate_generation`; errors name the CLI flag.
 
     Raises:
-        SamplingError: a sampling value out of range, or --max-tokens ≤ 0.
-        PromptError: --ctx-size ≤ 0.
+        SamplingError: a sampling value out of range, --max-tokens ≤ 0 or --ctx-size ≤ 0.
     """
-    validate_with_flag_names(params)
-    if max_tokens <= 0:
-        raise SamplingError(f"--max-tokens must be > 0, got {max_tokens}")
-    if ctx_size is not None and ctx_size <= 0:
-        raise PromptError(f"--ctx-size must be > 0, got {ctx_size}")
+    from ..generate import validate_generation
+
+    try:
+        validate_generation(params, max_tokens, ctx_size)
+    except SamplingError as e:
+        raise SamplingError(FLAGS.get(e.field, e.field), e.reason) from None
 
 
 def open_prompt_cache(path: str, loaded, net, ctx_size: int | None, cache_dtype: str):
