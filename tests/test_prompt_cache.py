@@ -328,7 +328,7 @@ def invoke(smollm2, monkeypatch):
     """Run the CLI in-process; the default model is the session's, any other path is loaded."""
     from mqa_gen.loading import load
 
-    module = importlib.import_module("mqa_gen.cli.generate")
+    module = importlib.import_module("mqa_gen.cli.common")
     monkeypatch.setattr(module, "load_model",
                         lambda name, quiet: smollm2 if name == "smollm2-135m-instruct" else load(name))
 
