@@ -28,6 +28,7 @@ from mqa_gen.prompt_cache import (
     load_prompt_cache,
     model_identity,
     read_prompt_cache_meta,
+    save_prompt_cache,
 )
 
 from conftest import REPO, load_fixture
@@ -270,11 +271,11 @@ def test_reloaded_cache_gives_the_same_tokens_and_logits(smollm2, tmp_path):
     assert gen.stats.reused_tokens == 0
     assert gen.cache.token_ids.tolist() == first["prompt_ids"] + gen.token_ids[:-1]
     path = tmp_path / "chat.npz"
-    gen.cache.save(path, model_id)
+    save_prompt_cache(path, gen.cache, model_id)
 
     shared = next(i for i, (a, b) in enumerate(zip(first["prompt_ids"], second["prompt_ids"], strict=False)) if a != b)
     assert shared > 20  # the default system prompt
-    cache = KVCache.load(path, model_id, config=model.config, dtype="float32", max_seq_len=128)
+    cache, _ = load_prompt_cache(path, model_id, config=model.config, dtype="float32", max_seq_len=128)
     n = 8
     reused = stream_generate(model, tok, second["prompt_ids"], max_tokens=n, cache=cache)
     list(reused)
@@ -284,7 +285,7 @@ def test_reloaded_cache_gives_the_same_tokens_and_logits(smollm2, tmp_path):
 
     # Logits: the suffix on the reloaded prefix against one fresh pass over the whole prompt.
     fresh = model.forward(second["prompt_ids"], model.new_cache(128))
-    prefix = KVCache.load(path, model_id, max_seq_len=128)
+    prefix, _ = load_prompt_cache(path, model_id, max_seq_len=128)
     prefix.truncate(shared)
     # The two passes multiply in different orders (a short suffix runs the quantised kernels, the
     # full prompt dequantises + BLAS), so they agree to float32 rounding: 1e-5 of the logits' scale.
@@ -393,8 +394,7 @@ def test_cli_refuses_other_kv_heads_or_dtype(invoke, tmp_path, args, fragment):
 @pytest.mark.parametrize("content", ["truncated", "random", "empty"])
 def test_cli_refuses_damaged_files(invoke, tmp_path, content):
     path = tmp_path / "p.cache"
-    good = filled_cache(length=5)
-    good.save(path, MODEL_ID)
+    save_prompt_cache(path, filled_cache(length=5), MODEL_ID)
     data = path.read_bytes()
     bad = {"truncated": data[: len(data) * 2 // 3], "random": os.urandom(4096), "empty": b""}[content]
     path.write_bytes(bad)
