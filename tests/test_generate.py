@@ -225,3 +225,24 @@ def test_stop_filter_prints_exactly_the_text_before_the_first_stop(pieces, stop)
     full = "".join(pieces)
     expected = full[: full.find(stop)] if stop in full else full
     assert out == expected
+
+
+def test_chunked_prefill_across_gemma3_sliding_windows(gemma3):
+    """Gemma 3's 512-token ring layers: a 784-token prompt prefilled in chunks of 300 (the second
+    ends past the window, the third wraps the ring) gives the transformers oracle's greedy tokens
+    and one pass's logits."""
+    case = next(c for c in load_fixture("greedy.json", "gemma3")["prompts"] if c["name"] == "long_window")
+    model, prompt, n = gemma3.model, case["prompt_ids"], 3
+    assert len(prompt) > 600
+
+    def run_chunked(size):
+        seen = []
+        tokens = generate_tokens(model, prompt, model.new_cache(1024), make_sampler(SamplingParams()),
+                                 logits_processors=[recording(seen)], prefill_chunk=size)
+        return [t for t, _ in islice(tokens, n)], seen
+
+    one_ids, one_logits = run_chunked(len(prompt))
+    ids, logits = run_chunked(300)
+    assert ids == one_ids == case["continuation_ids"][:n]
+    for a, b in zip(logits, one_logits, strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
