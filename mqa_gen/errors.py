@@ -33,7 +33,26 @@ class PromptError(MqaGenError):
 
 
 class SamplingError(MqaGenError):
-    """A sampling parameter outside its valid range (for example top-p 1.5 or a negative temperature)."""
+    """A sampling or generation setting outside its valid range (for example top_p 1.5, a negative
+    temperature, max_tokens 0).
+
+    Args:
+        field: the setting, as the library names it: a :class:`~mqa_gen.sampling.SamplingParams`
+            field (``"temperature"``, ``"top_p"``, …) or a :func:`~mqa_gen.generate.stream_generate`
+            argument (``"max_tokens"``, ``"ctx_size"``).
+        reason: the rest of the one-line message: the valid range and the value given.
+
+    The message is ``f"{field} {reason}"``; a front end that spells the setting differently (the
+    CLI's ``--temp``) builds its own message from ``field`` and ``reason``.
+    """
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
+
+    def __reduce__(self):  # pickle (worker processes) by the two arguments, not the message
+        return type(self), (self.field, self.reason)
 
 
 class ChatTemplateError(MqaGenError):

@@ -1,14 +1,16 @@
-"""Choosing the next token from a vector of logits.
+"""Choosing the next token from a vector of logits: logits processors, then the sampler.
 
-The generation loop hands the sampler the model's logits for the last position (a float32 array of
-shape ``[vocab]``) and the token ids seen so far; the sampler returns one token id and its
-log-probability. Everything here is plain NumPy on one vector, cheap next to the model's forward
-pass.
+The token layer (:func:`~mqa_gen.generate.generate_tokens`) takes the model's logits for the last
+position (a float32 array of shape ``[vocab]``), runs them through the *logits processors* — each a
+function ``(history, logits) -> logits`` that may look at the token ids seen so far — and hands the
+result to the *sampler*, which returns one token id and its log-probability. Everything here is
+plain NumPy on one vector, cheap next to the model's forward pass.
 
 The chain, in the order it runs::
 
     logits [vocab] float32, history
-      │ 1. repetition penalty   apply_repetition_penalty   (a logits processor; needs the history)
+      │ 1. repetition penalty   apply_repetition_penalty   logits processor (make_logits_processors)
+      ├──────────────────────── the sampler (make_sampler) from here on; it sees no history
       │                         ── temperature 0 stops here: argmax, no randomness ──
       │ 2. temperature          apply_temperature          logits / T
       │ 3. top-k                apply_top_k                keep the k best
@@ -20,10 +22,11 @@ Every filter (steps 2-5) takes and returns *unnormalised log-weights*: a float64
 in which ``-inf`` marks a token that can no longer be drawn. Each filter renormalises over the
 tokens still alive when it needs probabilities (top-p does), so a later filter sees the distribution
 the earlier ones left. Each function validates its own argument and raises
-:class:`~mqa_gen.errors.SamplingError`; a filter whose argument means "off" returns its input
-unchanged. :func:`make_sampler` validates a whole :class:`SamplingParams` once and builds the chain
-of only the filters that are on; :func:`filtered_probs` is the same chain without the draw, a pure
-function that tests and callers can inspect. Both drop the removed tokens after each filter (the
+:class:`~mqa_gen.errors.SamplingError` (its ``field`` names the parameter); a filter whose argument
+means "off" returns its input unchanged. :func:`make_logits_processors` and :func:`make_sampler`
+validate a whole :class:`SamplingParams` once and build only the steps that are on;
+:func:`filtered_probs` is the whole chain without the draw, a pure function that tests and callers
+can inspect. The sampler and :func:`filtered_probs` drop the removed tokens after each filter (the
 filters work on arrays of any length), so after top-k everything else runs on k entries: top-k is a
 partition, never a sort of the vocabulary, and top-p sorts only the tokens still alive.
 
@@ -33,9 +36,9 @@ Conventions worth knowing:
   with the last token of the nucleus, min-p 1.0 every token tied with the best. So the result does
   not depend on token order, and a filter may keep more than k tokens when logits tie. Greedy
   (temperature 0) breaks ties towards the lowest token id, like ``numpy.argmax``.
-* The reported log-probability is the log-softmax of the *penalised* logits before temperature and
-  filtering: what the model (with the penalty) thinks of the token, the number perplexity and
-  ``--json`` output want.
+* The reported log-probability is the log-softmax of the sampler's input — the *processed*
+  (penalised) logits — before temperature and filtering: what the model (with the penalty) thinks
+  of the token, the number perplexity and ``--json`` output want.
 * Every non-greedy step consumes exactly one number from the Generator, however many tokens survive
   the filters; the same seed, parameters and logits give the same tokens.
 * Logits with NaN or ``+inf``, or with no finite entry, are a bug upstream: they raise
@@ -47,8 +50,8 @@ Sources: top-k, Fan et al. 2018, "Hierarchical Neural Story Generation" (arXiv:1
 min-p, Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM
 Outputs" (arXiv:2407.01082); repetition penalty, Keskar et al. 2019, "CTRL: A Conditional
 Transformer Language Model for Controllable Generation" (arXiv:1909.05858), in the sign-aware form
-that llama.cpp and Hugging Face transformers use. The shape of the module (small functions plus a
-factory) follows mlx-lm's ``sample_utils.py``.
+that llama.cpp and Hugging Face transformers use. The shape of the module (small functions plus
+factories for the processors and the sampler) follows mlx-lm's ``sample_utils.py``.
 """
 
 from __future__ import annotations
@@ -64,7 +67,11 @@ from mqa_gen.errors import SamplingError
 
 __all__ = [
     "SamplingParams",
+    "LogitsProcessor",
     "Sampler",
+    "make_logits_processors",
+    "apply_logits_processors",
+    "make_repetition_penalty",
     "make_sampler",
     "filtered_probs",
     "apply_repetition_penalty",
@@ -82,10 +89,14 @@ NEG_INF = -np.inf
 # A filter maps log-weights [vocab] float64 to log-weights [vocab] float64.
 Filter = Callable[[np.ndarray], np.ndarray]
 
+#: A logits processor maps (history: token ids so far, oldest first; logits [vocab] float) to new
+#: logits [vocab] of the same dtype, without modifying its input.
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks: one per parameter, shared by SamplingParams.validate and the functions below.
-# Messages are one line: the parameter, the valid range, the value given.
+# Messages are one line: the parameter (SamplingError.field), the valid range, the value given.
 # ---------------------------------------------------------------------------------------------
 
 def _is_real(x: object) -> bool:
@@ -98,43 +109,39 @@ def _is_int(x: object) -> bool:
 
 def _check_temperature(temperature: float) -> None:
     if not _is_real(temperature) or not (0.0 <= temperature < math.inf):
-        raise SamplingError(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
-        )
+        raise SamplingError("temperature", f"must be a finite number >= 0 (0 = greedy), got {temperature!r}")
 
 
 def _check_top_k(top_k: int) -> None:
     if not _is_int(top_k):
-        raise SamplingError(f"top_k must be an integer (<= 0 = off), got {top_k!r}")
+        raise SamplingError("top_k", f"must be an integer (<= 0 = off), got {top_k!r}")
 
 
 def _check_top_p(top_p: float) -> None:
     if not _is_real(top_p) or not (0.0 <= top_p <= 1.0):
-        raise SamplingError(f"top_p must be in [0, 1] (1 = off), got {top_p!r}")
+        raise SamplingError("top_p", f"must be in [0, 1] (1 = off), got {top_p!r}")
 
 
 def _check_min_p(min_p: float) -> None:
     if not _is_real(min_p) or not (0.0 <= min_p <= 1.0):
-        raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+        raise SamplingError("min_p", f"must be in [0, 1] (0 = off), got {min_p!r}")
 
 
 def _check_repetition_penalty(penalty: float) -> None:
     if not _is_real(penalty) or not (0.0 < penalty < math.inf):
-        raise SamplingError(
-            f"repetition_penalty must be a finite number > 0 (1 = off), got {penalty!r}"
-        )
+        raise SamplingError("repetition_penalty", f"must be a finite number > 0 (1 = off), got {penalty!r}")
 
 
 def _check_repeat_last_n(last_n: int) -> None:
     if not _is_int(last_n) or last_n < -1:
         raise SamplingError(
-            f"repeat_last_n must be an integer >= -1 (0 = off, -1 = whole history), got {last_n!r}"
+            "repeat_last_n", f"must be an integer >= -1 (0 = off, -1 = whole history), got {last_n!r}"
         )
 
 
 def _check_seed(seed: int | None) -> None:
     if seed is not None and (not _is_int(seed) or seed < 0):
-        raise SamplingError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        raise SamplingError("seed", f"must be an integer >= 0 or None, got {seed!r}")
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:
@@ -185,8 +192,8 @@ class SamplingParams:
         """Check every field.
 
         Raises:
-            SamplingError: the first field out of its range; the one-line message names the field
-                and its valid range.
+            SamplingError: the first field out of its range; ``field`` names it, the one-line
+                message gives its valid range.
         """
         _check_temperature(self.temperature)
         _check_top_k(self.top_k)
@@ -234,7 +241,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Logits processor: repetition penalty
+# 1. Logits processors: repetition penalty
 # ---------------------------------------------------------------------------------------------
 
 def apply_repetition_penalty(
@@ -283,6 +290,48 @@ def apply_repetition_penalty(
     return out
 
 
+def make_repetition_penalty(penalty: float, last_n: int) -> LogitsProcessor:
+    """The repetition penalty as a logits processor: ``(history, logits) ->``
+    :func:`apply_repetition_penalty` ``(logits, history, penalty, last_n)``.
+
+    Raises:
+        SamplingError: ``penalty`` <= 0 or not finite, ``last_n`` < -1 or not an integer.
+    """
+    _check_repetition_penalty(penalty)
+    _check_repeat_last_n(last_n)
+
+    def repetition_penalty(history: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        return apply_repetition_penalty(logits, history, penalty, last_n)
+
+    return repetition_penalty
+
+
+def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """The logits processors ``params`` asks for, in the order they run: today the repetition
+    penalty, when it is on (``repetition_penalty != 1`` and ``repeat_last_n != 0``).
+
+    Returns:
+        A list (empty when every processor is off) of functions ``(history, logits) -> logits``.
+
+    Raises:
+        SamplingError: a parameter out of range (``field`` names it).
+    """
+    params.validate()
+    if params.repetition_penalty == 1 or params.repeat_last_n == 0:
+        return []
+    return [make_repetition_penalty(params.repetition_penalty, params.repeat_last_n)]
+
+
+def apply_logits_processors(
+    processors: Sequence[LogitsProcessor], history: Sequence[int], logits: np.ndarray
+) -> np.ndarray:
+    """Run ``logits`` [vocab] through each processor in turn; returns ``logits`` itself when there
+    are none."""
+    for process in processors:
+        logits = process(history, logits)
+    return logits
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-5. Filters on log-weights [vocab] float64; -inf = removed
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +357,7 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """
     _check_temperature(temperature)
     if temperature == 0:
-        raise SamplingError("temperature must be > 0 here; temperature 0 means greedy (argmax)")
+        raise SamplingError("temperature", "must be > 0 here; temperature 0 means greedy (argmax)")
     x = np.asarray(logits, dtype=np.float64)
     with np.errstate(over="ignore"):  # overflow is handled here, not warned about
         y = x / temperature
@@ -475,12 +524,13 @@ def _candidates(
 def filtered_probs(
     logits: np.ndarray, params: SamplingParams, history: Sequence[int] = ()
 ) -> np.ndarray:
-    """The distribution the sampler draws from: the whole chain except the draw. Pure.
+    """The distribution the sampler draws from: the whole chain (processors, then the sampler's
+    steps) except the draw. Pure.
 
     Args:
         logits: ``[vocab]`` float array (float32 from the model), ``-inf`` allowed.
         params: the sampling parameters.
-        history: token ids seen so far, for the repetition penalty.
+        history: token ids seen so far, for the logits processors (the repetition penalty).
 
     Returns:
         ``[vocab]`` float64 probabilities summing to 1, zero for every filtered-out token. For
@@ -490,9 +540,8 @@ def filtered_probs(
         SamplingError: ``params`` out of range.
         ValueError: logits not 1-D, with NaN or ``+inf``, or with no finite entry; bad history ids.
     """
-    params.validate()
-    x = _check_logits(logits)
-    x = apply_repetition_penalty(x, history, params.repetition_penalty, params.repeat_last_n)
+    processors = make_logits_processors(params)
+    x = apply_logits_processors(processors, history, _check_logits(logits))
     out = np.zeros(x.shape[-1], dtype=np.float64)
     if params.greedy:
         out[int(np.argmax(x))] = 1.0
@@ -512,10 +561,12 @@ def _logprob(logits: np.ndarray, token: int) -> float:
 
 
 class Sampler:
-    """Repetition penalty, then argmax or the filters and a seeded draw; see :func:`make_sampler`.
+    """Argmax, or temperature, the filters and a seeded draw; see :func:`make_sampler`.
 
     Holds its own ``numpy.random.Generator`` (seeded from ``params.seed``), so two samplers made
     from the same params produce the same tokens for the same logits sequence, independently.
+    It sees no history: the repetition penalty runs before it, as a logits processor
+    (:func:`make_logits_processors`).
     """
 
     def __init__(self, params: SamplingParams) -> None:
@@ -524,24 +575,22 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self._chain = _filters(params)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[int, float]:
+    def __call__(self, logits: np.ndarray) -> tuple[int, float]:
         """Choose the next token.
 
         Args:
-            logits: ``[vocab]`` float array (float32 from the model) for the last position.
-            history: token ids seen so far (prompt and generated), oldest first.
+            logits: ``[vocab]`` float array for the last position: the model's float32 logits after
+                the logits processors.
 
         Returns:
-            ``(token_id, logprob)``: a Python int and a finite Python float, the log-softmax of the
-            penalised logits (before temperature and filters) at the chosen token.
+            ``(token_id, logprob)``: a Python int and a finite Python float, the log-softmax of
+            ``logits`` (before temperature and filters) at the chosen token.
 
         Raises:
-            ValueError: logits not 1-D, with NaN or ``+inf``, or with no finite entry; history ids
-                outside ``[0, vocab)``.
+            ValueError: logits not 1-D, with NaN or ``+inf``, or with no finite entry.
         """
         p = self.params
         x = _check_logits(logits)
-        x = apply_repetition_penalty(x, history, p.repetition_penalty, p.repeat_last_n)
         if p.greedy:
             token = int(np.argmax(x))
         else:
@@ -556,14 +605,15 @@ class Sampler:
 
 def make_sampler(params: SamplingParams) -> Sampler:
     """Build the sampler for ``params``: the chain of the filters that are on, a seeded Generator.
+    The repetition penalty is not in it: see :func:`make_logits_processors`.
 
     Args:
-        params: the sampling parameters.
+        params: the sampling parameters (all of them are validated).
 
     Returns:
-        A :class:`Sampler`; call it as ``sampler(logits, history) -> (token_id, logprob)``.
+        A :class:`Sampler`; call it as ``sampler(logits) -> (token_id, logprob)``.
 
     Raises:
-        SamplingError: a parameter out of range (the message names it and its valid range).
+        SamplingError: a parameter out of range (``field`` names it; the message gives its range).
     """
     return Sampler(params)

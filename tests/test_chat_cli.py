@@ -26,7 +26,7 @@ CACHE = re.compile(r"cache: (\d+) tokens, .*?; (\d+) messages")
 @pytest.fixture
 def chat(smollm2, monkeypatch):
     """Run ``mqa-gen chat ARGS`` in-process with the lines of ``stdin``; returns the result."""
-    module = importlib.import_module("mqa_gen.cli.chat")
+    module = importlib.import_module("mqa_gen.cli.common")
     monkeypatch.setattr(module, "load_model", lambda name, quiet: smollm2)
 
     def run(lines, *args):

@@ -23,7 +23,7 @@ GREEDY = load_fixture("greedy.json")["prompts"]
 @pytest.fixture
 def invoke(smollm2, monkeypatch):
     """Run the CLI in-process with the session's model instead of loading it again."""
-    module = importlib.import_module("mqa_gen.cli.generate")
+    module = importlib.import_module("mqa_gen.cli.common")
     monkeypatch.setattr(module, "load_model", lambda name, quiet: smollm2)
 
     def run(*args, input=None):
@@ -99,6 +99,26 @@ def test_bad_values_give_one_line_and_exit_2(invoke, args, fragment):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0]
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+@pytest.mark.parametrize("args,option,value", [
+    (["--ctx-size", "0"], "--ctx-size", "0"),
+    (["-n", "-3"], "--max-tokens", "-3"),
+    (["--repeat-last-n", "-2"], "--repeat-last-n", "-2"),
+    (["--repeat-penalty", "0"], "--repeat-penalty", "0.0"),
+    (["--seed", "-5"], "--seed", "-5"),
+    (["--top-k", "1", "--top-p", "-0.5"], "--top-p", "-0.5"),
+])
+def test_the_library_checks_values_and_the_error_names_the_option(monkeypatch, verb, args, option, value):
+    """Checked before the model loads; the one line names the option as typed, not the library's field."""
+    monkeypatch.setattr(importlib.import_module("mqa_gen.cli.common"), "load_model",
+                        lambda *a: pytest.fail("the model was loaded before the options were checked"))
+    prompt = ["--prompt", "hi"] if verb == "generate" else []
+    result = CliRunner().invoke(cli, [verb, *prompt, *args], input="", catch_exceptions=False)
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {option} must be ") and lines[0].endswith(f"got {value}")
 
 
 @pytest.mark.parametrize("args", [["--prompt", ""], ["--prompt", " \n"], [], ["--prompt-file", "/no/such/file"]])

@@ -101,7 +101,7 @@ def test_cli_generate_streams_the_oracle_continuation(gemma3, monkeypatch):
     from mqa_gen.cli import cli
     from mqa_gen.cli.generate import build_prompt_ids
 
-    monkeypatch.setattr(importlib.import_module("mqa_gen.cli.generate"), "load_model", lambda name, quiet: gemma3)
+    monkeypatch.setattr(importlib.import_module("mqa_gen.cli.common"), "load_model", lambda name, quiet: gemma3)
     case = GREEDY[0]
     result = CliRunner().invoke(cli, ["generate", "-m", "gemma3-270m", "--no-chat", "--temp", "0", "-n", "32",
                                       "--json", "--prompt", case["prompt"]], catch_exceptions=False)

@@ -276,7 +276,7 @@ def test_reloaded_cache_gives_the_same_tokens_and_logits(smollm2, tmp_path):
 
     shared = next(i for i, (a, b) in enumerate(zip(first["prompt_ids"], second["prompt_ids"], strict=False)) if a != b)
     assert shared > 20  # the default system prompt
-    cache = load_prompt_cache(path, model_id, config=model.config, dtype="float32", max_seq_len=128)[0]
+    cache, _ = load_prompt_cache(path, model_id, config=model.config, dtype="float32", max_seq_len=128)
     n = 8
     reused = stream_generate(model, tok, second["prompt_ids"], max_tokens=n, cache=cache)
     list(reused)
@@ -286,7 +286,7 @@ def test_reloaded_cache_gives_the_same_tokens_and_logits(smollm2, tmp_path):
 
     # Logits: the suffix on the reloaded prefix against one fresh pass over the whole prompt.
     fresh = model.forward(second["prompt_ids"], model.new_cache(128))
-    prefix = load_prompt_cache(path, model_id, max_seq_len=128)[0]
+    prefix, _ = load_prompt_cache(path, model_id, max_seq_len=128)
     prefix.truncate(shared)
     # The two passes multiply in different orders (a short suffix runs the quantised kernels, the
     # full prompt dequantises + BLAS), so they agree to float32 rounding: 1e-5 of the logits' scale.
@@ -330,7 +330,7 @@ def invoke(smollm2, monkeypatch):
     """Run the CLI in-process; the default model is the session's, any other path is loaded."""
     from mqa_gen.loading import load
 
-    module = importlib.import_module("mqa_gen.cli.generate")
+    module = importlib.import_module("mqa_gen.cli.common")
     monkeypatch.setattr(module, "load_model",
                         lambda name, quiet: smollm2 if name == "smollm2-135m-instruct" else load(name))
 
@@ -395,8 +395,7 @@ def test_cli_refuses_other_kv_heads_or_dtype(invoke, tmp_path, args, fragment):
 @pytest.mark.parametrize("content", ["truncated", "random", "empty"])
 def test_cli_refuses_damaged_files(invoke, tmp_path, content):
     path = tmp_path / "p.cache"
-    good = filled_cache(length=5)
-    save_prompt_cache(path, good, MODEL_ID)
+    save_prompt_cache(path, filled_cache(length=5), MODEL_ID)
     data = path.read_bytes()
     bad = {"truncated": data[: len(data) * 2 // 3], "random": os.urandom(4096), "empty": b""}[content]
     path.write_bytes(bad)

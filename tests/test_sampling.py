@@ -19,6 +19,7 @@ from mqa_gen.errors import MqaGenError, SamplingError
 from mqa_gen.sampling import (
     Sampler,
     SamplingParams,
+    apply_logits_processors,
     apply_min_p,
     apply_repetition_penalty,
     apply_temperature,
@@ -26,6 +27,8 @@ from mqa_gen.sampling import (
     apply_top_p,
     filtered_probs,
     log_softmax,
+    make_logits_processors,
+    make_repetition_penalty,
     make_sampler,
 )
 
@@ -50,6 +53,11 @@ def sample_params(**kw) -> SamplingParams:
     base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
     base.update(kw)
     return SamplingParams(**base)
+
+
+def step(params: SamplingParams, sampler: Sampler, logits: np.ndarray, history) -> tuple[int, float]:
+    """One token as the token layer chooses it: ``params``' logits processors, then the sampler."""
+    return sampler(apply_logits_processors(make_logits_processors(params), history, logits))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,11 +129,40 @@ def test_penalty_rejects_bad_history_ids(history):
         apply_repetition_penalty(f32([0.0, 1.0, 2.0]), history, 1.5, 64)
 
 
-def test_sampler_applies_penalty_before_greedy():
+def test_penalty_processor_runs_before_greedy():
     # [2.0, 1.5] with token 0 penalised by 2 -> [1.0, 1.5]: greedy now picks token 1
-    s = make_sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0))
-    assert s(f32([2.0, 1.5]), [0])[0] == 1
-    assert s(f32([2.0, 1.5]), [])[0] == 0
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    s = make_sampler(params)
+    assert step(params, s, f32([2.0, 1.5]), [0])[0] == 1
+    assert step(params, s, f32([2.0, 1.5]), [])[0] == 0
+    assert s(f32([2.0, 1.5]))[0] == 0  # the sampler alone knows no history and no penalty
+
+
+def test_penalty_processor_is_the_penalty_of_the_window():
+    params = SamplingParams(repetition_penalty=2.0, repeat_last_n=2)
+    [penalty] = make_logits_processors(params)
+    logits = f32([1.0, -1.0, 4.0, 3.0])
+    # the window is the last 2 of [0, 1, 2]: tokens 1 (-1 * 2 = -2) and 2 (4 / 2 = 2)
+    out = penalty([0, 1, 2], logits)
+    np.testing.assert_array_equal(out, f32([1.0, -2.0, 2.0, 3.0]))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(logits, f32([1.0, -1.0, 4.0, 3.0]))  # input untouched
+    np.testing.assert_array_equal(make_repetition_penalty(2.0, -1)([0, 1, 2], logits), f32([0.5, -2.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("penalty,last_n", [(1.0, 64), (1.0, -1), (1.3, 0)])
+def test_no_processor_when_the_penalty_is_off(penalty, last_n):
+    params = SamplingParams(repetition_penalty=penalty, repeat_last_n=last_n)
+    assert make_logits_processors(params) == []
+    logits = f32([1.0, 2.0])
+    assert apply_logits_processors([], [0, 1], logits) is logits
+
+
+def test_processors_run_in_order():
+    double = lambda history, x: x * 2  # noqa: E731
+    shift = lambda history, x: x - len(history)  # noqa: E731
+    out = apply_logits_processors([double, shift], [7, 8, 9], f32([1.0, 2.0]))
+    np.testing.assert_array_equal(out, f32([2.0 - 3, 4.0 - 3]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +211,7 @@ def test_draw_frequencies_match_filtered_probs_with_filters_on():
     assert alive.sum() == 5
     s = make_sampler(params)
     n = 20_000
-    counts = np.bincount([s(logits, history)[0] for _ in range(n)], minlength=logits.size)
+    counts = np.bincount([step(params, s, logits, history)[0] for _ in range(n)], minlength=logits.size)
     assert counts[~alive].sum() == 0
     expected = n * probs[alive]
     chi2 = float(((counts[alive] - expected) ** 2 / expected).sum())
@@ -382,7 +419,7 @@ def test_minus_inf_logits_never_sampled(params):
     assert probs[[0, 2, 4]].tolist() == [0.0, 0.0, 0.0]
     s = make_sampler(dataclasses.replace(params, seed=3))
     for _ in range(300):
-        token, logprob = s(logits, [0, 1, 2])
+        token, logprob = step(params, s, logits, [0, 1, 2])
         assert token in (1, 3)
         assert math.isfinite(logprob)
     assert make_sampler(SamplingParams(temperature=0.0))(logits)[0] == 1
@@ -440,7 +477,7 @@ def test_any_valid_params_give_a_distribution_and_a_finite_token(
     assert np.isfinite(probs).all()
     assert probs.sum() == pytest.approx(1.0)
     assert np.all(probs[np.isneginf(logits)] == 0.0)
-    token, logprob = make_sampler(params)(logits, history)
+    token, logprob = step(params, make_sampler(params), logits, history)
     assert isinstance(token, int) and isinstance(logprob, float)
     assert np.isfinite(logits[token]) and probs[token] > 0.0
     assert math.isfinite(logprob) and logprob <= 0.0
@@ -453,11 +490,11 @@ def test_any_valid_params_give_a_distribution_and_a_finite_token(
 def test_logprob_is_of_penalised_logits_before_temperature():
     # [2.0, 0.0], token 0 penalised by 2 -> [1.0, 0.0]; logprob of token 0 = 1 - log(e + 1)
     want = 1.0 - math.log(math.e + 1.0)
-    greedy = make_sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0))
-    assert greedy(f32([2.0, 0.0]), [0]) == (0, pytest.approx(want))
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert step(greedy, make_sampler(greedy), f32([2.0, 0.0]), [0]) == (0, pytest.approx(want))
     # temperature and top-k change what is drawn, not the reported logprob
-    hot = make_sampler(sample_params(temperature=5.0, top_k=1, repetition_penalty=2.0, seed=1))
-    assert hot(f32([2.0, 0.0]), [0]) == (0, pytest.approx(want))
+    hot = sample_params(temperature=5.0, top_k=1, repetition_penalty=2.0, seed=1)
+    assert step(hot, make_sampler(hot), f32([2.0, 0.0]), [0]) == (0, pytest.approx(want))
 
 
 def test_sampled_logprob_matches_token():
@@ -475,13 +512,14 @@ def test_sampled_logprob_matches_token():
 # Reproducibility
 # ------------------------------------------------------------------------------------------------
 
-def _run(sampler: Sampler, steps: int, vocab: int, flat: bool) -> list[tuple[int, float]]:
+def _run(params: SamplingParams, steps: int, vocab: int, flat: bool) -> list[tuple[int, float]]:
     rng = np.random.default_rng(99)  # the logits sequence, the same for every run
+    sampler = make_sampler(params)
     history: list[int] = [1, 2, 3]
     out = []
     for _ in range(steps):
         logits = np.zeros(vocab, np.float32) if flat else rng.normal(0, 2, vocab).astype(np.float32)
-        token, logprob = sampler(logits, history)
+        token, logprob = step(params, sampler, logits, history)
         history.append(token)
         out.append((token, logprob))
     return out
@@ -490,14 +528,14 @@ def _run(sampler: Sampler, steps: int, vocab: int, flat: bool) -> list[tuple[int
 def test_same_seed_same_tokens():
     params = sample_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02,
                            repetition_penalty=1.1, seed=7)
-    a = _run(make_sampler(params), 100, 500, flat=False)
-    b = _run(make_sampler(params), 100, 500, flat=False)
+    a = _run(params, 100, 500, flat=False)
+    b = _run(params, 100, 500, flat=False)
     assert a == b
 
 
 def test_different_seeds_differ_on_a_flat_distribution():
-    a = _run(make_sampler(sample_params(seed=7)), 50, 1000, flat=True)
-    b = _run(make_sampler(sample_params(seed=8)), 50, 1000, flat=True)
+    a = _run(sample_params(seed=7), 50, 1000, flat=True)
+    b = _run(sample_params(seed=8), 50, 1000, flat=True)
     assert [t for t, _ in a] != [t for t, _ in b]
     assert len({t for t, _ in a}) > 10  # it really samples
 
@@ -538,15 +576,25 @@ def test_samplers_do_not_share_state():
 )
 def test_invalid_params_raise_sampling_error_naming_the_parameter(field, value):
     params = SamplingParams(**{field: value})
-    for build in (params.validate, lambda: make_sampler(params),
+    for build in (params.validate, lambda: make_sampler(params), lambda: make_logits_processors(params),
                   lambda: filtered_probs(f32([0.0, 1.0]), params)):
         with pytest.raises(SamplingError, match=field) as info:
             build()
+        assert info.value.field == field
+        assert str(info.value) == f"{field} {info.value.reason}" and repr(value) in info.value.reason
         assert "\n" not in str(info.value)
 
 
 def test_sampling_error_is_a_usage_error():
     assert issubclass(SamplingError, MqaGenError) and SamplingError.exit_code == 2
+
+
+def test_sampling_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(SamplingError("top_p", "must be in [0, 1] (1 = off), got 1.5")))
+    assert (error.field, error.reason, str(error)) == ("top_p", "must be in [0, 1] (1 = off), got 1.5",
+                                                        "top_p must be in [0, 1] (1 = off), got 1.5")
 
 
 @pytest.mark.parametrize(
@@ -562,7 +610,7 @@ def test_sampling_error_is_a_usage_error():
 )
 def test_valid_edges_pass(params):
     params.validate()
-    make_sampler(params)(f32([0.0, 1.0, 2.0]), [1])
+    step(params, make_sampler(params), f32([0.0, 1.0, 2.0]), [1])
 
 
 def test_each_function_validates_its_own_argument():
@@ -575,7 +623,10 @@ def test_each_function_validates_its_own_argument():
         (lambda: apply_min_p(x, -0.1), "min_p"),
         (lambda: apply_repetition_penalty(x, [0], 0.0, 64), "repetition_penalty"),
         (lambda: apply_repetition_penalty(x, [0], 1.5, -2), "repeat_last_n"),
+        (lambda: make_repetition_penalty(float("nan"), 64), "repetition_penalty"),
+        (lambda: make_repetition_penalty(1.5, 0.5), "repeat_last_n"),
     ]
     for call, name in cases:
-        with pytest.raises(SamplingError, match=name):
+        with pytest.raises(SamplingError, match=name) as info:
             call()
+        assert info.value.field == name

@@ -9,9 +9,8 @@ import time
 
 import click
 
-from ..errors import PromptError, SamplingError
-from ..sampling import SamplingParams
-from .common import ensure_kernels, load_model, mib, model_option, set_threads, stderr, threads_option
+from ..errors import PromptError
+from .common import generation_options, mib, model_option, setup_generation, stderr, threads_option
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -53,24 +52,6 @@ def build_prompt_ids(loaded, text: str, chat: bool | None) -> tuple[list[int], s
     return tok.encode(text), end_of_turn_ids(tok), use_chat
 
 
-#: SamplingParams field → the CLI flag that sets it, so errors name what the user typed.
-FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
-         "repetition_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n", "seed": "--seed"}
-
-
-def validate_with_flag_names(params: SamplingParams) -> None:
-    """``params.validate()``, with the message naming the CLI flag instead of the field."""
-    try:
-        params.validate()
-    except SamplingError as e:
-        message = str(e)
-        for field, flag in FLAGS.items():
-            if message.startswith(field):
-                message = flag + message[len(field):]
-                break
-        raise SamplingError(message) from None
-
-
 def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
     """One compact block of figures on stderr."""
     s = stats
@@ -87,50 +68,9 @@ def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
     )
 
 
-def generation_options(f):
-    """The options ``generate`` and ``chat`` share, in --help order: -n, the sampling flags
-    (--temp … --seed), --stop, --ctx-size, --kv-heads, --cache-dtype."""
-    for option in reversed(_GENERATION_OPTIONS):
-        f = option(f)
-    return f
-
-
-_GENERATION_OPTIONS = [
-    click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
-    click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy."),
-    click.option("--top-k", type=int, default=0, show_default=True,
-                 help="Keep the k most likely tokens; 0 (or less, as in llama.cpp) = off."),
-    click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass; 1 = off."),
-    click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p × p(best); 0 = off."),
-    click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Repetition penalty; 1 = off."),
-    click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Tokens the penalty looks back over; -1 = all."),
-    click.option("--seed", type=int, default=None, help="Random seed (same seed and options → same text)."),
-    click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); it is not printed."),
-    click.option("--ctx-size", type=int, default=None, help="Context in tokens (default: the model's)."),
-    click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA."),
-    click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-                 help="KV-cache element type: float32 keeps transformers' logits; float16 (llama.cpp's "
-                      "default) halves the cache and is faster at long contexts."),
-]
-
-
-def check_generation_options(params: SamplingParams, max_tokens: int, ctx_size: int | None) -> None:
-    """Validate what :func:`generation_options` collected; errors name the CLI flag.
-
-    Raises:
-        SamplingError: a sampling value out of range, or --max-tokens ≤ 0.
-        PromptError: --ctx-size ≤ 0.
-    """
-    validate_with_flag_names(params)
-    if max_tokens <= 0:
-        raise SamplingError(f"--max-tokens must be > 0, got {max_tokens}")
-    if ctx_size is not None and ctx_size <= 0:
-        raise PromptError(f"--ctx-size must be > 0, got {ctx_size}")
-
-
-def open_prompt_cache(path: str, loaded, net, ctx_size: int | None, cache_dtype: str):
+def open_prompt_cache(path: str, loaded, net, ctx: int, cache_dtype: str):
     """``(model identity, cache)`` for ``--prompt-cache path``: the file's cache with capacity
-    ctx_size (default the model's context), or a new empty one when the file does not exist yet.
+    ``ctx`` tokens, or a new empty one when the file does not exist yet.
 
     Raises:
         PromptCacheError: the file does not fit this model, --kv-heads or --cache-dtype, is
@@ -139,7 +79,6 @@ def open_prompt_cache(path: str, loaded, net, ctx_size: int | None, cache_dtype:
     from ..prompt_cache import PromptCacheError, load_prompt_cache, model_identity
 
     model_id = model_identity(loaded.gguf)
-    ctx = ctx_size or net.config.context_length
     if os.path.exists(path):
         cache, _ = load_prompt_cache(path, model_id, config=net.config, dtype=cache_dtype, max_seq_len=ctx)
         return model_id, cache
@@ -160,9 +99,7 @@ def open_prompt_cache(path: str, loaded, net, ctx_size: int | None, cache_dtype:
 @click.option("--json", "as_json", is_flag=True, help="No streaming; print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No stats or progress on stderr.")
 @threads_option
-def generate(prompt, prompt_file, model, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, stop, ctx_size, kv_heads, cache_dtype, chat, prompt_cache, as_json, quiet,
-             threads):
+def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, quiet, threads, **options):
     """Generate text from a prompt, streaming it to stdout.
 
     With --prompt-cache FILE, the KV cache and its token ids are kept in FILE: the next run reuses
@@ -170,24 +107,19 @@ def generate(prompt, prompt_file, model, max_tokens, temperature, top_k, top_p, 
     updates FILE. A FILE made by another model, --kv-heads or --cache-dtype is refused (exit 2).
     """
     from ..generate import stream_generate
-    from ..regroup import regroup_model
 
     text = read_prompt(prompt, prompt_file)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-    check_generation_options(params, max_tokens, ctx_size)
-    set_threads(threads)
-    loaded = load_model(model, quiet)  # before compiling, so a bad model file fails at once
-    ensure_kernels(quiet)
-    net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
+    setup = setup_generation(model, quiet, threads, **options)
+    loaded = setup.loaded
     ids, eos_ids, _ = build_prompt_ids(loaded, text, chat)
     cache = model_id = None
     if prompt_cache is not None:
         t0 = time.perf_counter()
-        model_id, cache = open_prompt_cache(prompt_cache, loaded, net, ctx_size, cache_dtype)
+        model_id, cache = open_prompt_cache(prompt_cache, loaded, setup.net, setup.ctx, setup.cache_dtype)
         prompt_cache_seconds = time.perf_counter() - t0
-    gen = stream_generate(net, loaded.tokenizer, ids, params=params, max_tokens=max_tokens, stop=stop,
-                          eos_ids=eos_ids, ctx_size=ctx_size, cache_dtype=cache_dtype, cache=cache)
+    gen = stream_generate(setup.net, loaded.tokenizer, ids, params=setup.params, max_tokens=setup.max_tokens,
+                          stop=setup.stop, eos_ids=eos_ids, ctx_size=setup.ctx, cache_dtype=setup.cache_dtype,
+                          cache=cache)
 
     out = sys.stdout
     interrupted = False
