@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .gguf_file import GGUFFile
 from .kv_heads import check_kv_heads
 from .layer import MultiQueryAttention, MultiQueryAttentionConfig
+from .models.llama import tensor_name
 from .optim import Adam
 
 #: Defaults of ``mqa-gen convert --calibrate`` (chosen by timing SmolLM2-135M on 2 cores; README).
@@ -56,11 +57,10 @@ def attention_layer(gguf: GGUFFile, config: ModelConfig, layer: int, n_kv_heads:
 
     c = config
     d, hd = c.d_model, c.head_dim
-    p = f"blk.{layer}."
-    wq = tensor_f32(gguf, p + "attn_q.weight", (c.n_heads * hd, d))
-    wk = tensor_f32(gguf, p + "attn_k.weight", (c.n_kv_heads * hd, d))
-    wv = tensor_f32(gguf, p + "attn_v.weight", (c.n_kv_heads * hd, d))
-    wo = tensor_f32(gguf, p + "attn_output.weight", (d, c.n_heads * hd))
+    wq = tensor_f32(gguf, tensor_name(layer, "attn_q"), (c.n_heads * hd, d))
+    wk = tensor_f32(gguf, tensor_name(layer, "attn_k"), (c.n_kv_heads * hd, d))
+    wv = tensor_f32(gguf, tensor_name(layer, "attn_v"), (c.n_kv_heads * hd, d))
+    wo = tensor_f32(gguf, tensor_name(layer, "attn_output"), (d, c.n_heads * hd))
     kv = c.n_kv_heads if n_kv_heads is None else n_kv_heads
     if kv != c.n_kv_heads:
         wk = regroup_kv_projection(wk, c.n_kv_heads, kv, hd)
@@ -98,7 +98,7 @@ def collect_attention_inputs(model, gguf: GGUFFile, config: ModelConfig, chunks:
         probe.forward(ids, probe.new_cache(len(ids)))
     out = []
     for layer, rec in enumerate(recorders):
-        gain = tensor_f32(gguf, f"blk.{layer}.attn_norm.weight", (config.d_model,))
+        gain = tensor_f32(gguf, tensor_name(layer, "attn_norm"), (config.d_model,))
         h = np.stack(rec.inputs)  # (n_chunks, T, d_model)
         n, T, d = h.shape
         out.append(rms_norm(h.reshape(n * T, d), gain, config.norm_eps).reshape(n, T, d))

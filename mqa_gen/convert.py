@@ -27,6 +27,7 @@ from .config import ModelConfig
 from .errors import ConfigError, ModelFileError
 from .gguf_file import GGUFFile
 from .kv_heads import check_kv_heads
+from .models.llama import tensor_name
 
 KV_TYPES = {"F32": np.float32, "F16": np.float16}
 
@@ -46,8 +47,8 @@ def mean_pooled_kv(gguf: GGUFFile, config: ModelConfig, n_kv_heads: int) -> dict
     shape = (c.n_kv_heads * c.head_dim, c.d_model)
     out = {}
     for i in range(c.n_layers):
-        wk = tensor_f32(gguf, f"blk.{i}.attn_k.weight", shape)
-        wv = tensor_f32(gguf, f"blk.{i}.attn_v.weight", shape)
+        wk = tensor_f32(gguf, tensor_name(i, "attn_k"), shape)
+        wv = tensor_f32(gguf, tensor_name(i, "attn_v"), shape)
         out[i] = (regroup_kv_projection(wk, c.n_kv_heads, n_kv_heads, c.head_dim),
                   regroup_kv_projection(wv, c.n_kv_heads, n_kv_heads, c.head_dim))
     return out
@@ -87,8 +88,8 @@ def write_regrouped_gguf(src_path: str | os.PathLike[str], out_path: str | os.Pa
             raise ConfigError(f"no new K/V weights for layer {i}")
         for name, w in zip(("attn_k", "attn_v"), kv_weights[i]):
             if np.shape(w) != shape:
-                raise ConfigError(f"blk.{i}.{name}.weight has shape {np.shape(w)}, expected {shape}")
-            replacements[f"blk.{i}.{name}.weight"] = np.ascontiguousarray(w, dtype=KV_TYPES[kv_type])
+                raise ConfigError(f"{tensor_name(i, name)} has shape {np.shape(w)}, expected {shape}")
+            replacements[tensor_name(i, name)] = np.ascontiguousarray(w, dtype=KV_TYPES[kv_type])
 
     reader = GGUFReader(src_path, "r")
     arch = reader.fields["general.architecture"].contents()

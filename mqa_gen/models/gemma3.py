@@ -52,9 +52,9 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     c = config
     shapes = llama.tensor_shapes(c)
     for i in range(c.n_layers):
-        p = f"blk.{i}."
-        shapes.update({p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,),
-                       p + "post_attention_norm.weight": (c.d_model,), p + "post_ffw_norm.weight": (c.d_model,)})
+        per_layer = {"attn_q_norm": (c.head_dim,), "attn_k_norm": (c.head_dim,),
+                     "post_attention_norm": (c.d_model,), "post_ffw_norm": (c.d_model,)}
+        shapes.update({llama.tensor_name(i, role): shape for role, shape in per_layer.items()})
     return shapes
 
 
@@ -105,16 +105,15 @@ def from_gguf(gguf: GGUFFile, config: ModelConfig) -> Decoder:
     d, hd = c.d_model, c.head_dim
     blocks = []
     for i in range(c.n_layers):
-        p = f"blk.{i}."
         attention = Attention(
             *llama.attention_projections(gguf, c, i), c.n_heads, c.n_kv_heads, hd, layer=i,
             rope_theta=c.layer_rope_theta(i), rope_interleaved=c.rope_interleaved,
-            q_norm=tensor_f32(gguf, p + "attn_q_norm.weight", (hd,)),
-            k_norm=tensor_f32(gguf, p + "attn_k_norm.weight", (hd,)),
+            q_norm=tensor_f32(gguf, llama.tensor_name(i, "attn_q_norm"), (hd,)),
+            k_norm=tensor_f32(gguf, llama.tensor_name(i, "attn_k_norm"), (hd,)),
             norm_eps=c.norm_eps, window=c.layer_windows[i],
         )
         mlp = GatedMLP(*llama.mlp_projections(gguf, c, i), geglu_tanh)  # GeGLU
-        norms = {name: tensor_f32(gguf, p + name + ".weight", (d,)) for name in _LAYER_NORMS}
+        norms = {role: tensor_f32(gguf, llama.tensor_name(i, role), (d,)) for role in _LAYER_NORMS}
         blocks.append(Gemma3Block(norms, attention, mlp, c.norm_eps))
     embeddings, final_norm, output = llama.embeddings_and_head(gguf, c)
     # √d_model rounded to float32 first, as the reference scales in the weights' dtype.

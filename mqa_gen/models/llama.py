@@ -27,14 +27,11 @@ from .base import Decoder, rms_norm
 ARCHITECTURE = "llama"
 
 
-def attn_k_name(layer: int) -> str:
-    """GGUF name of layer ``layer``'s K projection (``convert`` rewrites it)."""
-    return f"blk.{layer}.attn_k.weight"
-
-
-def attn_v_name(layer: int) -> str:
-    """GGUF name of layer ``layer``'s V projection (``convert`` rewrites it)."""
-    return f"blk.{layer}.attn_v.weight"
+def tensor_name(layer: int, role: str) -> str:
+    """GGUF name of one layer's tensor: ``role`` is llama.cpp's name for it (``attn_q``, ``attn_k``,
+    ``attn_v``, ``attn_output``, ``attn_norm``, ``ffn_gate`` …). The one place that spells the
+    per-layer pattern; calibration and ``convert`` read and write K/V projections through it."""
+    return f"blk.{layer}.{role}.weight"
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -44,18 +41,10 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, hd = c.d_model, c.head_dim
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, d)}
     for i in range(c.n_layers):
-        p = f"blk.{i}."
-        shapes.update({
-            p + "attn_norm.weight": (d,),
-            p + "attn_q.weight": (c.n_heads * hd, d),
-            attn_k_name(i): (c.n_kv_heads * hd, d),
-            attn_v_name(i): (c.n_kv_heads * hd, d),
-            p + "attn_output.weight": (d, c.n_heads * hd),
-            p + "ffn_norm.weight": (d,),
-            p + "ffn_gate.weight": (c.d_ff, d),
-            p + "ffn_up.weight": (c.d_ff, d),
-            p + "ffn_down.weight": (d, c.d_ff),
-        })
+        per_layer = {"attn_norm": (d,), "attn_q": (c.n_heads * hd, d), "attn_k": (c.n_kv_heads * hd, d),
+                     "attn_v": (c.n_kv_heads * hd, d), "attn_output": (d, c.n_heads * hd), "ffn_norm": (d,),
+                     "ffn_gate": (c.d_ff, d), "ffn_up": (c.d_ff, d), "ffn_down": (d, c.d_ff)}
+        shapes.update({tensor_name(i, role): shape for role, shape in per_layer.items()})
     shapes["output_norm.weight"] = (d,)
     if not c.tie_embeddings:
         shapes["output.weight"] = (c.vocab_size, d)
@@ -75,19 +64,18 @@ def attention_projections(gguf: GGUFFile, c: ModelConfig, layer: int) -> tuple:
     Raises:
         UnsupportedModelError: a missing tensor or an unexpected shape.
     """
-    d, hd, p = c.d_model, c.head_dim, f"blk.{layer}."
-    return (linear_from_gguf(gguf, p + "attn_q.weight", (c.n_heads * hd, d)),
-            linear_from_gguf(gguf, attn_k_name(layer), (c.n_kv_heads * hd, d)),
-            linear_from_gguf(gguf, attn_v_name(layer), (c.n_kv_heads * hd, d)),
-            linear_from_gguf(gguf, p + "attn_output.weight", (d, c.n_heads * hd)))
+    d, hd = c.d_model, c.head_dim
+    return (linear_from_gguf(gguf, tensor_name(layer, "attn_q"), (c.n_heads * hd, d)),
+            linear_from_gguf(gguf, tensor_name(layer, "attn_k"), (c.n_kv_heads * hd, d)),
+            linear_from_gguf(gguf, tensor_name(layer, "attn_v"), (c.n_kv_heads * hd, d)),
+            linear_from_gguf(gguf, tensor_name(layer, "attn_output"), (d, c.n_heads * hd)))
 
 
 def mlp_projections(gguf: GGUFFile, c: ModelConfig, layer: int) -> tuple:
     """W_gate, W_up [d_ff, d_model] and W_down [d_model, d_ff] of one layer."""
-    p = f"blk.{layer}."
-    return (linear_from_gguf(gguf, p + "ffn_gate.weight", (c.d_ff, c.d_model)),
-            linear_from_gguf(gguf, p + "ffn_up.weight", (c.d_ff, c.d_model)),
-            linear_from_gguf(gguf, p + "ffn_down.weight", (c.d_model, c.d_ff)))
+    return (linear_from_gguf(gguf, tensor_name(layer, "ffn_gate"), (c.d_ff, c.d_model)),
+            linear_from_gguf(gguf, tensor_name(layer, "ffn_up"), (c.d_ff, c.d_model)),
+            linear_from_gguf(gguf, tensor_name(layer, "ffn_down"), (c.d_model, c.d_ff)))
 
 
 def embeddings_and_head(gguf: GGUFFile, c: ModelConfig) -> tuple:
@@ -121,11 +109,10 @@ def from_gguf(gguf: GGUFFile, config: ModelConfig) -> Decoder:
     c = config
     blocks = []
     for i in range(c.n_layers):
-        p = f"blk.{i}."
         attention = Attention(*attention_projections(gguf, c, i), c.n_heads, c.n_kv_heads, c.head_dim, layer=i,
                               rope_theta=c.layer_rope_theta(i), rope_interleaved=c.rope_interleaved)
         mlp = GatedMLP(*mlp_projections(gguf, c, i))  # SwiGLU
-        blocks.append(LlamaBlock(tensor_f32(gguf, p + "attn_norm.weight", (c.d_model,)), attention,
-                                 tensor_f32(gguf, p + "ffn_norm.weight", (c.d_model,)), mlp, c.norm_eps))
+        blocks.append(LlamaBlock(tensor_f32(gguf, tensor_name(i, "attn_norm"), (c.d_model,)), attention,
+                                 tensor_f32(gguf, tensor_name(i, "ffn_norm"), (c.d_model,)), mlp, c.norm_eps))
     embeddings, final_norm, output = embeddings_and_head(gguf, c)
     return Decoder(config, embeddings, blocks, final_norm, output)
