@@ -84,7 +84,7 @@ class Batch:
 
     def advance(self) -> None:
         """After the last layer: every cache now stores its sequence's new tokens."""
-        for cache, b in zip(self.caches, range(self.size)):
+        for b, cache in enumerate(self.caches):
             cache.advance(int(self.offsets[b + 1] - self.offsets[b]))
 
 
