@@ -8,7 +8,8 @@ same token ids for every engine and the same thread count (default 2):
   ``sample_prompts/long_document.txt`` followed by ``mqa_gen/data/ppl_english.txt``, truncated;
 * decode tokens/s for 128 greedy steps (``--decode-tokens``) at depth 0 (after the short prompt
   ``sample_prompts/capital_france.txt``) and at depth 2048 (``--depths``; the text ids repeated);
-  the prompt is prefilled once, then each repeat cuts the cache back to the depth and decodes again;
+  the prompt is prefilled once and one untimed step decoded, then each repeat cuts the cache back to
+  the depth and decodes again;
 * time to first token (TTFT): cold — a fresh process with an empty Numba cache, so it compiles the
   kernels as a first install does — and warm — the median of ``--repeats`` later fresh processes
   that find the kernels cached;
@@ -21,6 +22,26 @@ Each engine runs in its own subprocess (so memory and threads never mix) that pr
 this parent collects them, prints a table with ratios ours / llama.cpp and ours / transformers, and writes
 ``BENCHMARKS.md`` (date, machine, load average, versions, the exact command, the table).
 Speeds are the median of ``--repeats`` runs (default 3). Nothing here asserts a speed.
+
+Two versions of mqa-gen in one run: an engine named ``mqa-gen@REV`` is mqa-gen as of the git
+revision REV (a commit, tag or branch of this repository), shown as ``mqa-gen@<short hash>``. The
+parent extracts ``git archive REV mqa_gen`` into its temporary directory (removed at the end; the
+repository itself is not touched) and runs that engine's children, and its CLI for TTFT, with
+``PYTHONPATH`` pointing there, so they import that tree instead of the installed one; each child
+records the ``mqa_gen`` directory it imported (the parent stops if it is not the snapshot). A
+fresh tree compiles its Numba kernels (a minute or more), so each snapshot first runs one untimed
+child. The children use only the single-sequence API (``model.forward(tokens, cache)``,
+``model.new_cache(n, dtype)``, ``bench_cache.rewind_for_timing``, ``stream_generate``,
+``loading.load``, ``kernels.compile_kernels``), so REV must have these. "ours" in the ratio
+columns is the first mqa-gen engine listed, every later mqa-gen engine is a peer; so
+``--engines mqa-gen@HEAD,mqa-gen@v1`` gives HEAD / v1 (a snapshot of HEAD, unlike plain
+``mqa-gen``, ignores uncommitted edits in the checkout).
+
+``--rounds R`` runs every engine's child R times, round-robin in an order rotated each round
+(A B, then B A, ...), so slow drift of a shared machine falls on every engine alike; each speed is
+then the median of all R × ``--repeats`` runs, and the notes give each engine's spread (min–max of
+the runs) and, for mqa-gen peers, the spread of the per-round ratios (each round's two medians
+measured minutes apart).
 
 The transformers engine runs in the interpreter given by ``--transformers-python`` (default: this
 one) and is skipped, with a note, when ``torch`` and ``transformers`` do not import there. To
@@ -49,6 +70,8 @@ Examples::
     python benchmarks/bench_generate.py --transformers-python /path/to/venv/bin/python
     python benchmarks/bench_generate.py --engines mqa-gen --no-cold --no-write
     python benchmarks/bench_generate.py --thread-check        # also: NUMBA_NUM_THREADS=1 vs 2
+    python benchmarks/bench_generate.py --engines mqa-gen@HEAD,mqa-gen@49eed5a --rounds 3 \
+        --prefill 512 --no-cold --no-write                    # this commit vs an older one
 
 The child side of this file imports neither mqa_gen nor rich at module level, so it runs under an
 interpreter that has only torch and transformers.
@@ -58,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import io
 import json
 import os
 import platform
@@ -67,6 +91,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +100,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHORT_PROMPT_FILE = REPO / "sample_prompts" / "capital_france.txt"
 TEXT_FILES = [REPO / "sample_prompts" / "long_document.txt", REPO / "mqa_gen" / "data" / "ppl_english.txt"]
 ENGINES = ("mqa-gen", "llama.cpp", "transformers")
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s")
 LATER_ENGINES: dict[str, str] = {}
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -90,6 +116,11 @@ def peak_rss_bytes() -> int:
 
 def median(values):
     return statistics.median(values) if values else None
+
+
+def is_mqa_gen(engine: str) -> bool:
+    """True for the installed mqa-gen and for a snapshot of it, ``mqa-gen@REV``."""
+    return engine == "mqa-gen" or engine.startswith("mqa-gen@")
 
 
 def thread_env(threads: int, numba_threads: int | None = None) -> dict:
@@ -113,7 +144,8 @@ def measure_speeds(spec: dict, *, prefill_fresh, start, rewind, step) -> dict:
     prefill_fresh(ids): run ids on an empty cache. start(prompt) -> first greedy token after
     prefilling prompt on an empty cache. rewind(n): cut the cache back to n tokens.
     step(token) -> next greedy token (one decode step). Speeds are medians of spec["repeats"];
-    prefill runs once more first as a warm-up.
+    prefill runs once more first as a warm-up, decode one untimed step after each prompt (so the
+    first repeat does not pay for loading the decode kernels).
     """
     repeats, n = spec["repeats"], spec["decode_tokens"]
     out: dict = {}
@@ -131,6 +163,7 @@ def measure_speeds(spec: dict, *, prefill_fresh, start, rewind, step) -> dict:
     decode, tokens_at_depth0 = {}, None
     for depth, prompt in spec["depth_prompts"].items():
         first = start(prompt)
+        step(first)  # warm-up; the rewind below drops it
         speeds = []
         for _ in range(repeats):
             rewind(len(prompt))
@@ -150,7 +183,7 @@ def measure_speeds(spec: dict, *, prefill_fresh, start, rewind, step) -> dict:
 
 def child_mqa_gen(spec: dict) -> dict:
     t_start = time.perf_counter()
-    import mqa_gen  # noqa: F401  first: it configures OpenBLAS's threads before NumPy loads it
+    import mqa_gen  # first: it configures OpenBLAS's threads before NumPy loads it
 
     import numba
     import numpy as np
@@ -166,6 +199,7 @@ def child_mqa_gen(spec: dict) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     result = {
         "engine": "mqa-gen",
+        "source": str(Path(mqa_gen.__file__).resolve().parent),  # the installed tree or a snapshot's
         "versions": {"python": platform.python_version(), "numba": numba.__version__, "numpy": np.__version__},
         "threads": {"numba": numba.get_num_threads(), **{v: os.environ.get(v) for v in THREAD_VARS},
                     "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT")},
@@ -392,6 +426,91 @@ def git_state() -> str:
     return f"{head}" + (f" + uncommitted changes in {len(dirty)} file(s) under mqa_gen/" if dirty else " (clean mqa_gen/)")
 
 
+def resolve_revision(rev: str) -> tuple[str, str]:
+    """(full, short) commit hash of a git revision of this repository.
+
+    Raises:
+        ValueError: ``rev`` names no commit here.
+    """
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise ValueError(f"{rev!r} is not a commit of {REPO}")
+    full = out.stdout.strip()
+    short = subprocess.run(["git", "rev-parse", "--short", full], capture_output=True, text=True,
+                           cwd=REPO, check=True).stdout.strip()
+    return full, short
+
+
+def extract_snapshot(commit: str, dest: Path) -> Path:
+    """Write ``mqa_gen/`` as of ``commit`` (``git archive``, so neither the checkout nor its git
+    state changes) into the new directory ``dest``; returns ``dest``, the entry for PYTHONPATH."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, "mqa_gen"], capture_output=True,
+                             cwd=REPO, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def engine_env(threads: int, source: Path | None) -> dict:
+    """An engine's environment: :func:`thread_env`, and for a snapshot its tree first on PYTHONPATH
+    (before the installed package, which an editable install finds only after sys.path)."""
+    env = thread_env(threads)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source)] + [x for x in [env.get("PYTHONPATH")] if x])
+    return env
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One engine's result from its children of several rounds (each with a ``round`` index): each
+    speed pools the runs of every round (median of all), in-process times are the median over the
+    rounds, peak RSS the largest; ``per_round`` keeps each round's own speed medians."""
+    out = dict(runs[0])
+    for key in SPEED_KEYS:
+        if key in out:
+            out[key] = {}
+            for name, first in runs[0][key].items():
+                pooled = [x for r in runs for x in r[key][name]["runs"]]
+                out[key][name] = {**first, "runs": pooled, "median": median(pooled)}
+    for key in ("load_seconds", "startup_seconds", "ttft_inprocess_s", "process_wall_seconds"):
+        out[key] = median([r[key] for r in runs if r.get(key) is not None])
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    out["per_round"] = [{"round": r["round"], **{key: {name: v["median"] for name, v in r.get(key, {}).items()}
+                                                  for key in SPEED_KEYS}} for r in runs]
+    return out
+
+
+def speed_labels(res: dict):
+    """(label, key, name) of each speed an engine reported: prefill lengths, then decode depths."""
+    for key, what in zip(SPEED_KEYS, ("prefill {} tok", "decode @ depth {}")):
+        for name in res.get(key, {}):
+            yield what.format(name), key, name
+
+
+def spread_note(engine: str, res: dict) -> str:
+    """The min–max of each speed's runs, for reading a difference against the noise."""
+    cells = []
+    for label, key, name in speed_labels(res):
+        runs = res[key][name]["runs"]
+        cells.append(f"{label} {min(runs):,.1f}–{max(runs):,.1f} ({len(runs)} runs)")
+    return f"{engine} speed spread (min–max tok/s): " + "; ".join(cells)
+
+
+def round_ratio_note(ours: str, ours_res: dict, peer: str, peer_res: dict) -> str | None:
+    """Each round's ratio of medians ours / peer (their children ran back to back), min–max per speed."""
+    theirs = {r["round"]: r for r in peer_res.get("per_round", [])}
+    paired = [(r, theirs[r["round"]]) for r in ours_res.get("per_round", []) if r["round"] in theirs]
+    if len(paired) < 2:
+        return None
+    cells = []
+    for label, key, name in speed_labels(ours_res):
+        ratios = [a[key][name] / b[key][name] for a, b in paired if a[key].get(name) and b[key].get(name)]
+        if ratios:
+            cells.append(f"{label} {min(ratios):.2f}–{max(ratios):.2f}× (median {median(ratios):.2f}×)")
+    return f"{ours} / {peer} per round ({len(paired)} rounds): " + "; ".join(cells)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -525,12 +644,12 @@ def timed_runs(runner: Runner, cmd: list[str], env: dict, n: int):
     return (None if None in walls else median(walls)), payload, stderr
 
 
-def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool) -> dict:
+def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool, env: dict) -> dict:
     """Cold (one run) and warm (median of ``--repeats`` runs) TTFT of fresh processes: wall time
-    spawn → exit, one token."""
+    spawn → exit, one token. ``env``: the engine's environment (threads; PYTHONPATH of a snapshot)."""
     out: dict = {}
-    env = thread_env(args.threads)
-    if engine == "mqa-gen":
+    env = dict(env)
+    if is_mqa_gen(engine):
         cmd = mqa_gen_cli() + ["generate", "-m", spec["model_path"], "--prompt-file", str(SHORT_PROMPT_FILE),
                                "--no-chat", "-n", "1", "--json", "--threads", str(args.threads),
                                "--cache-dtype", args.cache_dtype]
@@ -606,20 +725,33 @@ def build_rows(results: dict, spec: dict, args) -> list[tuple[str, str, str, dic
 PEERS = ("llama.cpp", "transformers")
 
 
-def ratio(row_values: dict, peer: str) -> str:
-    ours, theirs = row_values.get("mqa-gen"), row_values.get(peer)
-    if not ours or not theirs:
+def ours_and_peers(engines: list[str]) -> tuple[str | None, list[str]]:
+    """"ours" is the first mqa-gen engine listed; its peers are llama.cpp, transformers and every
+    later mqa-gen engine (another tree's snapshot)."""
+    ours = next((e for e in engines if is_mqa_gen(e)), None)
+    return ours, [p for p in PEERS if p in engines] + [e for e in engines if is_mqa_gen(e) and e != ours]
+
+
+def ratio(row_values: dict, ours: str | None, peer: str) -> str:
+    mine, theirs = row_values.get(ours), row_values.get(peer)
+    if not mine or not theirs:
         return "—"
-    return f"{ours / theirs:.2f}×"
+    return f"{mine / theirs:.2f}×"
 
 
 def table_cells(rows, engines: list[str]) -> tuple[list[str], list[list[str]]]:
     """Headers and body: one column per engine, then ours / peer for each peer that ran."""
-    peers = [p for p in PEERS if p in engines]
+    ours, peers = ours_and_peers(engines)
     headers = ["metric", "better"] + engines + [f"ours / {p}" for p in peers]
-    body = [[name, better] + [fmt(values.get(e), kind) for e in engines] + [ratio(values, p) for p in peers]
+    body = [[name, better] + [fmt(values.get(e), kind) for e in engines] + [ratio(values, ours, p) for p in peers]
             for name, kind, better, values in rows]
     return headers, body
+
+
+def ratio_legend(engines: list[str]) -> str:
+    ours, _ = ours_and_peers(engines)
+    return (f"Ratios are {ours or 'mqa-gen'} / the other engine: above 1× is better for speeds (↑), below 1× "
+            "is better for times and memory (↓).")
 
 
 def print_table(rows, engines: list[str], title: str) -> None:
@@ -670,13 +802,16 @@ def write_markdown(path: Path, *, args, spec, results, rows, engines, notes, met
         f" max {meta['load_max']:.2f}; at the end {meta['load_end'][0]:.2f}",
         f"- versions: {ver}",
         f"- mqa-gen code: commit {meta['git_start']} at the start; {meta['git_end']} at the end",
+        *[f"- {label}: `git archive {full} mqa_gen`, first on PYTHONPATH"
+          for label, full in meta["snapshots"].items()],
         f"- model: `{spec['model_name']}` ({Path(spec['model_path']).name}), threads: {args.threads} "
         f"(NUMBA/OMP/OPENBLAS/MKL_NUM_THREADS={args.threads}, torch.set_num_threads({args.threads}); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')})",
         f"- KV cache: {args.cache_dtype} for mqa-gen and llama.cpp; transformers keeps float32",
-        f"- speeds: median of {args.repeats} repeats (prefill: after one warm-up run); decode = {args.decode_tokens} "
-        f"greedy single-token forward steps, tokens/s = steps / time",
+        f"- speeds: median of {args.repeats} repeats (prefill after one warm-up run, decode after one untimed step)"
+        + (f" in each of {args.rounds} rounds, pooled ({args.rounds * args.repeats} runs)" if args.rounds > 1 else "")
+        + f"; decode = {args.decode_tokens} greedy single-token forward steps, tokens/s = steps / time",
         f"- total wall time of the benchmark: {meta['total_seconds']:.0f} s",
         "- command:",
         "",
@@ -686,8 +821,7 @@ def write_markdown(path: Path, *, args, spec, results, rows, engines, notes, met
         "",
         markdown_table(rows, engines),
         "",
-        "Ratios are mqa-gen / the other engine: above 1× is better for speeds (↑), below 1× is better for "
-        "times and memory (↓).",
+        ratio_legend(engines),
         "",
     ]
     if notes:
@@ -725,6 +859,8 @@ def parse_engines(text: str) -> list[str]:
     for name in names:
         if name in LATER_ENGINES:
             raise argparse.ArgumentTypeError(LATER_ENGINES[name])
+        if name.startswith("mqa-gen@") and len(name) > len("mqa-gen@"):
+            continue  # a git revision, resolved in main()
         if name not in ENGINES:
             raise argparse.ArgumentTypeError(f"unknown engine {name!r} (known: {', '.join(ENGINES)})")
     return names
@@ -734,10 +870,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", type=parse_engines, default=list(ENGINES),
-                   help="comma-separated: mqa-gen,transformers (llama.cpp comes in a later issue)")
+                   help="comma-separated: mqa-gen,llama.cpp,transformers, and mqa-gen@REV for mqa-gen "
+                        "as of git revision REV")
     p.add_argument("-m", "--model", default="smollm2-135m-instruct", help="model name or GGUF path")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per speed figure; the median is shown")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each engine's speed child this many times, round-robin (default 1)")
     p.add_argument("--prefill", type=parse_ints, default=[128, 512], help="prefill prompt lengths (default 128,512)")
     p.add_argument("--depths", type=parse_ints, default=[0, 2048], help="decode depths (default 0,2048)")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy decode steps per run (default 128)")
@@ -767,8 +906,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child_main(args.child, args.spec)
         return 0
-    if args.repeats < 1 or args.decode_tokens < 1 or args.threads < 1:
-        p.error("--repeats, --decode-tokens and --threads must be ≥ 1")
+    if args.repeats < 1 or args.decode_tokens < 1 or args.threads < 1 or args.rounds < 1:
+        p.error("--repeats, --rounds, --decode-tokens and --threads must be ≥ 1")
+    commits: dict[str, str] = {}  # snapshot engine label → full commit hash
+    engines = []
+    for name in args.engines:
+        if name.startswith("mqa-gen@"):
+            try:
+                full, short = resolve_revision(name.split("@", 1)[1])
+            except ValueError as e:
+                p.error(f"--engines {name}: {e}")
+            name = f"mqa-gen@{short}"
+            commits[name] = full
+        if name in engines:
+            p.error(f"--engines lists {name} twice")
+        engines.append(name)
 
     runner_log = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
     if args.wait_minutes > 0:
@@ -781,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
 
     spec = build_spec(args)
-    engines = list(args.engines)
+    shown_order = list(engines)
     results: dict[str, dict] = {}
     extra_versions: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-spec-") as tmp:
@@ -789,6 +941,17 @@ def main(argv: list[str] | None = None) -> int:
         Path(spec_path).write_text(json.dumps(spec))
         Path(spec_path + ".ttft").write_text(json.dumps({**spec, "mode": "ttft"}))
         runner = Runner(spec_path, args.verbose)
+        # Snapshots live in tmp, so they (and the Numba caches their first child writes) go with it.
+        sources = {label: extract_snapshot(full, Path(tmp) / label) for label, full in commits.items()}
+        if sources:
+            # A fresh tree compiles its kernels in its first child; one untimed child each, so no
+            # compilation (nor the load it causes) falls into a timed round.
+            Path(spec_path + ".warmup").write_text(json.dumps({**spec, "repeats": 1, "decode_tokens": 2}))
+            warmup_runner = Runner(spec_path + ".warmup", args.verbose)
+            for engine, source in sources.items():
+                runner.log(f"{engine}: compiling its kernels in an untimed child")
+                if warmup_runner.child(sys.executable, "mqa-gen", engine_env(args.threads, source)) is None:
+                    notes.append(f"{engine}: the warm-up child failed; see stderr of the run.")
 
         if "llama.cpp" in engines:
             probe = subprocess.run([args.llamacpp_python, "-c", "import llama_cpp"], capture_output=True, text=True)
@@ -810,15 +973,29 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 extra_versions = json.loads(probe.stdout.strip().splitlines()[-1])
 
+        python = {"llama.cpp": args.llamacpp_python, "transformers": args.transformers_python}
+        runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+        for r in range(args.rounds):
+            # Round-robin in an order rotated each round, so no engine always runs first.
+            k = r % len(engines) if engines else 0
+            for engine in engines[k:] + engines[:k]:
+                runner.log(f"{engine}: speeds (round {r + 1} of {args.rounds}, repeats={args.repeats})")
+                res = runner.child(python.get(engine, sys.executable), "mqa-gen" if is_mqa_gen(engine) else engine,
+                                   engine_env(args.threads, sources.get(engine)))
+                if res is None:
+                    notes.append(f"{engine}: the benchmark child of round {r + 1} failed; see stderr of the run.")
+                    continue
+                if engine in sources and Path(res["source"]) != (sources[engine] / "mqa_gen").resolve():
+                    raise SystemExit(f"{engine}: the child imported mqa_gen from {res['source']}, "
+                                     f"not from the snapshot {sources[engine]}")
+                runs[engine].append({**res, "engine": engine, "round": r})
         for engine in engines:
-            python = {"mqa-gen": sys.executable, "llama.cpp": args.llamacpp_python}.get(engine, args.transformers_python)
-            runner.log(f"{engine}: speeds (repeats={args.repeats})")
-            res = runner.child(python, engine, thread_env(args.threads))
-            if res is None:
-                notes.append(f"{engine}: the benchmark child failed; see stderr of the run.")
+            if not runs[engine]:
                 continue
+            res = merge_rounds(runs[engine])
             runner.log(f"{engine}: time to first token in fresh processes")
-            res.update(measure_ttft_cli(runner, args, spec, engine, args.cold))
+            res.update(measure_ttft_cli(runner, args, spec, engine, args.cold,
+                                        engine_env(args.threads, sources.get(engine))))
             results[engine] = res
 
         thread_check = {}
@@ -842,20 +1019,30 @@ def main(argv: list[str] | None = None) -> int:
     load_end = loadavg()
     samples = runner.load_samples or [load_start[0]]
 
-    if "mqa-gen" in results and "transformers" in results:
-        a, b = results["mqa-gen"].get("greedy_ids_depth0"), results["transformers"].get("greedy_ids_depth0")
+    shown = [e for e in shown_order if e in results]
+    ours, peers = ours_and_peers(shown)
+    for peer in [p for p in peers if ours and (p == "transformers" or is_mqa_gen(p))]:
+        a, b = results[ours].get("greedy_ids_depth0"), results[peer].get("greedy_ids_depth0")
         if a and b:
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            vs = "" if (ours, peer) == ("mqa-gen", "transformers") else f", {ours} vs {peer}"
             notes.append(
-                f"greedy tokens at depth 0: identical for all {len(a)} tokens" if same is None and len(a) == len(b)
-                else f"greedy tokens at depth 0: first difference at token {same}")
+                f"greedy tokens at depth 0{vs}: identical for all {len(a)} tokens" if same is None and len(a) == len(b)
+                else f"greedy tokens at depth 0{vs}: first difference at token {same}")
     for engine, res in results.items():
         for label in (["cold"] if args.cold else []) + ["warm"]:
             if res.get(f"ttft_{label}_s") is None:
                 notes.append(f"{engine}: the {label} fresh-process run failed (its error is on the run's stderr).")
-    if "mqa-gen" in results and results["mqa-gen"].get("cold_said_compiling") is not None:
-        notes.append("mqa-gen cold start said on stderr that it compiles kernels: "
-                     f"{'yes' if results['mqa-gen']['cold_said_compiling'] else 'NO'}.")
+        if is_mqa_gen(engine) and res.get("cold_said_compiling") is not None:
+            notes.append(f"{engine} cold start said on stderr that it compiles kernels: "
+                         f"{'yes' if res['cold_said_compiling'] else 'NO'}.")
+    if args.rounds > 1:
+        notes.append(f"each engine's speed child ran {args.rounds} times, round-robin in an order rotated each round; "
+                     f"speeds are medians of all {args.rounds} × {args.repeats} runs.")
+        for peer in [p for p in peers if is_mqa_gen(p)]:
+            note = round_ratio_note(ours, results[ours], peer, results[peer])
+            if note:
+                notes.append(note)
     notes.append(f"depth 0 decodes after the {len(spec['short_ids'])}-token prompt "
                  f"`{SHORT_PROMPT_FILE.relative_to(REPO)}`; depth-N prompts and prefill prompts are the "
                  f"{spec['text_tokens']} token ids of {' + '.join(str(f.relative_to(REPO)) for f in TEXT_FILES)}, "
@@ -865,6 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
                  "The OS file cache is not dropped, so 'cold' still reads the GGUF from page cache.")
     notes.append("peak RSS is the benchmark child's own peak (model + the largest prompt's activations + "
                  "a cache for the deepest prompt); CLI TTFT runs report theirs in the raw JSON.")
+    notes += [spread_note(engine, results[engine]) for engine in shown]
     if thread_check:
         depths = list(next(iter(thread_check.values())).keys())
         cells = "; ".join(f"{label}: " + ", ".join(f"depth {d} {v[d]:.1f} tok/s" for d in depths if d in v)
@@ -872,16 +1060,16 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"mqa-gen decode thread check (median of {args.repeats}): {cells}")
 
     rows = build_rows(results, spec, args)
-    shown = [e for e in args.engines if e in results]
     title = (f"{spec['model_name']}, {args.threads} threads, median of {args.repeats} repeats "
              f"(load avg start {load_start[0]:.2f}, max {max(samples):.2f})")
     print_table(rows, shown, title)
+    print(ratio_legend(shown))
     for n in notes:
         print(f"- {n}")
     meta = {"date": date_start, "nproc": nproc(),
             "cpu": cpu_model(), "load_start": load_start, "load_end": load_end, "load_min": min(samples),
             "load_max": max(samples), "command": command, "total_seconds": total,
-            "extra_versions": extra_versions, "git_start": git_start, "git_end": git_state()}
+            "extra_versions": extra_versions, "git_start": git_start, "git_end": git_state(), "snapshots": commits}
     if args.write:
         write_markdown(Path(args.output), args=args, spec=spec, results=results, rows=rows,
                        engines=shown, notes=notes, meta=meta)
