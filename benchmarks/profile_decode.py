@@ -3,8 +3,9 @@
 
 Runs ``--steps`` greedy decode steps after prefilling ``depth`` tokens, under ``cProfile``, and
 prints the time per token in each Numba kernel and in everything else (Python glue, NumPy
-temporaries, launching parallel regions). Profiling adds a little overhead per call, so the
-total is a bit above the benchmark's tokens/s. Example::
+temporaries, launching parallel regions), and the function calls per token the profiler counted.
+Profiling adds a little overhead per call, so the total is a bit above the benchmark's tokens/s.
+With ``PYTHONPATH`` set to a ``git archive REV mqa_gen`` snapshot it profiles that commit. Example::
 
     python benchmarks/profile_decode.py --depths 0,2048 --threads 2
 """
@@ -53,7 +54,10 @@ def main() -> None:
         for (filename, _, name), (_, _, tottime, _, _) in stats.items():
             if "/kernels/" in filename:
                 kernels[name] = kernels.get(name, 0.0) + tottime / args.steps * 1e3
-        print(f"\ndepth {depth}: {per_token:.1f} ms/token ({1e3 / per_token:.1f} tok/s)")
+        # Calls counted by the profiler (Python functions and C built-ins): a noise-free measure of
+        # the glue between kernels, comparable across commits when timings are not.
+        calls = sum(n_calls for _, n_calls, _, _, _ in stats.values()) / args.steps
+        print(f"\ndepth {depth}: {per_token:.1f} ms/token ({1e3 / per_token:.1f} tok/s), {calls:,.0f} calls/token")
         for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
             print(f"  {name:32s} {ms:6.2f} ms  {ms / per_token:5.1%}")
         other = per_token - sum(kernels.values())
