@@ -24,25 +24,29 @@ import numpy as np
 
 from .batch import Batch
 from .kernels import attention_decode, attention_prefill, rmsnorm, rope
-from .kernels.attention import DECODE_BLOCK
+from .kernels.attention import decode_partial_shape
 from .linear import DenseLinear, FusedProjections
 
 
 class DecodeScratch:
-    """Reusable float32 work buffers of the decode attention kernel, sized for ``max_seq_len``:
-    ``scores`` [n_heads, max_seq_len] and ``partial`` [ceil(max_seq_len / block), n_heads,
-    head_dim + 2] (each block's unnormalised output, maximum score and sum of exponentials).
-    One set serves every sequence of a step in turn."""
+    """Reusable work buffer of the decode attention kernel for up to ``batch_size`` sequences of up
+    to ``max_seq_len`` positions: ``partial`` float32 [batch_size, ceil(max_seq_len / block),
+    n_heads, head_dim + 2] (each block's unnormalised output, maximum score and sum of
+    exponentials; see :func:`~mqa_gen.kernels.attention.attention_decode`)."""
 
-    def __init__(self, n_heads: int, head_dim: int, max_seq_len: int):
-        n_blocks = -(-max_seq_len // DECODE_BLOCK)
-        self.n_heads, self.head_dim, self.max_seq_len = n_heads, head_dim, max_seq_len
-        self.scores = np.empty((n_heads, max_seq_len), dtype=np.float32)
-        self.partial = np.empty((n_blocks, n_heads, head_dim + 2), dtype=np.float32)
+    def __init__(self, n_heads: int, head_dim: int, max_seq_len: int, batch_size: int = 1):
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.max_seq_len, self.batch_size = max_seq_len, batch_size
+        self.partial = np.empty(decode_partial_shape(batch_size, max_seq_len, n_heads, head_dim), np.float32)
 
-    def fits(self, n_heads: int, head_dim: int, max_seq_len: int) -> bool:
-        """Whether these buffers serve a step of these dimensions."""
-        return (self.n_heads, self.head_dim) == (n_heads, head_dim) and self.max_seq_len >= max_seq_len
+    def fits(self, n_heads: int, head_dim: int, max_seq_len: int, batch_size: int = 1) -> bool:
+        """Whether this buffer serves a step of these dimensions."""
+        return ((self.n_heads, self.head_dim) == (n_heads, head_dim) and self.max_seq_len >= max_seq_len
+                and self.batch_size >= batch_size)
+
+
+#: Slot 0, for one sequence's own cache passed to the decode kernel as a one-slot pool.
+_SLOT_0 = np.zeros(1, np.int64)
 
 
 class Attention:
@@ -113,13 +117,27 @@ class Attention:
             rope(q, cos, sin, self.rope_interleaved)
             rope(k, cos, sin, self.rope_interleaved)
         o = np.empty((N, H, D), dtype=np.float32)  # (N, H, D)
-        for b, cache in enumerate(batch.caches):
-            rows = batch.rows(b)
-            keys, values, start = cache.layers[self.layer].update_and_fetch(k[rows], v[rows], int(batch.starts[b]))
-            if batch.decode:  # one query row: split-K over the cache (all rows 0 .. start)
-                s = batch.scratch
-                attention_decode(q[rows.start], keys, values, start + 1, self.scale, s.scores, s.partial,
-                                 o[rows.start])
-            else:
+        if batch.decode:
+            self._decode(q, k, v, batch, o)
+        else:
+            for b, cache in enumerate(batch.caches):
+                rows = batch.rows(b)
+                keys, values, start = cache.layers[self.layer].update_and_fetch(k[rows], v[rows], int(batch.starts[b]))
                 attention_prefill(q[rows], keys, values, start, self.scale, self.window, o[rows])
         return self.wo(o.reshape(N, H * D))  # (N, d_model)
+
+    def _decode(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, o: np.ndarray) -> None:
+        """The decode step: row b (q [B, H, D], k, v [B, KV, D]) is sequence b's one new token.
+        Caches in one pool: every row written at once, then one kernel call for all B sequences.
+        Otherwise sequence by sequence, each cache passed as a one-slot pool; the kernel's result
+        for a sequence is the same either way."""
+        partial = batch.scratch.partial
+        if batch.pool is not None:
+            keys, values, lengths = batch.pool.update_and_fetch_rows(self.layer, k, v, batch.slots, batch.starts)
+            attention_decode(q, keys, values, batch.slots, lengths, self.scale, partial, o)
+            return
+        for b, cache in enumerate(batch.caches):
+            keys, values, start = cache.layers[self.layer].update_and_fetch(k[b : b + 1], v[b : b + 1],
+                                                                             int(batch.starts[b]))
+            length = np.full(1, start + 1, np.int64)
+            attention_decode(q[b : b + 1], keys[None], values[None], _SLOT_0, length, self.scale, partial, o[b : b + 1])

@@ -8,8 +8,9 @@ all of them in one product (decode: each weight is read once for all B rows); on
 splits the rows again, sequence by sequence, each against its own cache.
 
 ``decode`` marks the explicit decode step: every sequence brings exactly one token. Attention then
-runs the split-K decode kernel per sequence; otherwise the prefill kernel (which also handles a
-single row, e.g. a sequence that finishes its prompt beside others that prefill).
+runs the split-K decode kernel, for all B sequences in one call when their caches share a
+:class:`~mqa_gen.cache.KVCachePool` (``pool``, ``slots``); otherwise the prefill kernel (which also
+handles a single row, e.g. a sequence that finishes its prompt beside others that prefill).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Batch:
         offsets: int64 [B + 1]; sequence b owns rows offsets[b] .. offsets[b+1] − 1.
         positions: int64 [N], the absolute position of every row.
         decode: True when every sequence brings exactly one token.
+        pool: the :class:`~mqa_gen.cache.KVCachePool` every cache belongs to, or None (caches of
+            their own, or of several pools). slots: int64 [B], each cache's slot in ``pool``.
 
     Raises:
         ValueError: a count < 1, a cache listed twice, or a sequence that does not fit its cache.
@@ -56,6 +59,9 @@ class Batch:
         self.decode = bool(counts.max() == 1)
         self.positions = self.starts if self.decode else np.concatenate(
             [np.arange(s, s + n) for s, n in zip(self.starts, counts)])
+        pools = {id(c.pool) for c in caches}
+        self.pool = caches[0].pool if len(pools) == 1 else None
+        self.slots = np.array([c.slot for c in caches], dtype=np.int64) if self.pool is not None else None
         self.head_dim = head_dim
         self.scratch = scratch
         self._rope: dict[float, tuple[np.ndarray, np.ndarray]] = {}

@@ -66,10 +66,12 @@ class LayerCache:
 
     window = 0
 
-    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, storage: CacheStorage):
+    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, storage: CacheStorage,
+                 arrays: tuple[np.ndarray, np.ndarray] | None = None):
         self.capacity, self.storage = capacity, storage
-        self.keys = lazy_zeros((n_kv_heads, capacity, head_dim), storage.array_dtype)
-        self.values = lazy_zeros((n_kv_heads, capacity, head_dim), storage.array_dtype)
+        if arrays is None:  # its own arrays; else views of a pool's (KVCachePool)
+            arrays = tuple(lazy_zeros((n_kv_heads, capacity, head_dim), storage.array_dtype) for _ in "kv")
+        self.keys, self.values = arrays
 
     @property
     def nbytes(self) -> int:
@@ -140,8 +142,9 @@ class RingLayerCache(LayerCache):
     positions only, Beltagy et al. 2020). Once the ring has wrapped it no longer holds the rows a
     rollback would need (:meth:`can_truncate`)."""
 
-    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, storage: CacheStorage, window: int):
-        super().__init__(n_kv_heads, capacity, head_dim, storage)
+    def __init__(self, n_kv_heads: int, capacity: int, head_dim: int, storage: CacheStorage, window: int,
+                 arrays: tuple[np.ndarray, np.ndarray] | None = None):
+        super().__init__(n_kv_heads, capacity, head_dim, storage, arrays)
         self.window = window
 
     def update_and_fetch(self, k: np.ndarray, v: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -178,6 +181,7 @@ class KVCache:
         max_seq_len: capacity in tokens (int > 0).
         dtype: a storage name (``"float32"``, ``"float16"``) or :class:`~mqa_gen.kv_storage.CacheStorage`.
         windows: per layer, the sliding window in tokens (0 = full attention); None = all full.
+        pool, slot: set by :class:`KVCachePool` for a cache stored in its slot ``slot``.
 
     Attributes:
         layers: one :class:`LayerCache` (or :class:`RingLayerCache`) per layer.
@@ -190,7 +194,8 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
-                 dtype: str | CacheStorage = "float32", windows=None):
+                 dtype: str | CacheStorage = "float32", windows=None, *, pool: "KVCachePool | None" = None,
+                 slot: int = 0):
         if min(n_layers, n_kv_heads, head_dim, max_seq_len) <= 0:
             raise ValueError("KV cache dimensions must all be > 0")
         self.storage = storage_type(dtype)
@@ -200,8 +205,14 @@ class KVCache:
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.max_seq_len = max_seq_len
         self.windows = windows
-        self.layers = [RingLayerCache(n_kv_heads, min(w, max_seq_len), head_dim, self.storage, w) if w
-                       else LayerCache(n_kv_heads, max_seq_len, head_dim, self.storage) for w in windows]
+        self.pool, self.slot = pool, slot
+
+        def arrays(layer: int):
+            return None if pool is None else (pool.keys[layer][slot], pool.values[layer][slot])
+
+        self.layers = [RingLayerCache(n_kv_heads, min(w, max_seq_len), head_dim, self.storage, w, arrays(i)) if w
+                       else LayerCache(n_kv_heads, max_seq_len, head_dim, self.storage, arrays(i))
+                       for i, w in enumerate(windows)]
         self._ids = np.full(max_seq_len, -1, dtype=np.int64)  # token id per position, -1 = unknown
         self.length = 0
 
@@ -334,3 +345,57 @@ class KVCache:
         the stored arrays)."""
         k, v = self.layers[layer].rows(self.length, self.length)
         return self.storage.decode(k), self.storage.decode(v)
+
+
+class KVCachePool:
+    """The KV caches of up to ``n_slots`` sequences decoding together, in one pair of arrays per
+    layer, [n_slots, n_kv_heads, capacity, head_dim], so a decode step hands every sequence's cache
+    to the attention kernel in one call (llama.cpp's server slots share one KV buffer the same way).
+
+    Each slot is an ordinary :class:`KVCache` (``caches[i]``, whose layer arrays are views of slot
+    i): it prefills, reuses prefixes and truncates as any cache does. A finished sequence's slot is
+    reused by :meth:`KVCache.reset`. The arrays are lazily mapped (:func:`lazy_zeros`): only the
+    rows written take memory.
+
+    Args:
+        n_slots: sequences (int > 0). The rest as :class:`KVCache` (one sequence's dimensions).
+
+    Raises:
+        ValueError: a dimension ≤ 0, an unknown dtype, or a bad windows list.
+    """
+
+    def __init__(self, n_slots: int, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
+                 dtype: str | CacheStorage = "float32", windows=None):
+        if min(n_slots, n_layers, n_kv_heads, head_dim, max_seq_len) <= 0:
+            raise ValueError("KV cache pool dimensions must all be > 0")
+        storage = storage_type(dtype)
+        windows = tuple(int(w) for w in windows) if windows is not None else (0,) * n_layers
+        capacities = [min(w, max_seq_len) if w else max_seq_len for w in windows]
+        self.keys = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype) for cap in capacities]
+        self.values = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype) for cap in capacities]
+        self.caches = [KVCache(n_layers, n_kv_heads, head_dim, max_seq_len, storage, windows, pool=self, slot=i)
+                       for i in range(n_slots)]
+
+    @property
+    def n_slots(self) -> int:
+        """Sequences the pool holds."""
+        return len(self.caches)
+
+    def update_and_fetch_rows(self, layer: int, k: np.ndarray, v: np.ndarray, slots: np.ndarray,
+                              positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A decode step's write for B sequences at once: row b of k, v (float32 [B, n_kv_heads,
+        head_dim]) is position ``positions[b]`` of the sequence in slot ``slots[b]`` (int64 [B]).
+
+        Returns ``(keys, values, lengths)``: this layer's pool arrays [n_slots, n_kv_heads,
+        capacity, head_dim] and int64 [B], the rows each new token attends to — the positions
+        0 .. positions[b], or for a sliding-window ring every row it holds (in slot order; softmax
+        ignores order), as :meth:`RingLayerCache.update_and_fetch` returns for one token.
+        """
+        keys, values = self.keys[layer], self.values[layer]
+        capacity = keys.shape[2]
+        encode = self.caches[0].storage.encode
+        rows = positions % capacity
+        heads = np.arange(keys.shape[1])
+        keys[slots[:, None], heads[None, :], rows[:, None]] = encode(k)  # (B, KV, D)
+        values[slots[:, None], heads[None, :], rows[:, None]] = encode(v)
+        return keys, values, np.minimum(positions, capacity - 1) + 1

@@ -45,6 +45,7 @@ from .sampling import (
     apply_logits_processors,
     make_logits_processors,
     make_sampler,
+    top_logprobs,
 )
 from .tokenizer import Tokenizer
 
@@ -103,12 +104,14 @@ class GenerationStats:
 @dataclass
 class GenerationStep:
     """One sampled token: ``token_id``, the ``text`` made printable by it (may be empty),
-    its ``logprob`` (natural log) and, on the last step, the ``finish_reason``."""
+    its ``logprob`` (natural log), on the last step the ``finish_reason``, and when asked the
+    ``top_logprobs`` of that step, ``[(token_id, logprob), …]`` best first."""
 
     token_id: int
     text: str
     logprob: float
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 def peak_rss_bytes() -> int:
@@ -149,6 +152,88 @@ class _StopStringFilter:
         return out
 
 
+class TokenSequence:
+    """The token layer's state for one sequence, advanced one step at a time: the longest cached
+    prefix reused, the rest of the prompt prefilled in chunks, then sample → feed back → sample.
+
+    :func:`generate_tokens` drives one of these with ``model.forward``; the continuous-batching
+    scheduler (:mod:`mqa_gen.scheduler`) drives many, feeding their tokens back in one batched
+    decode step. Either way a sequence sees the same logits, so it samples the same tokens.
+
+    Args:
+        prompt_ids: the prompt's token ids (at least one, fewer than the cache's capacity).
+        cache: the sequence's KV cache; updated in place.
+        sampler: ``sampler(logits [vocab]) -> (token_id, logprob)`` (:func:`~mqa_gen.sampling.make_sampler`).
+        logits_processors: each ``(history, logits) -> logits``, run in order before the sampler;
+            ``history`` is the prompt and the tokens generated so far (int list, oldest first).
+        prefill_chunk: prompt tokens per prefill pass (> 0).
+        top_logprobs: how many of the most likely alternatives :meth:`sample` records in
+            ``last_top_logprobs`` (0 = none).
+
+    Attributes:
+        history: the prompt and every token fed back so far.
+        reused: prompt tokens found in the cache (set by :meth:`prefill`).
+        last_top_logprobs: ``[(token_id, logprob), …]`` of the last step, best first (when asked).
+
+    Raises:
+        ValueError: ``prefill_chunk`` < 1.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], cache: KVCache, sampler: Callable[[np.ndarray], tuple[int, float]],
+                 logits_processors: Sequence[LogitsProcessor] = (), prefill_chunk: int = PREFILL_CHUNK,
+                 top_logprobs: int = 0):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.history = list(prompt_ids)
+        self.cache, self.sampler = cache, sampler
+        self.logits_processors, self.prefill_chunk = logits_processors, prefill_chunk
+        self.top_logprobs = top_logprobs
+        self.reused = 0
+        self.logits: np.ndarray | None = None  # the last position's logits, float32 [vocab]
+        self.last_top_logprobs: list[tuple[int, float]] = []
+
+    def prefill(self, model) -> None:
+        """Keep the longest common prefix of the cache and the prompt, but leave at least one
+        prompt token to prefill (its logits choose the first token); keep nothing when a
+        sliding-window ring can no longer go back that far (:meth:`~mqa_gen.cache.KVCache.can_truncate`).
+        Then run the rest through ``model.forward`` in chunks, labelling each position."""
+        cache, history = self.cache, self.history
+        reused = min(cache.common_prefix(history), len(history) - 1)
+        if not cache.can_truncate(reused):
+            reused = 0
+        cache.truncate(reused)
+        for start in range(reused, len(history), self.prefill_chunk):
+            chunk = history[start : start + self.prefill_chunk]
+            self.logits = model.forward(chunk, cache)
+            cache.label_tokens(chunk)
+        self.reused = reused
+
+    def sample(self) -> tuple[int, float]:
+        """Logits processors, then the sampler, on the last logits: ``(token_id, logprob)``, the
+        log-softmax of the processed logits at the token."""
+        logits = apply_logits_processors(self.logits_processors, self.history, self.logits)
+        token, logprob = self.sampler(logits)
+        if self.top_logprobs:
+            self.last_top_logprobs = top_logprobs(logits, self.top_logprobs)
+        return token, logprob
+
+    @property
+    def can_feed(self) -> bool:
+        """Whether the cache has room to take a sampled token back."""
+        return self.cache.length < self.cache.max_seq_len
+
+    def accept(self, token: int, logits: np.ndarray) -> None:
+        """``token`` was just run through the model into this sequence's cache, giving ``logits``
+        (float32 [vocab]): label it, add it to the history and keep the logits for the next step."""
+        self.cache.label_tokens([token])
+        self.history.append(token)
+        self.logits = logits
+
+    def feed(self, model, token: int) -> None:
+        """Run ``token`` through ``model.forward`` alone and :meth:`accept` it."""
+        self.accept(token, model.forward([token], self.cache))
+
+
 def generate_tokens(
     model,
     prompt_ids: Sequence[int],
@@ -158,31 +243,27 @@ def generate_tokens(
     logits_processors: Sequence[LogitsProcessor] = (),
     prefill_chunk: int = PREFILL_CHUNK,
     on_prefilled: Callable[[int], None] | None = None,
+    sequence: TokenSequence | None = None,
 ) -> Iterator[tuple[int, float]]:
     """The token layer: yield ``(token_id, logprob)`` for each new token, without end.
 
-    1. Reuse: keep the longest common prefix of ``cache`` and the prompt, but leave at least one
-       prompt token to prefill (its logits choose the first token); keep nothing when a
-       sliding-window ring can no longer go back that far (:meth:`~mqa_gen.cache.KVCache.can_truncate`).
-    2. Prefill the rest of the prompt, ``prefill_chunk`` tokens per forward pass.
-    3. Decode: processors, then the sampler, on the last logits; yield; feed the token back.
+    1. Reuse the longest cached prefix and prefill the rest, ``prefill_chunk`` tokens per forward
+       pass (:meth:`TokenSequence.prefill`).
+    2. Decode: processors, then the sampler, on the last logits; yield; feed the token back.
 
     Every position written to the cache is labelled with its token id, so the cache can be reused
-    (step 1) by a later call. The token just yielded is fed back only when the next one is asked
-    for, so a caller that stops leaves the cache holding the prompt and every token but the last.
-    The iterator ends by itself only when the cache is full.
+    by a later call. The token just yielded is fed back only when the next one is asked for, so a
+    caller that stops leaves the cache holding the prompt and every token but the last. The
+    iterator ends by itself only when the cache is full.
 
     Args:
         model: ``forward(tokens, cache) -> logits`` float32 [vocab] for one sequence.
-        prompt_ids: the prompt's token ids (at least one, fewer than the cache's capacity).
-        cache: the sequence's KV cache; updated in place.
-        sampler: ``sampler(logits [vocab]) -> (token_id, logprob)`` (:func:`~mqa_gen.sampling.make_sampler`).
-        logits_processors: each ``(history, logits) -> logits``, run in order before the sampler;
-            ``history`` is the prompt and the tokens generated so far (int list, oldest first).
-        prefill_chunk: prompt tokens per prefill pass (> 0). Chunks change the logits only by
-            float32 rounding (the products sum in another order).
+        prompt_ids, cache, sampler, logits_processors, prefill_chunk: see :class:`TokenSequence`
+            (chunks change the logits only by float32 rounding: the products sum in another order).
         on_prefilled: called once, with the number of reused prompt tokens, when the whole prompt
             is in the cache (before the first token is sampled).
+        sequence: a :class:`TokenSequence` to drive instead of a new one made from the arguments
+            above (its caller then reads e.g. ``last_top_logprobs`` after each step).
 
     Yields:
         ``(token_id, logprob)``: Python int and float; ``logprob`` is the log-softmax of the
@@ -191,27 +272,65 @@ def generate_tokens(
     Raises:
         ValueError: ``prefill_chunk`` < 1; the prompt does not fit the cache (from the model).
     """
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    history = list(prompt_ids)
-    reused = min(cache.common_prefix(history), len(history) - 1)
-    if not cache.can_truncate(reused):
-        reused = 0
-    cache.truncate(reused)
-    for start in range(reused, len(history), prefill_chunk):
-        chunk = history[start : start + prefill_chunk]
-        logits = model.forward(chunk, cache)
-        cache.label_tokens(chunk)
+    seq = sequence or TokenSequence(prompt_ids, cache, sampler, logits_processors, prefill_chunk)
+    seq.prefill(model)
     if on_prefilled is not None:
-        on_prefilled(reused)
+        on_prefilled(seq.reused)
     while True:
-        token, logprob = sampler(apply_logits_processors(logits_processors, history, logits))
+        token, logprob = seq.sample()
         yield token, logprob
-        if cache.length >= cache.max_seq_len:  # no room to feed the token back
+        if not seq.can_feed:  # no room to feed the token back
             return
-        history.append(token)
-        logits = model.forward([token], cache)
-        cache.label_tokens([token])
+        seq.feed(model, token)
+
+
+class SequenceText:
+    """The text layer's state for one sequence: sampled ids in, printable text and the finish
+    reason out (see the module docstring for the reasons).
+
+    Args:
+        tokenizer: for the streaming detokenizer.
+        prompt_tokens: the prompt's length. max_tokens: most tokens to generate.
+        capacity: the cache's capacity in tokens (prompt + generated may not exceed it).
+        stop: stop strings. eos_ids: end-of-generation ids.
+
+    Attributes:
+        token_ids: the generated ids (an end-of-generation id is not one).
+        text: the text so far (stop strings and held-back text excluded).
+        finish_reason: None until the sequence ends.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, capacity: int,
+                 stop: Sequence[str], eos_ids: frozenset[int]):
+        self.detok = tokenizer.detokenizer()
+        self.stops = _StopStringFilter(stop)
+        self.prompt_tokens, self.max_tokens, self.capacity = prompt_tokens, max_tokens, capacity
+        self.eos_ids = eos_ids
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    def push(self, token: int, logprob: float) -> GenerationStep:
+        """Take the next sampled token; return its :class:`GenerationStep` (the last one carries the
+        finish reason)."""
+        reason = None
+        if token in self.eos_ids:
+            piece, reason = self.detok.finalize(), "eos"
+        else:
+            self.token_ids.append(token)
+            piece = self.detok.add_token(token)
+            if len(self.token_ids) >= self.max_tokens:
+                piece, reason = piece + self.detok.finalize(), "length"
+            elif self.prompt_tokens + len(self.token_ids) >= self.capacity:
+                piece, reason = piece + self.detok.finalize(), "context"  # prompt + generated fill it
+        out, hit = self.stops.push(piece)
+        if hit:
+            reason = "stop"
+        elif reason is not None:
+            out += self.stops.flush()
+        self.text += out
+        self.finish_reason = reason
+        return GenerationStep(token, out, logprob, reason)
 
 
 @dataclass
@@ -229,15 +348,17 @@ class Generation:
     eos_ids: frozenset[int]
     cache: KVCache
     prefill_chunk: int = PREFILL_CHUNK
+    top_logprobs: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[GenerationStep]:
-        detok = self.tokenizer.detokenizer()
-        stops = _StopStringFilter(self.stop)
         cache, stats = self.cache, self.stats
+        text = SequenceText(self.tokenizer, len(self.prompt_ids), self.max_tokens, cache.max_seq_len,
+                            self.stop, self.eos_ids)
+        text.token_ids = self.token_ids  # one list: this attribute stays current as tokens arrive
         stats.prompt_tokens = len(self.prompt_ids)
         stats.kv_bytes_per_token = cache.bytes_per_token
         stats.kv_cache_capacity_bytes = cache.nbytes
@@ -251,37 +372,24 @@ class Generation:
             stats.reused_tokens = reused
             stats.prefill_seconds = decode_start - t0
 
-        tokens = generate_tokens(self.model, self.prompt_ids, cache, make_sampler(self.params),
-                                 logits_processors=make_logits_processors(self.params),
-                                 prefill_chunk=self.prefill_chunk, on_prefilled=prefilled)
+        seq = TokenSequence(self.prompt_ids, cache, make_sampler(self.params), make_logits_processors(self.params),
+                            self.prefill_chunk, self.top_logprobs)
+        tokens = generate_tokens(self.model, self.prompt_ids, cache, seq.sampler, on_prefilled=prefilled,
+                                 sequence=seq)
         try:
             for token, logprob in tokens:
                 now = time.perf_counter()
                 if not stats.first_token_seconds:
                     stats.first_token_seconds = now - t0
                 stats.decode_seconds = now - decode_start
-                reason = None
-                if token in self.eos_ids:
-                    piece, reason = detok.finalize(), "eos"
-                else:
-                    self.token_ids.append(token)
-                    piece = detok.add_token(token)
-                    stats.generated_tokens = len(self.token_ids)
-                    if len(self.token_ids) >= self.max_tokens:
-                        piece, reason = piece + detok.finalize(), "length"
-                    elif len(self.prompt_ids) + len(self.token_ids) >= cache.max_seq_len:
-                        piece, reason = piece + detok.finalize(), "context"  # prompt + generated fill it
-                out, hit = stops.push(piece)
-                if hit:
-                    reason = "stop"
-                elif reason is not None:
-                    out += stops.flush()
-                self.text += out
-                if reason is not None:
-                    self.finish_reason = reason
-                    yield GenerationStep(token, out, logprob, reason)
+                step = text.push(token, logprob)
+                step.top_logprobs = seq.last_top_logprobs if self.top_logprobs else None
+                stats.generated_tokens = len(self.token_ids)
+                self.text = text.text
+                yield step
+                if step.finish_reason is not None:
+                    self.finish_reason = step.finish_reason
                     return
-                yield GenerationStep(token, out, logprob)
         finally:
             tokens.close()
             if decode_start is not None:
@@ -317,6 +425,7 @@ def stream_generate(
     cache_dtype: str = "float32",
     cache: KVCache | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    top_logprobs: int = 0,
 ) -> Generation:
     """Start generating from ``prompt_ids`` (int token ids); iterate the result to run it.
 
@@ -333,6 +442,8 @@ def stream_generate(
             tokens, the longest common prefix with the prompt is reused and the rest of it dropped
             (see the module docstring); it is updated in place as generation runs.
         prefill_chunk: prompt tokens per prefill pass (see :func:`generate_tokens`).
+        top_logprobs: with N > 0, every step also carries the N most likely tokens and their
+            logprobs (``GenerationStep.top_logprobs``), as OpenAI's ``top_logprobs``.
 
     Raises:
         PromptError: an empty prompt, or one that leaves no room in the context.
@@ -367,8 +478,10 @@ def stream_generate(
             )
     if eos_ids is None:
         eos_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if top_logprobs < 0:
+        raise SamplingError("logprobs", f"must be >= 0, got {top_logprobs}")
     return Generation(model, tokenizer, prompt_ids, params, max_tokens, list(stop), frozenset(eos_ids), cache,
-                      prefill_chunk)
+                      prefill_chunk, top_logprobs)
 
 
 def forward_logits(model, prompt_ids: Sequence[int]) -> np.ndarray:

@@ -588,8 +588,8 @@ class MultiQueryAttention:
         batch = Batch(items, [T] * B, c.head_dim)
         if batch.decode:
             s = self._decode_scratch
-            if s is None or not s.fits(c.num_heads, c.head_dim, items[0].max_seq_len):
-                s = self._decode_scratch = DecodeScratch(c.num_heads, c.head_dim, items[0].max_seq_len)
+            if s is None or not s.fits(c.num_heads, c.head_dim, items[0].max_seq_len, B):
+                s = self._decode_scratch = DecodeScratch(c.num_heads, c.head_dim, items[0].max_seq_len, B)
             batch.scratch = s
         y = self._block(x.reshape(B * T, self.d_model), batch)  # (B·T, d_model)
         batch.advance()

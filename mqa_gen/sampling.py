@@ -553,6 +553,17 @@ def filtered_probs(
     return out
 
 
+def top_logprobs(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The ``n`` most likely tokens of ``logits`` (float [vocab], the processed logits the sampler
+    sees) with their log-softmax values: ``[(token_id, logprob), …]``, best first, ties by lower
+    id (OpenAI's ``top_logprobs``; llama-server's ``n_probs`` before sampling)."""
+    lp = log_softmax(logits)
+    n = min(n, lp.shape[0])
+    best = np.argpartition(-lp, n - 1)[:n]
+    best = best[np.lexsort((best, -lp[best]))]
+    return [(int(i), float(lp[i])) for i in best]
+
+
 def _logprob(logits: np.ndarray, token: int) -> float:
     """``log_softmax(logits)[token]`` without building the whole log-softmax vector."""
     top = float(logits.max())

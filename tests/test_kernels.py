@@ -14,7 +14,7 @@ from mqa_gen.kernels import (
     softmax_inplace,
     swiglu,
 )
-from mqa_gen.kernels.attention import DECODE_BLOCK
+from mqa_gen.kernels.attention import DECODE_BLOCK, decode_partial_shape
 
 RNG = np.random.default_rng(1234)
 
@@ -57,11 +57,8 @@ def test_attention_matches_numpy(n_kv_heads, T, start, storage):
     attention_prefill(q, k_arg, v_arg, start, scale, 0, out)
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
-    # The decode kernel answers the last row alone.
-    scores = np.empty((H, S), np.float32)
-    partial = np.empty((-(-S // DECODE_BLOCK), H, D + 2), np.float32)
-    last = np.empty((H, D), np.float32)
-    attention_decode(q[-1], k_arg, v_arg, start + T, scale, scores, partial, last)
+    # The decode kernel answers the last row alone (the cache as a one-slot pool).
+    last = decode_one(q[-1], k_arg, v_arg, start + T, scale)
     np.testing.assert_allclose(last, expected[-1], atol=2e-5)
 
 
@@ -88,11 +85,44 @@ def test_geglu_tanh_matches_formula():
 def test_decode_across_block_boundaries(length):
     H, KV, D = 4, 1, 16
     K, V, q = random(KV, length, D), random(KV, length, D), random(1, H, D)
-    scores = np.empty((H, length), np.float32)
-    partial = np.empty((-(-length // DECODE_BLOCK), H, D + 2), np.float32)
-    out = np.empty((H, D), np.float32)
-    attention_decode(q[0], K, V, length, np.float32(0.25), scores, partial, out)
+    out = decode_one(q[0], K, V, length, np.float32(0.25))
     np.testing.assert_allclose(out, reference_attention(q, K, V, length - 1)[0], atol=2e-5)
+
+
+def decode_one(q, K, V, length, scale):
+    """The decode kernel for one sequence: q [H, D] over the first ``length`` rows of K, V [KV, S, D]."""
+    H, D = q.shape
+    partial = np.empty(decode_partial_shape(1, length, H, D), np.float32)
+    out = np.empty((1, H, D), np.float32)
+    one = np.ones(1, np.int64)
+    attention_decode(q[None], K[None], V[None], one * 0, one * length, scale, partial, out)
+    return out[0]
+
+
+@pytest.mark.parametrize("storage", [np.float32, np.uint16])
+def test_batched_decode_is_each_sequence_alone_bit_for_bit(storage):
+    """B sequences in one pool, each at its own length (across block boundaries), give exactly
+    what each gives alone; and each matches NumPy."""
+    H, KV, D, S = 6, 2, 32, 3 * DECODE_BLOCK + 9
+    lengths = np.array([1, DECODE_BLOCK, 3 * DECODE_BLOCK + 9, 17, DECODE_BLOCK + 1], np.int64)
+    B, P = len(lengths), len(lengths) + 2
+    K32, V32 = random(P, KV, S, D), random(P, KV, S, D)
+    if storage is np.uint16:
+        K32, V32 = K32.astype(np.float16).astype(np.float32), V32.astype(np.float16).astype(np.float32)
+        K, V = K32.astype(np.float16).view(np.uint16), V32.astype(np.float16).view(np.uint16)
+    else:
+        K, V = K32, V32
+    slots = np.array([3, 0, 6, 2, 5], np.int64)  # any slots, in any order
+    q = random(B, H, D)
+    scale = np.float32(1 / np.sqrt(D))
+    partial = np.empty(decode_partial_shape(B, S, H, D), np.float32)
+    out = np.empty((B, H, D), np.float32)
+    attention_decode(q, K, V, slots, lengths, scale, partial, out)
+    for b in range(B):
+        alone = decode_one(q[b], K[slots[b]], V[slots[b]], lengths[b], scale)
+        np.testing.assert_array_equal(out[b], alone)
+        expected = reference_attention(q[b][None], K32[slots[b]], V32[slots[b]], lengths[b] - 1)[0]
+        np.testing.assert_allclose(out[b], expected, atol=2e-5)
 
 
 def test_rmsnorm():

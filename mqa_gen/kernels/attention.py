@@ -81,8 +81,8 @@ def _four_rows(cache, g, s, rows):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows):
-    """scores[h0 + j, s] = q_group[j] · k_cache[g, s] for s in [s0, s1), and m[j] = max(m[j], those).
+def _block_scores(q_group, k_cache, g, s0, s1, scores, m, rows):
+    """scores[j, s − s0] = q_group[j] · k_cache[g, s] for s in [s0, s1), and m[j] = max(m[j], those).
 
     Four K rows at a time: each q element loaded once serves four dot products, whose four
     accumulators keep the FMA units busy. rows: float32 [4, head_dim] scratch (float16 decoding).
@@ -91,6 +91,7 @@ def _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows):
     s = s0
     while s + 4 <= s1:
         k0, k1, k2, k3 = _four_rows(k_cache, g, s, rows)
+        i = s - s0
         for j in range(G):
             qj = q_group[j]
             a0 = a1 = a2 = a3 = np.float32(0.0)
@@ -99,8 +100,7 @@ def _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows):
                 a1 += qj[d] * k1[d]
                 a2 += qj[d] * k2[d]
                 a3 += qj[d] * k3[d]
-            scores[h0 + j, s], scores[h0 + j, s + 1] = a0, a1
-            scores[h0 + j, s + 2], scores[h0 + j, s + 3] = a2, a3
+            scores[j, i], scores[j, i + 1], scores[j, i + 2], scores[j, i + 3] = a0, a1, a2, a3
             m[j] = max(m[j], max(max(a0, a1), max(a2, a3)))
         s += 4
     for s in range(s, s1):
@@ -110,20 +110,21 @@ def _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows):
             a0 = np.float32(0.0)
             for d in range(D):
                 a0 += qj[d] * k0[d]
-            scores[h0 + j, s] = a0
+            scores[j, s - s0] = a0
             m[j] = max(m[j], a0)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _block_values(p, v_cache, g, s0, s1, h0, o, rows):
-    """o[j] += Σ_s p[h0 + j, s] · v_cache[g, s] over s in [s0, s1), four V rows per pass over o
+def _block_values(p, v_cache, g, s0, s1, o, rows):
+    """o[j] += Σ_s p[j, s − s0] · v_cache[g, s] over s in [s0, s1), four V rows per pass over o
     (one load and store of o per four rows). o: float32 [G, head_dim]; rows as above."""
     G, D = o.shape
     s = s0
     while s + 4 <= s1:
         v0, v1, v2, v3 = _four_rows(v_cache, g, s, rows)
+        i = s - s0
         for j in range(G):
-            p0, p1, p2, p3 = p[h0 + j, s], p[h0 + j, s + 1], p[h0 + j, s + 2], p[h0 + j, s + 3]
+            p0, p1, p2, p3 = p[j, i], p[j, i + 1], p[j, i + 2], p[j, i + 3]
             oj = o[j]
             for d in range(D):
                 oj[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
@@ -131,76 +132,96 @@ def _block_values(p, v_cache, g, s0, s1, h0, o, rows):
     for s in range(s, s1):
         v0 = cache_row(v_cache, g, s, rows[0])
         for j in range(G):
-            p0 = p[h0 + j, s]
+            p0 = p[j, s - s0]
             oj = o[j]
             for d in range(D):
                 oj[d] += p0 * v0[d]
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def attention_decode(q, k_cache, v_cache, length, scale, scores, partial, out):
-    """Attention of one new query row per head over the first ``length`` cache positions.
+def attention_decode(q, k_caches, v_caches, slots, lengths, scale, partial, out):
+    """Attention of one new query row per sequence and head, for B sequences at once, each over
+    its own cache and length.
 
-    q: float32 [n_heads, head_dim], RoPE applied; its own K/V row is already at position length-1.
-    k_cache, v_cache: [n_kv_heads, S, head_dim]. scale: usually 1/√head_dim.
-    scores: float32 scratch [n_heads, ≥ length]; partial: float32 scratch
-    [≥ ceil(length / DECODE_BLOCK), n_heads, head_dim + 2]. out: float32 [n_heads, head_dim],
-    overwritten.
+    q: float32 [B, n_heads, head_dim], RoPE applied. k_caches, v_caches: [P, n_kv_heads, S,
+    head_dim] caches of P sequences (a slot pool; one sequence's cache as a [1, …] view with
+    slot 0); sequence b reads slot ``slots[b]`` and its first ``lengths[b]`` positions (int64
+    [B] each, 1 ≤ length ≤ S), its own K/V row already stored. scale: usually 1/√head_dim.
+    partial: float32 scratch [≥ B, ≥ ceil(max(lengths) / DECODE_BLOCK), n_heads, head_dim + 2].
+    out: float32 [B, n_heads, head_dim], overwritten.
 
-    Split over (KV head, block of DECODE_BLOCK positions) tasks in one parallel region, so both
-    cores stay busy even when n_kv_heads = 1: each task keeps its block's running maximum m, sum of
-    exponentials l and unnormalised output o = Σ e^(s−m) v (in ``partial``); a short serial pass
-    merges the blocks with the usual rescaling by e^(m_b − M) (split-K "flash decoding",
-    Dao et al. 2023; Milakov & Gimelshein 2018 for the online softmax).
+    One parallel region over every (sequence, KV head, block of DECODE_BLOCK positions) task, so
+    both cores stay busy even for one sequence with n_kv_heads = 1 and the step pays for a single
+    launch whatever B is. Each task keeps its block's running maximum m, sum of exponentials l and
+    unnormalised output o = Σ e^(s−m) v (in ``partial``); a second pass merges each (sequence,
+    head)'s blocks with the usual rescaling by e^(m_b − M) (split-K "flash decoding", Dao et al.
+    2023; Milakov & Gimelshein 2018 for the online softmax). A sequence's tasks and merge do not
+    depend on the other sequences, so its output is the same, bit for bit, in any batch.
     """
-    H, D = q.shape
-    KV = k_cache.shape[0]
+    B, H, D = q.shape
+    KV = k_caches.shape[1]
     G = H // KV
-    n_blocks = (length + DECODE_BLOCK - 1) // DECODE_BLOCK
-    for task in prange(KV * n_blocks):
-        g = task // n_blocks
-        b = task % n_blocks
-        s0 = b * DECODE_BLOCK
-        s1 = min(s0 + DECODE_BLOCK, length)
+    first_task = np.empty(B + 1, np.int64)  # sequence b owns tasks first_task[b] .. first_task[b+1] − 1
+    first_task[0] = 0
+    for b in range(B):
+        first_task[b + 1] = first_task[b] + KV * ((lengths[b] + DECODE_BLOCK - 1) // DECODE_BLOCK)
+    for task in prange(first_task[B]):
+        b = np.searchsorted(first_task, task, side="right") - 1
+        n_blocks = (lengths[b] + DECODE_BLOCK - 1) // DECODE_BLOCK
+        local = task - first_task[b]
+        g = local // n_blocks
+        blk = local % n_blocks
+        s0 = blk * DECODE_BLOCK
+        s1 = min(s0 + DECODE_BLOCK, lengths[b])
+        k_cache, v_cache = k_caches[slots[b]], v_caches[slots[b]]
         h0 = g * G  # the group's first query head
-        # Small task-local arrays (the group's scaled queries, running maxima, output sums, decoded
-        # float16 rows) keep the inner loops on unit-stride 1-D data, which LLVM vectorises.
+        # Small task-local arrays (the group's scaled queries, scores, running maxima, output sums,
+        # decoded float16 rows) keep the inner loops on unit-stride 1-D data, which LLVM vectorises.
         rows = np.empty((4, D), np.float32)
         q_group = np.empty((G, D), np.float32)
         for j in range(G):
             for d in range(D):
-                q_group[j, d] = q[h0 + j, d] * scale
+                q_group[j, d] = q[b, h0 + j, d] * scale
+        scores = np.empty((G, DECODE_BLOCK), np.float32)
         m = np.full(G, -np.inf, np.float32)
-        _block_scores(q_group, k_cache, g, s0, s1, scores, h0, m, rows)  # K rows read once per group
+        _block_scores(q_group, k_cache, g, s0, s1, scores, m, rows)  # K rows read once per group
         for j in range(G):
-            block = scores[h0 + j, s0:s1]
             total = np.float32(0.0)
-            for i in range(block.shape[0]):
-                e = exp32(block[i] - m[j])
-                block[i] = e
+            for i in range(s1 - s0):
+                e = exp32(scores[j, i] - m[j])
+                scores[j, i] = e
                 total += e
-            partial[b, h0 + j, D] = m[j]
-            partial[b, h0 + j, D + 1] = total
+            partial[b, blk, h0 + j, D] = m[j]
+            partial[b, blk, h0 + j, D + 1] = total
         o = np.zeros((G, D), np.float32)
-        _block_values(scores, v_cache, g, s0, s1, h0, o, rows)  # V rows read once per group
+        _block_values(scores, v_cache, g, s0, s1, o, rows)  # V rows read once per group
         for j in range(G):
             for d in range(D):
-                partial[b, h0 + j, d] = o[j, d]
-    for h in range(H):
+                partial[b, blk, h0 + j, d] = o[j, d]
+    for bh in prange(B * H):
+        b = bh // H
+        h = bh % H
+        n_blocks = (lengths[b] + DECODE_BLOCK - 1) // DECODE_BLOCK
         m_all = -np.inf
-        for b in range(n_blocks):
-            m_all = max(m_all, partial[b, h, D])
+        for blk in range(n_blocks):
+            m_all = max(m_all, partial[b, blk, h, D])
         total = np.float32(0.0)
         for d in range(D):
-            out[h, d] = 0.0
-        for b in range(n_blocks):
-            w = exp32(partial[b, h, D] - m_all)
-            total += w * partial[b, h, D + 1]
+            out[b, h, d] = 0.0
+        for blk in range(n_blocks):
+            w = exp32(partial[b, blk, h, D] - m_all)
+            total += w * partial[b, blk, h, D + 1]
             for d in range(D):
-                out[h, d] += w * partial[b, h, d]
+                out[b, h, d] += w * partial[b, blk, h, d]
         inv = np.float32(1.0) / total
         for d in range(D):
-            out[h, d] *= inv
+            out[b, h, d] *= inv
+
+
+def decode_partial_shape(batch_size: int, max_length: int, n_heads: int, head_dim: int) -> tuple[int, ...]:
+    """The shape of :func:`attention_decode`'s ``partial`` scratch for up to ``batch_size``
+    sequences of up to ``max_length`` positions."""
+    return (batch_size, -(-max_length // DECODE_BLOCK), n_heads, head_dim + 2)
 
 
 def warm_up() -> None:
@@ -211,6 +232,6 @@ def warm_up() -> None:
     for storage in (np.float32, np.uint16):
         k = np.zeros((1, 4, 4), storage)
         attention_prefill(q, k, k, 0, f32(0.5), 0, np.empty_like(q))
-        scores = np.empty((2, 4), f32)
-        partial = np.empty((-(-4 // DECODE_BLOCK), 2, 4 + 2), f32)
-        attention_decode(q[0], k, k, 3, f32(0.5), scores, partial, np.empty((2, 4), f32))
+        partial = np.empty(decode_partial_shape(1, 4, 2, 4), f32)
+        one = np.ones(1, np.int64)
+        attention_decode(q[:1], k[None], k[None], one * 0, one * 3, f32(0.5), partial, np.empty((1, 2, 4), f32))

@@ -232,25 +232,26 @@ def q4_1_matmul(codes, scales, mins, x, y):
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def int8_matvec(codes, scales, x, y):
     """y = W x for W in the int8 layout (Q8_0, Q5_0, Q6_K). x: float32 [cols]; y: float32 [rows],
-    overwritten."""
+    overwritten. The same operations, in the same order, as one row of :func:`int8_matmul`, so a
+    sequence decoding alone gets the logits it gets in a batch, bit for bit."""
     n_tiles, nb, bs, T = codes.shape
     rows = y.shape[0]
     for t in prange(n_tiles):
         acc = np.zeros(T, np.float32)
-        blk = np.empty(T, np.float32)
+        d = np.empty(T, np.float32)
         for b in range(nb):
             for r in range(T):
-                blk[r] = 0.0
-            for i in range(bs):
-                xi = x[b * bs + i]
+                d[r] = as_float32(scales[t, b, r])
+            for i in range(0, bs, 4):
+                c = b * bs + i
+                x0, x1, x2, x3 = x[c], x[c + 1], x[c + 2], x[c + 3]
                 for r in range(T):
-                    blk[r] += np.float32(codes[t, b, i, r]) * xi
-            for r in range(T):
-                acc[r] += as_float32(scales[t, b, r]) * blk[r]
-        for r in range(T):
-            row = t * T + r
-            if row < rows:
-                y[row] = acc[r]
+                    acc[r] += d[r] * (np.float32(codes[t, b, i, r]) * x0
+                                      + np.float32(codes[t, b, i + 1, r]) * x1
+                                      + np.float32(codes[t, b, i + 2, r]) * x2
+                                      + np.float32(codes[t, b, i + 3, r]) * x3)
+        for r in range(min(T, rows - t * T)):
+            y[t * T + r] = acc[r]
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)

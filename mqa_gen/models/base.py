@@ -109,7 +109,7 @@ class Decoder:
             raise ValueError("token id outside the vocabulary")
         batch = Batch(caches, [t.shape[0] for t in chunks], c.head_dim)
         if batch.decode:
-            batch.scratch = self._decode_scratch(max(cache.max_seq_len for cache in caches))
+            batch.scratch = self._decode_scratch(max(cache.max_seq_len for cache in caches), batch.size)
 
         x = self.embeddings.rows(tokens)  # (N, d_model)
         if self.embed_scale != 1.0:
@@ -124,8 +124,8 @@ class Decoder:
             return [logits[batch.rows(b)] for b in range(batch.size)]
         return logits
 
-    def _decode_scratch(self, max_seq_len: int) -> DecodeScratch:
+    def _decode_scratch(self, max_seq_len: int, batch_size: int) -> DecodeScratch:
         c = self.config
-        if self._scratch is None or not self._scratch.fits(c.n_heads, c.head_dim, max_seq_len):
-            self._scratch = DecodeScratch(c.n_heads, c.head_dim, max_seq_len)
+        if self._scratch is None or not self._scratch.fits(c.n_heads, c.head_dim, max_seq_len, batch_size):
+            self._scratch = DecodeScratch(c.n_heads, c.head_dim, max_seq_len, batch_size)
         return self._scratch
