@@ -51,10 +51,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from report_section import loadavg, write_section
+
 REPO = Path(__file__).resolve().parent.parent
 TEXT_FILES = [REPO / "sample_prompts" / "long_document.txt", REPO / "mqa_gen" / "data" / "ppl_english.txt"]
 QUESTION = "\n\nQuestion: in one sentence, what is the main point of the text above?\nAnswer:"
-START, END = "<!-- prompt-cache -->", "<!-- /prompt-cache -->"
+SECTION = "prompt-cache"  # BENCHMARKS.md section, between <!-- prompt-cache --> markers
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -88,28 +90,6 @@ def run_once(args, prompt_file: Path, cache_file: Path | None, n_tokens: int = 1
     s = out["stats"]
     out["ttft"] = s.get("prompt_cache_seconds", 0.0) + s["first_token_seconds"]
     return out
-
-
-def loadavg() -> tuple[float, float, float]:
-    try:
-        return os.getloadavg()
-    except OSError:
-        return (float("nan"),) * 3
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) the prompt-cache section of ``path``, leaving the rest untouched."""
-    section = f"{START}\n{body.rstrip()}\n{END}\n"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if START in old and END in old[old.index(START):]:
-        i = old.index(START)
-        j = old.index(END, i) + len(END)
-        new = old[:i] + section.rstrip("\n") + old[j:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -191,7 +171,7 @@ def main() -> None:
     ])
     print(body)
     if not args.no_write:
-        write_section(Path(args.output), body)
+        write_section(Path(args.output), SECTION, body)
         print(f"\nwrote the prompt-cache section of {args.output}", file=sys.stderr)
 
 

@@ -59,3 +59,22 @@ def gemma3(gemma3_path):
     from mqa_gen.loading import load
 
     return load(gemma3_path)
+
+
+@pytest.fixture
+def invoke(smollm2, monkeypatch):
+    """Run the CLI in-process (click's CliRunner) with the session's SmolLM2 instead of loading it
+    again: ``invoke("generate", "--prompt", …, input=None)`` → the click Result."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from mqa_gen.cli import cli
+
+    module = importlib.import_module("mqa_gen.cli.common")
+    monkeypatch.setattr(module, "load_model", lambda name, quiet: smollm2)
+
+    def run(*args, input=None):
+        return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+    return run

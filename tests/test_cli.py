@@ -20,18 +20,6 @@ from conftest import REPO, load_fixture, mqa_gen_exe
 GREEDY = load_fixture("greedy.json")["prompts"]
 
 
-@pytest.fixture
-def invoke(smollm2, monkeypatch):
-    """Run the CLI in-process with the session's model instead of loading it again."""
-    module = importlib.import_module("mqa_gen.cli.common")
-    monkeypatch.setattr(module, "load_model", lambda name, quiet: smollm2)
-
-    def run(*args, input=None):
-        return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
-
-    return run
-
-
 @pytest.mark.parametrize("case", GREEDY, ids=[c["name"] for c in GREEDY])
 def test_greedy_continuations_equal_transformers(invoke, case):
     n = len(case["continuation_ids"])
@@ -177,5 +165,5 @@ def test_help_lists_every_command_and_an_unknown_one_exits_2():
     assert result.exit_code == 0
     for name in COMMANDS:  # verbs are imported on use; --help must still list them all
         assert name in result.output
-    assert set(COMMANDS) == {"generate", "chat", "convert", "info", "bench-cache"}
+    assert set(COMMANDS) == {"generate", "batch", "chat", "convert", "info", "bench-cache"}
     assert CliRunner().invoke(cli, ["frobnicate"]).exit_code == 2

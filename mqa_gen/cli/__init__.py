@@ -19,6 +19,7 @@ from ..errors import MqaGenError
 #: should not pay for importing what ``chat``, ``convert`` and ``bench-cache`` need.
 COMMANDS = {
     "generate": "generate",
+    "batch": "batch",
     "chat": "chat",
     "convert": "convert",
     "info": "info",

@@ -97,9 +97,11 @@ def open_prompt_cache(path: str, loaded, net, ctx: int, cache_dtype: str):
 @click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Reuse the KV cache saved in FILE for the prompt's common prefix, then save this run's cache there.")
 @click.option("--json", "as_json", is_flag=True, help="No streaming; print one JSON object on stdout.")
+@click.option("--logprobs", type=click.IntRange(0, 20), default=None, metavar="N",
+              help="With --json: each token's logprob and its N most likely alternatives (OpenAI's shape).")
 @click.option("-q", "--quiet", is_flag=True, help="No stats or progress on stderr.")
 @threads_option
-def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, quiet, threads, **options):
+def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, logprobs, quiet, threads, **options):
     """Generate text from a prompt, streaming it to stdout.
 
     With --prompt-cache FILE, the KV cache and its token ids are kept in FILE: the next run reuses
@@ -107,7 +109,10 @@ def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, quiet, thr
     updates FILE. A FILE made by another model, --kv-heads or --cache-dtype is refused (exit 2).
     """
     from ..generate import stream_generate
+    from ..logprobs import TokenLogprob, openai_logprobs
 
+    if logprobs is not None and not as_json:
+        raise PromptError("--logprobs is reported in the --json output: add --json")
     text = read_prompt(prompt, prompt_file)
     setup = setup_generation(model, quiet, threads, **options)
     loaded = setup.loaded
@@ -119,12 +124,15 @@ def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, quiet, thr
         prompt_cache_seconds = time.perf_counter() - t0
     gen = stream_generate(setup.net, loaded.tokenizer, ids, params=setup.params, max_tokens=setup.max_tokens,
                           stop=setup.stop, eos_ids=eos_ids, ctx_size=setup.ctx, cache_dtype=setup.cache_dtype,
-                          cache=cache)
+                          cache=cache, top_logprobs=logprobs or 0)
 
     out = sys.stdout
     interrupted = False
+    token_logprobs = []
     try:
         for step in gen:
+            if step.finish_reason != "eos":
+                token_logprobs.append(TokenLogprob(step.token_id, step.logprob, step.top_logprobs or []))
             if step.text and not as_json:
                 out.write(step.text)
                 out.flush()
@@ -138,9 +146,11 @@ def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, quiet, thr
         stats["load_seconds"] = loaded.load_seconds
         if prompt_cache is not None:  # identity digest + reading the file: part of the time to first token
             stats["prompt_cache_seconds"] = prompt_cache_seconds
-        json.dump({"model": loaded.name, "prompt_tokens": len(ids), "token_ids": gen.token_ids,
-                   "text": gen.text, "finish_reason": gen.finish_reason or "interrupted",
-                   "stats": stats}, out, ensure_ascii=False)
+        result = {"model": loaded.name, "prompt_tokens": len(ids), "token_ids": gen.token_ids,
+                  "text": gen.text, "finish_reason": gen.finish_reason or "interrupted", "stats": stats}
+        if logprobs is not None:
+            result["logprobs"] = openai_logprobs(loaded.tokenizer, token_logprobs)
+        json.dump(result, out, ensure_ascii=False)
         out.write("\n")
     elif out.isatty() and gen.text and not gen.text.endswith("\n"):
         out.write("\n")

@@ -1,0 +1,335 @@
+"""``mqa-gen batch``: generate for many prompts in one process, with continuous batching.
+
+Input lines are checked before the model runs (:mod:`mqa_gen.batch_input`); the prompts then go
+through one :class:`~mqa_gen.scheduler.Scheduler`, ``--batch-size`` of them decoding together,
+and every result is written as one JSON line as soon as it (and, unless ``--unordered``, every
+line before it) is finished, so an interrupted run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from ..errors import MqaGenError
+from .common import generation_options, mib, model_option, setup_generation, stderr, threads_option
+
+
+class BatchRunError(MqaGenError):
+    """A batch run that cannot start: its output, its memory budget or its flags."""
+
+
+def read_input_lines(path: str) -> list[bytes]:
+    """The input's lines as bytes (``-`` = stdin).
+
+    Raises:
+        BatchRunError: the file cannot be read.
+    """
+    if path == "-":
+        return sys.stdin.buffer.read().splitlines()
+    try:
+        with open(path, "rb") as f:
+            return f.read().splitlines()
+    except OSError as e:
+        raise BatchRunError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def ids_in_output(path: str) -> set:
+    """Ids of the lines already in ``path`` (for ``--resume``); a last line cut short by a killed
+    run is dropped from the file, since it will be generated again.
+
+    Raises:
+        BatchRunError: a line that is not a JSON object with an ``id``.
+    """
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] and not _is_json_object(lines[-1]):  # an unfinished last line
+        with open(path, "r+b") as f:
+            f.truncate(len(data) - len(lines[-1]))
+        lines = lines[:-1]
+    ids = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            ids.add((type(obj["id"]).__name__, obj["id"]))
+        except (ValueError, TypeError, KeyError):
+            raise BatchRunError(f"--resume: line {number} of {path} is not a result line of mqa-gen batch") from None
+    return ids
+
+
+def _is_json_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+class ResultWriter:
+    """Writes result lines to ``out``: in input order (each line once every line before it is done)
+    or, ``unordered``, as they finish. Flushes each line, so a line written is never lost."""
+
+    def __init__(self, out, ordered: bool):
+        self.out, self.ordered = out, ordered
+        self.waiting: dict[int, dict] = {}
+        self.next = 0
+        self.written = 0
+
+    def add(self, position: int, obj: dict) -> None:
+        """The result at ``position`` (0-based, among the lines this run writes)."""
+        if not self.ordered:
+            self._write(obj)
+            return
+        self.waiting[position] = obj
+        while self.next in self.waiting:
+            self._write(self.waiting.pop(self.next))
+            self.next += 1
+
+    def flush_all(self) -> None:
+        """Write every finished line still held for ordering (after an interruption)."""
+        for position in sorted(self.waiting):
+            self._write(self.waiting.pop(position))
+
+    def _write(self, obj: dict) -> None:
+        self.out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.out.flush()
+        self.written += 1
+
+
+def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib: float | None, quiet: bool) -> int:
+    """Sequences that run together: ``batch_size``, capped by what fits in the KV budget
+    (``--kv-budget`` MiB, default 90 % of the memory available now, the model already loaded).
+    Says on stderr how many sequences of ``ctx`` tokens fit, as vLLM does.
+
+    Raises:
+        BatchRunError: not even one sequence fits.
+    """
+    from ..cache import kv_bytes
+    from ..kv_storage import storage_type
+    from ..scheduler import available_memory_bytes, kv_fit
+
+    c = net.config
+    itemsize = storage_type(cache_dtype).itemsize
+    per_sequence = kv_bytes(ctx, c.layer_windows, c.n_kv_heads, c.head_dim, itemsize)
+    if budget_mib is not None:
+        budget = budget_mib * 2**20
+    else:
+        available = available_memory_bytes()
+        budget = 0.9 * available if available is not None else batch_size * per_sequence
+    fit = kv_fit(per_sequence, budget)
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * itemsize
+    if fit < 1:
+        raise BatchRunError(f"one sequence of {ctx} tokens needs {mib(per_sequence)} of KV cache, more than the "
+                            f"budget of {mib(budget)} (lower --ctx-size, or raise --kv-budget)")
+    if not quiet:
+        stderr.print(f"{fit:,} sequences of {ctx:,} tokens fit in {mib(budget)} of KV cache "
+                     f"({per_token:,} B/token, {c.n_kv_heads} KV heads); batch size {min(batch_size, fit)}")
+    return min(batch_size, fit)
+
+
+def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None):
+    """Each :class:`~mqa_gen.batch_input.BatchItem` as a :class:`~mqa_gen.scheduler.Request` (whose
+    ``id`` is its position in the list), or a :class:`~mqa_gen.batch_input.BadLine` when its
+    settings or prompt cannot run."""
+    from dataclasses import replace
+
+    from ..batch_input import BadLine, BatchItem
+    from ..chat import end_of_turn_ids, render_chat
+    from ..errors import ChatTemplateError, SamplingError
+    from ..scheduler import Request
+    from .generate import build_prompt_ids
+
+    tok = loaded.tokenizer
+    eos = frozenset(end_of_turn_ids(tok))
+    out = []
+    for item in items:
+        if not isinstance(item, BatchItem):
+            out.append(item)
+            continue
+        s = item.settings
+        try:
+            params = replace(setup.params, **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed")
+                                              if k in s})
+            params.validate()
+            if item.messages is not None:
+                if tok.chat_template is None:
+                    raise ChatTemplateError("messages: this model has no chat template")
+                ids = tok.encode(render_chat(tok.chat_template, item.messages, add_generation_prompt=True))
+            else:
+                ids, _, _ = build_prompt_ids(loaded, item.prompt, chat)
+            if len(ids) >= setup.ctx:
+                raise MqaGenError(f"the prompt has {len(ids)} tokens but the context is {setup.ctx} tokens "
+                                  "(raise --ctx-size or shorten the prompt)")
+        except (SamplingError, MqaGenError) as e:
+            out.append(BadLine(item.line, item.id, str(e)))
+            continue
+        stop = s.get("stop", list(setup.stop))
+        out.append(Request(ids, params, s.get("max_tokens", setup.max_tokens),
+                           tuple([stop] if isinstance(stop, str) else stop), eos,
+                           s.get("logprobs", logprobs), id=len(out)))
+    return out
+
+
+def result_line(completion, item, tokenizer) -> dict:
+    """The output object of one finished prompt (``item``: its :class:`~mqa_gen.batch_input.BatchItem`)."""
+    from ..logprobs import openai_logprobs
+
+    obj = {"id": item.id, "prompt_tokens": len(completion.request.prompt_ids), "token_ids": completion.token_ids,
+           "text": completion.text, "finish_reason": completion.finish_reason}
+    if completion.logprobs is not None:
+        obj["logprobs"] = openai_logprobs(tokenizer, completion.logprobs)
+    return obj
+
+
+def error_line(bad) -> dict:
+    """The output object of a line that could not run (``--skip-bad``)."""
+    return {"id": bad.id, "error": {"line": bad.line, "message": bad.message}}
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", default="-", metavar="OUTPUT", help="Write the JSONL results here (default: stdout).")
+@model_option
+@generation_options
+@click.option("--chat/--no-chat", default=None, help="Apply the model's chat template to prompt lines "
+              "(default: on if it has one; messages lines always use it).")
+@click.option("--format", "input_format", type=click.Choice(["jsonl", "text"]), default=None,
+              help="INPUT's format (default: text for a .txt file, else jsonl).")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most sequences decoding together (slots).")
+@click.option("--kv-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIB",
+              help="KV-cache memory for all sequences together (default: 90% of the memory available).")
+@click.option("--logprobs", type=click.IntRange(0, 20), default=None, metavar="N",
+              help="Add each token's logprob and its N most likely alternatives.")
+@click.option("--unordered", is_flag=True, help="Write results as they finish, not in input order.")
+@click.option("--resume", is_flag=True, help="Skip the ids already in OUTPUT and append the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("--skip-bad", is_flag=True, help="Write an error object for a bad line and go on (default: stop).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or stats on stderr.")
+@threads_option
+def batch(input_path, output, model, chat, input_format, batch_size, kv_budget, logprobs, unordered, resume,
+          overwrite, skip_bad, quiet, threads, **options):
+    """Generate for every prompt of INPUT (JSONL or text, - = stdin), many at once.
+
+    JSONL lines: {"prompt": ...} or {"messages": [...]}, optionally with id, max_tokens,
+    temperature, top_k, top_p, min_p, seed, stop, logprobs; the flags give the defaults. Each
+    output line: id, prompt_tokens, token_ids, text, finish_reason (and logprobs). Each result
+    equals `mqa-gen generate` on that prompt alone with the same settings.
+    """
+    from ..batch_input import BadLine, read_items
+    from ..scheduler import Scheduler
+
+    to_file = output != "-"
+    if resume and not to_file:
+        raise BatchRunError("--resume needs -o OUTPUT (the file to continue)")
+    if to_file and os.path.exists(output) and not (resume or overwrite):
+        raise BatchRunError(f"{output} exists: pass --resume to continue it or --overwrite to replace it")
+    if to_file and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise BatchRunError(f"cannot write {output}: its folder does not exist")
+    text_format = input_format == "text" or (input_format is None and input_path.endswith(".txt"))
+    items = read_items(read_input_lines(input_path), text_format)
+    done_ids = ids_in_output(output) if resume else set()
+    items = [it for it in items if (type(it.id).__name__, it.id) not in done_ids]
+    if not items and not done_ids:
+        raise BatchRunError(f"{input_path} holds no prompts")
+    _refuse_bad_lines(items, skip_bad)
+
+    setup = setup_generation(model, quiet, threads, **options)
+    work = build_requests(items, setup.loaded, setup, chat, logprobs)
+    _refuse_bad_lines(work, skip_bad)
+    requests = [w for w in work if not isinstance(w, BadLine)]
+    slots = kv_budget_batch(setup.net, setup.ctx, setup.cache_dtype, batch_size, kv_budget, quiet)
+    slots = max(1, min(slots, len(requests)))
+
+    out = open(output, "a" if resume else "w", encoding="utf-8") if to_file else sys.stdout
+    writer = ResultWriter(out, ordered=not unordered)
+    for position, w in enumerate(work):
+        if isinstance(w, BadLine):
+            writer.add(position, error_line(w))
+    scheduler = Scheduler(setup.net, setup.loaded.tokenizer, batch_size=slots, ctx_size=setup.ctx,
+                          cache_dtype=setup.cache_dtype)
+    t0 = time.perf_counter()
+    interrupted = False
+    try:
+        with _progress(quiet, len(requests)) as on_step:
+            for completion in scheduler.run(requests, on_step=on_step):
+                position = completion.request.id
+                writer.add(position, result_line(completion, items[position], setup.loaded.tokenizer))
+    except KeyboardInterrupt:
+        interrupted = True
+        writer.flush_all()
+    finally:
+        if to_file:
+            out.close()
+    wall = time.perf_counter() - t0
+    if not quiet:
+        _print_stats(scheduler, wall, writer.written, len(work), output if to_file else "stdout", interrupted)
+    if interrupted:
+        sys.exit(130)
+
+
+def _refuse_bad_lines(items, skip_bad: bool) -> None:
+    """Without ``--skip-bad``, the first bad line stops the run before any work."""
+    from ..batch_input import BadLine, BatchInputError
+
+    bad = [it for it in items if isinstance(it, BadLine)]
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more bad lines; --skip-bad writes an error object for each)" if len(bad) > 1 else ""
+        raise BatchInputError(f"line {bad[0].line}: {bad[0].message}{more}")
+
+
+class _progress:
+    """A rich progress bar on stderr (prompts done / total, tokens/s, active slots), or nothing."""
+
+    def __init__(self, quiet: bool, total: int):
+        self.quiet, self.total = quiet, total
+        self.last = 0.0
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("prompts"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[speed]} tok/s  {task.fields[active]} active"),
+                            TimeElapsedColumn(), console=stderr, transient=False)
+        self.task = self.bar.add_task("batch", total=self.total, speed="-", active=0)
+        self.t0 = time.perf_counter()
+        self.bar.__enter__()
+        return self.update
+
+    def update(self, scheduler) -> None:
+        now = time.perf_counter()
+        if now - self.last < 0.2 and scheduler.stats.finished < self.total:
+            return
+        self.last = now
+        s = scheduler.stats
+        speed = s.decode_rows / s.decode_seconds if s.decode_seconds else 0.0
+        self.bar.update(self.task, completed=s.finished, speed=f"{speed:,.1f}", active=scheduler.active)
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def _print_stats(scheduler, wall: float, written: int, total: int, where: str, interrupted: bool) -> None:
+    s = scheduler.stats
+    decode = s.decode_rows / s.decode_seconds if s.decode_seconds else 0.0
+    stderr.print(
+        f"[bold]batch[/bold] {s.finished} prompts, {s.prompt_tokens:,} prompt + {s.generated_tokens:,} generated "
+        f"tokens in {wall:.1f} s: {s.generated_tokens / wall if wall else 0:,.1f} tok/s overall, {decode:,.1f} tok/s "
+        f"in decode steps (mean batch {s.mean_batch:.1f} of {scheduler.batch_size})",
+        soft_wrap=True,
+    )
+    if interrupted:
+        stderr.print(f"[yellow]interrupted: {written} of {total} lines written to {where}; "
+                     "run again with --resume to finish[/yellow]")
