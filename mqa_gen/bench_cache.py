@@ -13,6 +13,12 @@ Write-Head is All You Need"), its native grouping and MHA (n_kv_heads = n_heads)
   cache that full (median of ``repeats`` timed runs of ``decode_tokens`` real decode steps each,
   after one untimed warm-up run; the variants' runs are interleaved round-robin so that load from
   other processes falls on all of them alike);
+* **batched decode** (``batch_sizes``): aggregate tokens/s of B sequences decoding together, each
+  with ``context`` tokens of its own (:func:`measure_batched_decode_interleaved`, variants
+  interleaved the same way);
+* **sequences that fit** a KV memory budget (``kv_budget_bytes``; the CLI's default is 90 % of
+  ``MemAvailable``): budget // the bytes one sequence of ``context`` tokens holds, sliding-window
+  layers counted at their window (:func:`mqa_gen.cache.kv_bytes`) — a formula column;
 * **perplexity** of each variant on a fixed text (:mod:`mqa_gen.perplexity`), which shows what the
   mean-pooling of K/V heads (Ainslie et al. 2023, "GQA: Training Generalized Multi-Query
   Transformer Models from Multi-Head Checkpoints", §2.1, without their uptraining) costs.
@@ -26,8 +32,8 @@ How the cache is filled before the timed steps (``fill``):
 * ``"prefill"``: the first ``context − decode_tokens`` rows come from a real prefill of the
   perplexity text's tokens (repeated to length). Exact but slow: prefill is quadratic in context.
 
-Units: bytes (int), tokens, seconds, tokens/s. The CLI (``mqa-gen bench-cache``) is a thin layer
-over :func:`formula_result` and :func:`run_bench`.
+Units: bytes (int), tokens, sequences, seconds, tokens/s (batched: summed over the B sequences).
+The CLI (``mqa-gen bench-cache``) is a thin layer over :func:`formula_result` and :func:`run_bench`.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def default_contexts(config: ModelConfig) -> tuple[int, ...]:
 DEFAULT_DECODE_TOKENS = 8
 DEFAULT_REPEATS = 3
 FILL_METHODS = ("direct", "prefill")
+#: Share of ``MemAvailable`` taken as the KV budget when none is given (as ``mqa-gen batch`` does).
+DEFAULT_KV_BUDGET_FRACTION = 0.9
 
 #: Rows written per :meth:`KVCache.write` call when filling directly.
 _FILL_CHUNK = 256
@@ -77,10 +85,17 @@ class BenchError(MqaGenError):
 class Point:
     """One variant at one context length.
 
-    context: tokens. kv_bytes: formula, bytes (context × bytes per token). measured_kv_bytes: bytes
-    held by the cache's arrays once filled to ``context`` (None when not measured).
-    decode_tokens_per_s: median decode speed at that fill (None when not measured).
-    decode_runs_tokens_per_s: every timed run (tokens/s), for the curious.
+    context: tokens. kv_bytes: formula, bytes (context × bytes per token; a sliding-window layer
+    counts at most its window) — also the bytes one sequence of ``context`` tokens holds.
+    measured_kv_bytes: bytes held by the cache's arrays once filled to ``context`` (None when not
+    measured). decode_tokens_per_s: median decode speed of one sequence at that fill (None when
+    not measured). decode_runs_tokens_per_s: every timed run (tokens/s), for the curious.
+    fit_sequences: sequences of ``context`` tokens whose KV caches fit in the result's budget,
+    ``kv_budget_bytes // kv_bytes`` (None when no budget is known).
+    batch_decode_tokens_per_s: batch size B → median aggregate decode speed (tokens/s summed over
+    the B sequences, each with its cache filled to ``context``); None for a B that was skipped
+    because its caches would not fit the budget. Empty when batches were not measured.
+    batch_decode_runs_tokens_per_s: B → every timed run (aggregate tokens/s; empty when skipped).
     """
 
     context: int
@@ -88,6 +103,9 @@ class Point:
     measured_kv_bytes: int | None = None
     decode_tokens_per_s: float | None = None
     decode_runs_tokens_per_s: list[float] = field(default_factory=list)
+    fit_sequences: int | None = None
+    batch_decode_tokens_per_s: dict[int, float | None] = field(default_factory=dict)
+    batch_decode_runs_tokens_per_s: dict[int, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,8 +135,13 @@ class Variant:
 @dataclass
 class BenchResult:
     """Everything bench-cache reports. ``method`` says how it was measured (cache dtype, fill,
-    decode tokens, repeats, threads, perplexity text and window, wall seconds); it is empty of
-    measurement keys when only the formulas were computed."""
+    decode tokens, repeats, threads, perplexity text and window, batch sizes and the ones skipped,
+    wall seconds); it is empty of measurement keys when only the formulas were computed.
+
+    batch_sizes: the batch sizes B asked for (sequences; empty = no batched decode).
+    kv_budget_bytes: the KV memory budget the ``fit_sequences`` column divides (bytes; None when
+    unknown). kv_budget_source: where it came from (``"--kv-budget"`` or ``"90% of MemAvailable"``).
+    """
 
     model: str
     config: ModelConfig
@@ -127,10 +150,14 @@ class BenchResult:
     variants: list[Variant]
     measured: bool = False
     method: dict = field(default_factory=dict)
+    batch_sizes: list[int] = field(default_factory=list)
+    kv_budget_bytes: int | None = None
+    kv_budget_source: str | None = None
 
     def as_dict(self) -> dict:
-        """The JSON object of GUIDE.md §3 (plus ``cache_dtype``, ``measured``, ``method`` and, per
-        variant, ``native`` and ``ratio_to_mha``)."""
+        """The JSON object of GUIDE.md §3 (plus ``cache_dtype``, ``measured``, ``method``, the
+        budget, the batch sizes and, per variant, ``native`` and ``ratio_to_mha``; per point
+        ``fit_sequences`` and ``batch_decode_tokens_per_s`` keyed by B as a string, as JSON keys are)."""
         variants = []
         for v in self.variants:
             variants.append({
@@ -146,13 +173,19 @@ class BenchResult:
                     "measured_kv_bytes": p.measured_kv_bytes,
                     "decode_tokens_per_s": p.decode_tokens_per_s,
                     "decode_runs_tokens_per_s": p.decode_runs_tokens_per_s,
+                    "fit_sequences": p.fit_sequences,
+                    "batch_decode_tokens_per_s": {str(b): s for b, s in p.batch_decode_tokens_per_s.items()},
+                    "batch_decode_runs_tokens_per_s": {str(b): r for b, r in p.batch_decode_runs_tokens_per_s.items()},
                 } for p in v.points],
             })
         return {"model": self.model, "config": dataclasses.asdict(self.config), "cache_dtype": self.cache_dtype,
-                "measured": self.measured, "method": self.method, "variants": variants}
+                "measured": self.measured, "method": self.method, "batch_sizes": self.batch_sizes,
+                "kv_budget_bytes": self.kv_budget_bytes, "kv_budget_source": self.kv_budget_source,
+                "variants": variants}
 
     def rows(self) -> list[dict]:
-        """One flat dict per variant × context (the table's and the CSV's rows)."""
+        """One flat dict per variant × context (the table's and the CSV's rows): the keys of
+        :data:`ROW_KEYS`, then :func:`batch_column` (B) for every B of ``batch_sizes``."""
         mha = {p.context: p.decode_tokens_per_s for v in self.variants if v.label == "MHA" for p in v.points}
         out = []
         for v in self.variants:
@@ -168,9 +201,22 @@ class BenchResult:
                     "measured_equals_formula": (None if p.measured_kv_bytes is None
                                                 else p.measured_kv_bytes == p.kv_bytes),
                     "decode_tokens_per_s": p.decode_tokens_per_s, "decode_speed_ratio_to_mha": speed_ratio,
-                    "perplexity": v.perplexity,
+                    "perplexity": v.perplexity, "kv_budget_bytes": self.kv_budget_bytes,
+                    "fit_sequences": p.fit_sequences,
+                    **{batch_column(b): p.batch_decode_tokens_per_s.get(b) for b in self.batch_sizes},
                 })
         return out
+
+
+#: The keys of every :meth:`BenchResult.rows` row, in order (batch columns follow them).
+ROW_KEYS = ("variant", "label", "n_kv_heads", "native", "cache_dtype", "context", "kv_bytes_per_token", "kv_bytes",
+            "kv_mib", "ratio_to_mha", "measured_kv_bytes", "measured_equals_formula", "decode_tokens_per_s",
+            "decode_speed_ratio_to_mha", "perplexity", "kv_budget_bytes", "fit_sequences")
+
+
+def batch_column(batch_size: int) -> str:
+    """The row / CSV key of the aggregate decode speed at batch size B: ``decode_tokens_per_s_b4``."""
+    return f"decode_tokens_per_s_b{batch_size}"
 
 
 # --- settings and formulas -----------------------------------------------------------------------
@@ -195,6 +241,45 @@ def parse_int_list(text: str, option: str) -> list[int]:
     except ValueError:
         raise BenchError(f"{option} takes comma-separated integers, got {text!r}") from None
     return sorted(set(values))
+
+
+def check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    """The batch sizes (sequences decoding together), sorted and without repeats, after checking
+    each is ≥ 1.
+
+    Raises:
+        BenchError: a batch size < 1.
+    """
+    for b in batch_sizes:
+        if b < 1:
+            raise BenchError(f"--batch-sizes {b} is not a batch size: each is a number of sequences ≥ 1")
+    return sorted(set(batch_sizes))
+
+
+def parse_kv_budget(text: str) -> int:
+    """``--kv-budget`` in MiB (``"512"``, ``"1.5"``) → bytes (int).
+
+    Raises:
+        BenchError: not a number, or not > 0.
+    """
+    try:
+        mib = float(text.replace("_", ""))
+    except ValueError:
+        raise BenchError(f"--kv-budget takes a size in MiB, e.g. --kv-budget 2048, got {text!r}") from None
+    if not mib > 0 or mib == float("inf"):
+        raise BenchError(f"--kv-budget must be a size in MiB > 0, got {text!r}")
+    return max(1, int(mib * 2**20))
+
+
+def default_kv_budget() -> tuple[int | None, str | None]:
+    """(bytes, source): :data:`DEFAULT_KV_BUDGET_FRACTION` of the memory available now
+    (:func:`mqa_gen.scheduler.available_memory_bytes`), or (None, None) where that is unknown."""
+    from .scheduler import available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        return None, None
+    return int(DEFAULT_KV_BUDGET_FRACTION * available), f"{DEFAULT_KV_BUDGET_FRACTION:.0%} of MemAvailable"
 
 
 def check_kv_heads(config: ModelConfig, kv_heads: Sequence[int]) -> list[int]:
@@ -237,21 +322,29 @@ def itemsize(cache_dtype: str) -> int:
 
 
 def formula_result(model_name: str, config: ModelConfig, kv_heads: Sequence[int], contexts: Sequence[int],
-                   cache_dtype: str = "float32") -> BenchResult:
-    """The formula columns only (no weights needed): bytes per token, bytes per context, ratio to MHA."""
+                   cache_dtype: str = "float32", kv_budget_bytes: int | None = None,
+                   kv_budget_source: str | None = None) -> BenchResult:
+    """The formula columns only (no weights needed): bytes per token, bytes per context, ratio to MHA
+    and, given a budget (bytes), the sequences of each context that fit in it
+    (:func:`mqa_gen.scheduler.kv_fit` of the context's bytes)."""
+    from .scheduler import kv_fit
+
     size = itemsize(cache_dtype)
     mha_per_token = config.with_kv_heads(config.n_heads).kv_bytes_per_token(size)
     variants = []
     for n in kv_heads:
         grouped = config.with_kv_heads(n)
         per_token = grouped.kv_bytes_per_token(size)
+        # sliding-window layers (Gemma 3) hold at most their window, whatever the context
+        points = [Point(c, grouped.kv_bytes(c, size)) for c in contexts]
+        for p in points:
+            p.fit_sequences = None if kv_budget_bytes is None else kv_fit(p.kv_bytes, kv_budget_bytes)
         variants.append(Variant(
             label=grouped.attention_kind, n_kv_heads=n, native=n == config.n_kv_heads,
-            kv_bytes_per_token=per_token, ratio_to_mha=per_token / mha_per_token,
-            # sliding-window layers (Gemma 3) hold at most their window, whatever the context
-            points=[Point(c, grouped.kv_bytes(c, size)) for c in contexts],
+            kv_bytes_per_token=per_token, ratio_to_mha=per_token / mha_per_token, points=points,
         ))
-    return BenchResult(model_name, config, cache_dtype, list(contexts), variants)
+    return BenchResult(model_name, config, cache_dtype, list(contexts), variants, kv_budget_bytes=kv_budget_bytes,
+                       kv_budget_source=None if kv_budget_bytes is None else kv_budget_source)
 
 
 # --- measurement ---------------------------------------------------------------------------------
@@ -355,21 +448,90 @@ def measure_decode(model, context: int, decode_tokens: int = DEFAULT_DECODE_TOKE
     return measure_decode_interleaved([model], context, decode_tokens, repeats, cache_dtype, fill, token_ids)[0]
 
 
-def count_steps(n_variants: int, n_contexts: int, with_perplexity: bool) -> int:
-    """Progress steps :func:`run_bench` reports: one per variant for perplexity, one per context."""
-    return (n_variants if with_perplexity else 0) + n_contexts
+def measure_batched_decode_interleaved(models: Sequence, context: int, batch_sizes: Sequence[int],
+                                       decode_tokens: int = DEFAULT_DECODE_TOKENS, repeats: int = DEFAULT_REPEATS,
+                                       cache_dtype: str = "float32", token_id: int = 1) -> list[dict[int, list[float]]]:
+    """Aggregate decode speed of B sequences decoding together, each with ``context`` tokens of its
+    own in its cache, for every B of ``batch_sizes`` and every model.
+
+    Per model, one :class:`~mqa_gen.cache.KVCachePool` of max(batch_sizes) slots, every slot
+    filled directly (:func:`fill_direct`, distinct random rows per slot) to ``context −
+    decode_tokens`` rows; then ``repeats + 1`` rounds (round 0 untimed), each running every B and
+    every model in turn: rewind B slots and time ``decode_tokens`` batched decode steps
+    (:meth:`~mqa_gen.models.base.Decoder.decode`), which bring each of them to ``context`` tokens.
+    A step reads every weight once for the B rows and each sequence's own K/V rows, as
+    llama-batched-bench's text-generation phase does (Shazeer 2019, §3: incremental batched
+    decoding, where MQA's smaller cache pays).
+
+    Returns:
+        Per model, ``{B: [aggregate tokens/s (B · decode_tokens / seconds) of each timed run]}``.
+
+    Raises:
+        ValueError: context < decode_tokens, repeats < 1 or a batch size < 1.
+    """
+    from .cache import KVCachePool
+
+    if decode_tokens < 1 or repeats < 1 or context < decode_tokens or min(batch_sizes) < 1:
+        raise ValueError("need decode_tokens ≥ 1, repeats ≥ 1, batch sizes ≥ 1 and context ≥ decode_tokens")
+    start = context - decode_tokens
+    pools = []
+    for model in models:
+        c = model.config
+        pool = KVCachePool(max(batch_sizes), c.n_layers, c.n_kv_heads, c.head_dim, context, cache_dtype,
+                           c.layer_windows)
+        for slot, cache in enumerate(pool.caches):
+            fill_direct(cache, start, seed=slot)
+        pools.append(pool)
+    runs: list[dict[int, list[float]]] = [{b: [] for b in batch_sizes} for _ in models]
+    for round_ in range(repeats + 1):
+        for b in batch_sizes:
+            for model, pool, speeds in zip(models, pools, runs):
+                caches = pool.caches[:b]
+                for cache in caches:
+                    rewind_for_timing(cache, start)
+                tokens = [token_id] * b
+                t0 = time.perf_counter()
+                for _ in range(decode_tokens):
+                    model.decode(tokens, caches)
+                elapsed = time.perf_counter() - t0
+                if round_ > 0:
+                    speeds[b].append(b * decode_tokens / elapsed)
+    return runs
+
+
+def count_steps(n_variants: int, n_contexts: int, with_perplexity: bool, batched: bool = False) -> int:
+    """Progress steps :func:`run_bench` reports: one per variant for perplexity, one per context,
+    and one more per context for batched decode."""
+    return (n_variants if with_perplexity else 0) + n_contexts * (2 if batched else 1)
+
+
+def batch_sizes_that_fit(batch_sizes: Sequence[int], bytes_per_sequence: Sequence[int],
+                         budget_bytes: int | None) -> list[int]:
+    """The batch sizes B whose caches fit the budget while every variant is measured at once:
+    B × (sum of the variants' bytes per sequence) ≤ budget (all of them when the budget is None).
+    :func:`measure_batched_decode_interleaved` holds B sequences' caches of every variant together."""
+    if budget_bytes is None:
+        return list(batch_sizes)
+    together = sum(bytes_per_sequence)
+    return [b for b in batch_sizes if b * together <= budget_bytes]
 
 
 def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequence[int], *,
               cache_dtype: str = "float32", decode_tokens: int = DEFAULT_DECODE_TOKENS,
               repeats: int = DEFAULT_REPEATS, fill: str = "direct", ppl_ids: Sequence[int] | None = None,
               ppl_text_name: str | None = None, decode_ids: Sequence[int] | None = None,
+              batch_sizes: Sequence[int] = (), kv_budget_bytes: int | None = None,
+              kv_budget_source: str | None = None,
               on_step: Callable[[str], None] | None = None, on_done: Callable[[], None] | None = None) -> BenchResult:
     """Measure every variant at every context (see the module docstring).
 
     Perplexity runs variant by variant; decode speed runs context by context, all variants
     interleaved (:func:`measure_decode_interleaved`), so their speeds are compared under the same
-    conditions. Peak memory is the model plus one cache per variant at the largest context.
+    conditions; then, with ``batch_sizes``, batched decode the same way
+    (:func:`measure_batched_decode_interleaved`). Peak memory is the model plus one cache per
+    variant at the largest context, or with batches max(B) caches per variant; a B whose caches
+    would exceed ``kv_budget_bytes`` (:func:`batch_sizes_that_fit`) is skipped (None in
+    ``batch_decode_tokens_per_s``, listed in ``method["batch_skipped"]``).
 
     Args:
         model_name: shown in the result. model: the native model (``config``, ``new_cache``,
@@ -379,6 +541,9 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
         decode_ids: token ids fed to the decode steps (and to ``fill="prefill"``); default
             ``ppl_ids``, else token id 1. The speed does not depend on them.
         ppl_text_name: what to call the text in ``method``.
+        batch_sizes: already checked (:func:`check_batch_sizes`); empty = no batched decode.
+        kv_budget_bytes, kv_budget_source: the budget for ``fit_sequences`` (bytes) and where it
+            came from (None = unknown: no fit column, and no batch size is skipped).
         on_step: called with a description before each step (:func:`count_steps` of them);
             on_done: after each.
 
@@ -391,7 +556,9 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
     from .perplexity import perplexity
 
     config = model.config
-    result = formula_result(model_name, config, kv_heads, contexts, cache_dtype)
+    result = formula_result(model_name, config, kv_heads, contexts, cache_dtype, kv_budget_bytes, kv_budget_source)
+    result.batch_sizes = list(batch_sizes)
+    batch_skipped: dict[str, list[int]] = {}
     token_ids = list(decode_ids or ppl_ids or [1])
     on_step = on_step or (lambda _: None)
     on_done = on_done or (lambda: None)
@@ -413,6 +580,22 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
             point.measured_kv_bytes, point.decode_tokens_per_s, point.decode_runs_tokens_per_s = held, speed, runs
         del measured
         on_done()
+        if batch_sizes:
+            points = [v.points[i] for v in result.variants]
+            fit = batch_sizes_that_fit(batch_sizes, [p.kv_bytes for p in points], kv_budget_bytes)
+            skipped = [b for b in batch_sizes if b not in fit]
+            on_step(f"batched decode at {context:,} tokens, B = {', '.join(map(str, fit)) or 'none that fit'}")
+            runs = (measure_batched_decode_interleaved(nets, context, fit, decode_tokens, repeats, cache_dtype,
+                                                       token_ids[0]) if fit else [{} for _ in nets])
+            for point, by_size in zip(points, runs):
+                for b in batch_sizes:
+                    speeds = by_size.get(b, [])
+                    point.batch_decode_runs_tokens_per_s[b] = speeds
+                    point.batch_decode_tokens_per_s[b] = float(statistics.median(speeds)) if speeds else None
+            if skipped:
+                batch_skipped[str(context)] = skipped
+            del runs
+            on_done()
     result.measured = True
     result.method = {
         "fill": fill,
@@ -425,9 +608,18 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
         "threads": _numba_threads(),
         "perplexity_text": ppl_text_name if ppl_ids else None,
         "perplexity_tokens": len(ppl_ids) if ppl_ids else 0,
+        "batch_sizes": list(batch_sizes),
+        "batch_description": BATCH_DESCRIPTION if batch_sizes else None,
+        "batch_skipped": batch_skipped,
         "seconds": time.perf_counter() - t_start,
     }
     return result
+
+
+BATCH_DESCRIPTION = ("B sequences decode together, one batched step per token (every weight read once for "
+                     "the B rows), each sequence with its own cache filled to the context by direct writes; "
+                     "aggregate tokens/s = B x decode_tokens / seconds; a B whose caches (all variants "
+                     "together) exceed the KV budget is skipped")
 
 
 FILL_DESCRIPTIONS = {
@@ -459,9 +651,23 @@ def require_matplotlib() -> None:
         raise BenchError("--plot needs matplotlib: pip install 'mqa-gen[plot]' (or pip install matplotlib)") from None
 
 
+def batch_plot_context(result: BenchResult) -> int | None:
+    """The context the batch panel of :func:`plot` shows: the largest one with the most batch sizes
+    measured (every one, unless some were skipped for the budget); None when none was measured."""
+    best, best_count = None, 0
+    for i, context in enumerate(result.contexts):
+        count = sum(v.points[i].batch_decode_tokens_per_s.get(b) is not None
+                    for v in result.variants for b in result.batch_sizes)
+        if count and count >= best_count:
+            best, best_count = context, count
+    return best
+
+
 def plot(result: BenchResult, path: str) -> None:
     """Write a PNG with two panels: KV-cache MiB vs context and decode tokens/s vs context, one line
-    per variant (the decode panel says so when nothing was measured).
+    per variant (the decode panel says so when nothing was measured); with batch sizes measured, a
+    third panel: aggregate decode tokens/s vs batch size at the largest context measured at every
+    batch size (:func:`batch_plot_context`), one line per variant.
 
     Raises:
         BenchError: matplotlib is missing.
@@ -472,13 +678,23 @@ def plot(result: BenchResult, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_mem, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    batch_context = batch_plot_context(result) if result.measured else None
+    if batch_context is None:
+        fig, (ax_mem, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        ax_batch = None
+    else:
+        fig, (ax_mem, ax_speed, ax_batch) = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
     for v in result.variants:
         xs = [p.context for p in v.points]
         mib = [(p.measured_kv_bytes if p.measured_kv_bytes is not None else p.kv_bytes) / 2**20 for p in v.points]
         ax_mem.plot(xs, mib, marker="o", label=f"{v.display_label}, {v.kv_bytes_per_token:,} B/token")
         if result.measured:
             ax_speed.plot(xs, [p.decode_tokens_per_s for p in v.points], marker="o", label=v.display_label)
+        if ax_batch is not None:
+            point = v.points[result.contexts.index(batch_context)]
+            measured = [(b, s) for b, s in sorted(point.batch_decode_tokens_per_s.items()) if s is not None]
+            if measured:
+                ax_batch.plot(*zip(*measured), marker="o", label=v.display_label)
     ax_mem.set_title(f"KV cache ({result.cache_dtype}){' — measured = formula' if result.measured else ''}")
     ax_mem.set_ylabel("MiB")
     ax_speed.set_title("decode speed with the cache filled to the context")
@@ -490,6 +706,17 @@ def plot(result: BenchResult, path: str) -> None:
         ax.set_xticks(result.contexts, [f"{c:,}" for c in result.contexts])
         ax.minorticks_off()
         ax.set_xlabel("context (tokens)")
+    if ax_batch is not None:
+        ax_batch.set_title(f"batched decode, each sequence at {batch_context:,} tokens")
+        ax_batch.set_ylabel("aggregate tokens/s (all sequences)")
+        ax_batch.set_xlabel("batch size (sequences decoding together)")
+        ax_batch.set_xscale("log", base=2)
+        ax_batch.set_xticks(result.batch_sizes, [str(b) for b in result.batch_sizes])
+        ax_batch.minorticks_off()
+        ax_batch.set_ylim(bottom=0)
+    for ax in (ax_mem, ax_speed, ax_batch):
+        if ax is None:
+            continue
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend()

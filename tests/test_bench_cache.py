@@ -1,7 +1,9 @@
-"""``mqa-gen bench-cache`` and its library: formulas, measured cache bytes, perplexity, CLI contract.
+"""``mqa-gen bench-cache`` and its library: formulas, measured cache bytes, perplexity, sequences
+that fit a KV budget, batched decode, CLI contract.
 
 Measurements use small contexts (≤ 128 tokens) and a couple of decode steps so the tests stay
-quick; the full default run is documented in README.md.
+quick; the full default run is documented in README.md. Speeds are checked to be measured
+(positive numbers in the right places), never compared: the machine is shared.
 """
 
 from __future__ import annotations
@@ -29,9 +31,27 @@ from conftest import mqa_gen_exe
 SMOLLM2_BYTES_PER_TOKEN = {1: 15_360, 3: 46_080, 9: 138_240}
 
 
+def smollm2_sequence_bytes(n_kv_heads: int, context: int, itemsize: int = 4) -> int:
+    """KV bytes of one SmolLM2-135M sequence, written out independently of the library:
+    2 (K and V) × 30 layers × n_kv_heads × head_dim 64 × itemsize × context."""
+    return 2 * 30 * n_kv_heads * 64 * itemsize * context
+
+
 @pytest.fixture(scope="module")
 def config(smollm2_path):
     return read_config(smollm2_path)
+
+
+@pytest.fixture
+def one_thread():
+    """Numba on one thread while the test runs (the shared 2-core machine stalls two-thread kernels),
+    restored afterwards."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
 
 
 @pytest.fixture
@@ -188,7 +208,8 @@ def test_measured_run_json_csv_and_plot(invoke, tmp_path):
 
     table = invoke(*args, "--kv-heads", "1", "--ppl-tokens", "0", "--quiet")
     assert table.exit_code == 0, table.stderr
-    assert "measured bytes" in table.stdout and "yes" in table.stdout and "direct writes" in table.stdout
+    text = " ".join(table.stdout.split())  # the caption wraps at the table's width
+    assert "measured bytes" in text and "yes" in text and "direct writes" in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -199,6 +220,14 @@ def test_measured_run_json_csv_and_plot(invoke, tmp_path):
     (["--contexts", "512,abc"], "comma-separated integers"),
     (["--contexts", "4", "--decode-tokens", "8"], "shorter than --decode-tokens"),
     (["--json", "--csv"], "at most one of --json and --csv"),
+    (["--batch-sizes", "0"], "--batch-sizes 0 is not a batch size"),
+    (["--batch-sizes", "1,-4"], "--batch-sizes -4 is not a batch size"),
+    (["--batch-sizes", "1,many"], "comma-separated integers"),
+    (["--batch-sizes", ","], "--batch-sizes needs at least one value"),
+    (["--no-measure", "--batch-sizes", "1,4"], "cannot be used with --no-measure"),
+    (["--kv-budget", "0"], "--kv-budget must be a size in MiB > 0"),
+    (["--kv-budget", "-512"], "--kv-budget must be a size in MiB > 0"),
+    (["--kv-budget", "lots"], "--kv-budget takes a size in MiB"),
 ])
 def test_bad_values_give_one_line_and_exit_2(invoke, args, message):
     result = invoke(*args)
@@ -246,3 +275,144 @@ def test_gemma_formula_counts_sliding_window_layers_at_their_window(gemma3_path)
     mqa, mha = result.variants
     assert mqa.native and mqa.label == "MQA" and mha.label == "MHA"
     assert all(4 * a.kv_bytes == b.kv_bytes for a, b in zip(mqa.points, mha.points))
+
+
+# --- sequences that fit a KV budget --------------------------------------------------------------
+
+
+def test_batch_sizes_and_budget_are_checked():
+    assert bench.check_batch_sizes([16, 1, 4, 4]) == [1, 4, 16]
+    with pytest.raises(bench.BenchError, match="--batch-sizes 0 is not a batch size"):
+        bench.check_batch_sizes([1, 0])
+    assert bench.parse_kv_budget("512") == 512 * 2**20
+    assert bench.parse_kv_budget("1.5") == 3 * 2**19
+    for bad in ("0", "-1", "nan", "inf", "half"):
+        with pytest.raises(bench.BenchError, match="--kv-budget"):
+            bench.parse_kv_budget(bad)
+    assert bench.count_steps(3, 2, True) == 5 and bench.count_steps(3, 2, True, batched=True) == 7
+
+
+@pytest.mark.parametrize("cache_dtype, size", [("float32", 4), ("float16", 2)])
+def test_fit_column_is_the_budget_over_one_sequences_bytes(config, cache_dtype, size):
+    budget = 1000 * 2**20 + 12_345
+    contexts = [64, 512, 8192]
+    result = bench.formula_result("smollm2", config, [1, 3, 9], contexts, cache_dtype, budget, "--kv-budget")
+    assert result.kv_budget_bytes == budget and result.kv_budget_source == "--kv-budget"
+    for v in result.variants:
+        assert [p.fit_sequences for p in v.points] == [budget // smollm2_sequence_bytes(v.n_kv_heads, c, size)
+                                                       for c in contexts]
+    mqa, gqa, mha = result.variants
+    for a, b, c in zip(mqa.points, gqa.points, mha.points):  # floors: at least n_heads / n_kv_heads times
+        assert a.fit_sequences >= 9 * c.fit_sequences and b.fit_sequences >= 3 * c.fit_sequences
+    assert bench.formula_result("smollm2", config, [1], [64]).variants[0].points[0].fit_sequences is None
+
+
+def test_mqa_fits_n_heads_over_n_kv_heads_times_the_sequences_of_mha(config):
+    """With a budget of exactly 7 MHA sequences, MQA (1 of 9 KV heads) fits 63 and GQA-3 fits 21."""
+    budget = 7 * smollm2_sequence_bytes(9, 2048)
+    result = bench.formula_result("smollm2", config, [1, 3, 9], [2048], "float32", budget)
+    fits = {v.n_kv_heads: v.points[0].fit_sequences for v in result.variants}
+    assert fits == {9: 7, 3: 7 * 9 // 3, 1: 7 * 9 // 1}
+
+
+def test_gemma_fit_counts_sliding_window_layers_at_their_window(gemma3_path):
+    """A Gemma 3 270M sequence of 4096 tokens holds 3·4096 + 15·512 rows per KV head (head_dim 256)."""
+    config = read_config(gemma3_path)
+    budget = 2**30
+    (mqa,) = bench.formula_result("gemma3-270m", config, [1], [4096], "float32", budget).variants
+    assert mqa.points[0].fit_sequences == budget // (2 * (3 * 4096 + 15 * 512) * 256 * 4)
+
+
+def test_cli_states_the_budget_it_used(invoke, monkeypatch):
+    result = invoke("--no-measure", "--json", "--contexts", "512", "--kv-budget", "1000")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["kv_budget_bytes"] == 1000 * 2**20 and out["kv_budget_source"] == "--kv-budget"
+    for v in out["variants"]:
+        assert v["points"][0]["fit_sequences"] == 1000 * 2**20 // smollm2_sequence_bytes(v["n_kv_heads"], 512)
+
+    import mqa_gen.scheduler
+
+    monkeypatch.setattr(mqa_gen.scheduler, "available_memory_bytes", lambda: 10 * 2**30)
+    table = invoke("--no-measure", "--contexts", "512")
+    assert table.exit_code == 0, table.stderr
+    text = " ".join(table.stdout.split())  # the caption wraps
+    assert "seqs in budget" in text and "9,216 MiB (90% of MemAvailable)" in text
+    assert f"{int(0.9 * 10 * 2**30) // smollm2_sequence_bytes(1, 512):,}" in table.stdout  # MQA: 1,228
+
+    monkeypatch.setattr(mqa_gen.scheduler, "available_memory_bytes", lambda: None)
+    unknown = invoke("--no-measure", "--json", "--contexts", "512")
+    out = json.loads(unknown.stdout)
+    assert out["kv_budget_bytes"] is None and out["variants"][0]["points"][0]["fit_sequences"] is None
+    assert "seqs in budget" not in invoke("--no-measure", "--contexts", "512").stdout
+
+
+# --- batched decode on the real model ------------------------------------------------------------
+
+
+def test_batched_decode_columns_on_the_real_model(smollm2, one_thread):
+    """Contexts 32 and 64, batch sizes 1 and 2, with a budget that holds two sequences of every
+    variant at 32 tokens but only one at 64: B = 2 at 64 is skipped, not measured."""
+    together_64 = sum(smollm2_sequence_bytes(n, 64) for n in (1, 3, 9))
+    budget = together_64 * 3 // 2
+    result = bench.run_bench("smollm2", smollm2.model, [1, 3, 9], [32, 64], decode_tokens=2, repeats=1,
+                             batch_sizes=[1, 2], kv_budget_bytes=budget, kv_budget_source="--kv-budget")
+    assert result.batch_sizes == [1, 2] and result.method["batch_sizes"] == [1, 2]
+    assert result.method["batch_skipped"] == {"64": [2]}
+    for v in result.variants:
+        at_32, at_64 = v.points
+        for b in (1, 2):
+            assert at_32.batch_decode_tokens_per_s[b] > 0 and len(at_32.batch_decode_runs_tokens_per_s[b]) == 1
+        assert at_64.batch_decode_tokens_per_s[1] > 0
+        assert at_64.batch_decode_tokens_per_s[2] is None and at_64.batch_decode_runs_tokens_per_s[2] == []
+        assert at_32.decode_tokens_per_s > 0  # the single-sequence column is still there
+        assert [p.fit_sequences for p in v.points] == [budget // smollm2_sequence_bytes(v.n_kv_heads, c)
+                                                       for c in (32, 64)]
+    assert bench.batch_plot_context(result) == 32  # the largest context measured at every batch size
+
+    rows = result.rows()
+    assert list(rows[0]) == [*bench.ROW_KEYS, "decode_tokens_per_s_b1", "decode_tokens_per_s_b2"]
+    assert all(r["decode_tokens_per_s_b1"] > 0 for r in rows)
+    assert [r["decode_tokens_per_s_b2"] is None for r in rows] == [False, True] * 3
+
+    from mqa_gen.cli.bench_cache import write_csv
+
+    out = io.StringIO()
+    write_csv(result, out)
+    csv_rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert out.getvalue().splitlines()[0].endswith(",fit_sequences,decode_tokens_per_s_b1,decode_tokens_per_s_b2")
+    assert [r["decode_tokens_per_s_b2"] == "" for r in csv_rows] == [False, True] * 3
+    assert all(int(r["kv_budget_bytes"]) == budget for r in csv_rows)
+
+    points = json.loads(json.dumps(result.as_dict()))["variants"][0]["points"]
+    assert set(points[0]["batch_decode_tokens_per_s"]) == {"1", "2"}
+    assert points[1]["batch_decode_tokens_per_s"]["2"] is None
+
+
+def test_cli_batch_sizes_table_json_and_plot(invoke, one_thread, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "batched.png"
+    args = ["--contexts", "64", "--batch-sizes", "2,1", "--decode-tokens", "2", "--repeats", "1", "--ppl-tokens", "0",
+            "--threads", "1", "--kv-budget", "4096"]
+    result = invoke(*args, "--json", "--plot", str(png))
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["batch_sizes"] == [1, 2] and out["method"]["batch_skipped"] == {}
+    assert out["kv_budget_bytes"] == 4096 * 2**20
+    fits = {}
+    for v in out["variants"]:
+        (p,) = v["points"]
+        assert p["decode_tokens_per_s"] > 0
+        assert set(p["batch_decode_tokens_per_s"]) == {"1", "2"}
+        assert all(s > 0 for s in p["batch_decode_tokens_per_s"].values())
+        assert p["fit_sequences"] == 4096 * 2**20 // smollm2_sequence_bytes(v["n_kv_heads"], 64)
+        fits[v["n_kv_heads"]] = p["fit_sequences"]
+    assert fits[1] >= 9 * fits[9]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = invoke(*args, "--kv-heads", "1", "--quiet")
+    assert table.exit_code == 0, table.stderr
+    text = " ".join(table.stdout.split())  # the caption wraps
+    for part in ("decode tok/s B=1", "decode tok/s B=2", "| decode tok/s |", "seqs in budget",
+                 "4,096 MiB (--kv-budget)", f"{fits[1]:,}"):
+        assert part.replace("|", "┃") in text

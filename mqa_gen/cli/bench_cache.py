@@ -25,7 +25,18 @@ from .common import (
 
 CSV_COLUMNS = ["model", "variant", "label", "n_kv_heads", "native", "cache_dtype", "context", "kv_bytes_per_token",
                "kv_bytes", "kv_mib", "ratio_to_mha", "measured_kv_bytes", "measured_equals_formula",
-               "decode_tokens_per_s", "decode_speed_ratio_to_mha", "perplexity"]
+               "decode_tokens_per_s", "decode_speed_ratio_to_mha", "perplexity", "kv_budget_bytes", "fit_sequences"]
+
+
+def csv_columns(result) -> list[str]:
+    """:data:`CSV_COLUMNS`, then one ``decode_tokens_per_s_b<B>`` column per batch size measured."""
+    from ..bench_cache import batch_column
+
+    return CSV_COLUMNS + [batch_column(b) for b in result.batch_sizes]
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.0f} MiB"
 
 
 def _num(value, fmt: str) -> str:
@@ -37,9 +48,12 @@ def print_table(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ..bench_cache import batch_column
+
     console = Console()
     if not console.is_terminal:
-        console = Console(width=170)
+        console = Console(width=190 + 14 * len(result.batch_sizes))
+    fits = result.kv_budget_bytes is not None
     cfg = result.config
     table = Table(title=f"KV cache of {cfg.name or result.model} ({cfg.n_layers} layers, {cfg.n_heads} query "
                         f"heads, head_dim {cfg.head_dim}), {result.cache_dtype} cache")
@@ -49,11 +63,15 @@ def print_table(result) -> None:
     table.add_column("context", justify="right")
     table.add_column("KV cache", justify="right")
     table.add_column("÷ MHA", justify="right")
+    if fits:
+        table.add_column("seqs in budget", justify="right")
     if result.measured:
         table.add_column("measured bytes", justify="right")
         table.add_column("= formula", justify="center")
         table.add_column("decode tok/s", justify="right")
         table.add_column("tok/s ÷ MHA", justify="right")
+        for b in result.batch_sizes:
+            table.add_column(f"decode tok/s B={b}", justify="right")
         table.add_column("perplexity", justify="right")
     previous = None
     for row in result.rows():
@@ -65,19 +83,31 @@ def print_table(result) -> None:
         cells = [row["variant"] if first else "", str(row["n_kv_heads"]) if first else "",
                  f"{row['kv_bytes_per_token']:,}" if first else "", f"{row['context']:,}",
                  f"{row['kv_mib']:,.1f} MiB", f"{row['ratio_to_mha']:.3f} ({ratio})"]
+        if fits:
+            cells.append(f"{row['fit_sequences']:,}")
         if result.measured:
             same = row["measured_equals_formula"]
             cells += [_num(row["measured_kv_bytes"], ","), "[green]yes[/green]" if same else "[red]NO[/red]",
-                      _num(row["decode_tokens_per_s"], ",.1f"), _num(row["decode_speed_ratio_to_mha"], ".2f"),
-                      _num(row["perplexity"], ",.3f") if first else ""]
+                      _num(row["decode_tokens_per_s"], ",.1f"), _num(row["decode_speed_ratio_to_mha"], ".2f")]
+            cells += [_num(row[batch_column(b)], ",.1f") for b in result.batch_sizes]
+            cells.append(_num(row["perplexity"], ",.3f") if first else "")
         table.add_row(*cells)
     if result.measured:
         m = result.method
         ppl = (f"perplexity: first {m['perplexity_tokens']} tokens of {m['perplexity_text']}"
                if m["perplexity_tokens"] else "perplexity: not measured")
         table.caption = (f"decode tok/s: median of {m['repeats']} runs × {m['decode_tokens']} decode steps "
-                         f"(after 1 warm-up run; variants interleaved), {m['threads']} thread(s); {m['fill_description']}. "
-                         f"{ppl}. Measured in {m['seconds']:.0f} s")
+                         f"(after 1 warm-up run; variants interleaved), {m['threads']} thread(s); {m['fill_description']}. ")
+        if result.batch_sizes:
+            table.caption += ("decode tok/s B=N: aggregate tokens/s of N sequences decoding together, each with its "
+                              "own cache filled to the context, one batched step per token (same runs and median)")
+            skipped = m.get("batch_skipped") or {}
+            if skipped:
+                table.caption += ("; — = skipped, the caches of every variant together would exceed the KV budget ("
+                                  + ", ".join(f"B={','.join(map(str, bs))} at {int(c):,}" for c, bs in skipped.items())
+                                  + ")")
+            table.caption += ". "
+        table.caption += f"{ppl}. Measured in {m['seconds']:.0f} s"
     else:
         table.caption = "formulas only (--no-measure): bytes/token = 2 × n_layers × n_kv_heads × head_dim × itemsize"
     sliding = [w for w in cfg.layer_windows if w]
@@ -86,11 +116,15 @@ def print_table(result) -> None:
                           "tokens (a ring buffer), so the KV cache grows by bytes/token only until the window "
                           "is full, then by the global layers' share.")
     console.print(table)
+    if fits:  # the budget on a line of its own, so that it is easy to find (and to grep)
+        console.print(f"KV budget {_mib(result.kv_budget_bytes)} ({result.kv_budget_source}); seqs in budget = "
+                      "budget // KV cache of one sequence of that context", soft_wrap=True)
 
 
 def write_csv(result, out) -> None:
-    """One CSV row per variant × context, header :data:`CSV_COLUMNS`; empty cells when not measured."""
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    """One CSV row per variant × context, header :func:`csv_columns`; empty cells when not measured
+    (or, in a batch column, when that batch size was skipped)."""
+    writer = csv.DictWriter(out, fieldnames=csv_columns(result), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in result.rows():
         writer.writerow({k: ("" if v is None else v) for k, v in {"model": result.model, **row}.items()})
@@ -124,23 +158,38 @@ def read_config(model: str):
               help="Text for perplexity (default: the English text shipped with the package).")
 @click.option("--ppl-tokens", type=click.IntRange(min=0), default=512, show_default=True,
               help="Perplexity window in tokens (0 = skip perplexity).")
+@click.option("--batch-sizes", default=None, metavar="B,B,…",
+              help="Also measure batched decode: aggregate tokens/s of B sequences decoding together, each "
+                   "with its own cache filled to the context, for each B (comma-separated, each ≥ 1), all "
+                   "variants interleaved. Default: none. A B whose caches (all variants together) exceed "
+                   "--kv-budget is skipped.")
+@click.option("--kv-budget", default=None, metavar="MIB",
+              help="KV-cache memory budget in MiB for the 'seqs in budget' column (sequences of each context "
+                   "that fit) and for --batch-sizes (default: 90% of the memory available, MemAvailable).")
 @click.option("--no-measure", is_flag=True, help="Only the formula columns (instant; reads no weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (GUIDE.md §3).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout, one row per variant × context.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
-              help="Also write a two-panel figure (needs matplotlib: pip install 'mqa-gen[plot]').")
+              help="Also write a figure: KV MiB and decode tok/s against context, and with --batch-sizes "
+                   "aggregate decode tok/s against batch size (needs matplotlib: pip install 'mqa-gen[plot]').")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @threads_option
 def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, fill, ppl_text, ppl_tokens,
-                no_measure, as_json, as_csv, plot_path, quiet, threads):
+                batch_sizes, kv_budget, no_measure, as_json, as_csv, plot_path, quiet, threads):
     """Compare MQA, GQA and MHA on a real model: KV bytes per token and per context (formula and
-    measured), decode tokens/s as the cache fills, and perplexity of each grouping."""
+    measured), sequences that fit a KV budget, decode tokens/s as the cache fills (one sequence,
+    and with --batch-sizes B sequences together), and perplexity of each grouping."""
     from .. import bench_cache as bench
 
     if as_json and as_csv:
         raise bench.BenchError("give at most one of --json and --csv")
     context_list = bench.parse_int_list(contexts, "--contexts") if contexts is not None else None
     kv_list = bench.parse_int_list(kv_heads, "--kv-heads") if kv_heads is not None else None
+    batch_list = (bench.check_batch_sizes(bench.parse_int_list(batch_sizes, "--batch-sizes"))
+                  if batch_sizes is not None else [])
+    if batch_list and no_measure:
+        raise bench.BenchError("--batch-sizes measures decode speed; it cannot be used with --no-measure")
+    budget_bytes = bench.parse_kv_budget(kv_budget) if kv_budget is not None else None
     if plot_path is not None:
         bench.require_matplotlib()  # fail before minutes of measuring
 
@@ -151,10 +200,10 @@ def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, 
     context_list = bench.check_contexts(config, context_list, None if no_measure else decode_tokens)
 
     if no_measure:
-        result = bench.formula_result(model, config, kv_list, context_list, cache_dtype)
+        result = bench.formula_result(model, config, kv_list, context_list, cache_dtype, *_budget(bench, budget_bytes))
     else:
         result = _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, repeats, fill,
-                          ppl_text, ppl_tokens, quiet, threads)
+                          ppl_text, ppl_tokens, quiet, threads, batch_list, budget_bytes)
 
     if as_json:
         json.dump(result.as_dict(), sys.stdout)
@@ -170,9 +219,15 @@ def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, 
             stderr.print(f"[dim]plot written to {plot_path}[/dim]")
 
 
+def _budget(bench, budget_bytes: int | None) -> tuple[int | None, str | None]:
+    """(bytes, source) of the KV budget: ``--kv-budget``, else 90 % of the memory available now."""
+    return (budget_bytes, "--kv-budget") if budget_bytes is not None else bench.default_kv_budget()
+
+
 def _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, repeats, fill, ppl_text,
-             ppl_tokens, quiet, threads):
-    """Load the model and run every measurement, with a progress bar on stderr."""
+             ppl_tokens, quiet, threads, batch_list, budget_bytes):
+    """Load the model and run every measurement, with a progress bar on stderr. The default KV
+    budget is taken once the model is loaded (the memory still available for caches)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -191,7 +246,9 @@ def _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, re
     decode_ids = loaded.tokenizer.encode(text)  # inputs of the decode steps and of --fill prefill
     text_name = os.path.relpath(ppl_text) if ppl_text else f"mqa_gen/data/{DEFAULT_TEXT.name}"
 
-    total = bench.count_steps(len(kv_list), len(context_list), ppl_ids is not None)
+    budget, budget_source = _budget(bench, budget_bytes)
+
+    total = bench.count_steps(len(kv_list), len(context_list), ppl_ids is not None, bool(batch_list))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=stderr, disable=quiet, transient=stderr.is_terminal)
     with progress:
@@ -201,7 +258,7 @@ def _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, re
             repeats=repeats, fill=fill, ppl_ids=ppl_ids, ppl_text_name=text_name,
             on_step=lambda d: progress.update(task, description=d),
             on_done=lambda: progress.advance(task),
-            decode_ids=decode_ids,
+            decode_ids=decode_ids, batch_sizes=batch_list, kv_budget_bytes=budget, kv_budget_source=budget_source,
         )
         progress.update(task, description=f"bench-cache: measured in {result.method['seconds']:.0f} s")
     return result

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Batched decode: aggregate tokens/s for B sequences decoding together, by KV heads, against
+llama.cpp's ``llama-batched-bench`` on the same GGUF.
+
+For each model, context C and batch size B, every sequence holds C − ``--decode-tokens`` tokens
+of its own in its KV cache, then ``--decode-tokens`` decode steps run for all B together; the
+figure is B × decode tokens / seconds (llama-batched-bench's ``S_TG``). mqa-gen runs its variants
+(SmolLM2: 1, native 3 and 9 KV heads; Gemma 3: native 1 and 4) from one process, all interleaved
+(:func:`mqa_gen.bench_cache.measure_batched_decode_interleaved`, caches filled directly with random
+rows: a step's cost depends on how many rows it reads, not their values). llama.cpp runs the
+native model as ``llama-batched-bench -pps`` (one prompt prefilled, then copied into each
+sequence's own cache stream: the same bytes per step as B distinct prompts) with ``-npp C − T
+-ntg T -npl 1,2,…``. Rounds alternate mqa-gen and llama.cpp; figures are medians over rounds.
+Both use float16 caches and the same thread count. Example::
+
+    python benchmarks/bench_batch.py --llama-batched-bench /path/to/build/bin/llama-batched-bench
+
+Writes the ``batched-decode`` section of BENCHMARKS.md (``--no-write`` to only print).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from report_section import loadavg, write_section
+
+REPO = Path(__file__).resolve().parent.parent
+SECTION = "batched-decode"
+MODELS = {"smollm2-135m-instruct": "SmolLM2-135M Q4_1", "gemma3-270m": "Gemma 3 270M Q4_K_M"}
+
+
+def variants(model):
+    """(label, model) for MQA, the native grouping and MHA, without repeats (Gemma 3 is MQA)."""
+    from mqa_gen.regroup import regroup_model
+
+    c = model.config
+    out = []
+    for kv in sorted({1, c.n_kv_heads, c.n_heads}):
+        label = f"{kv} KV" + (" (native)" if kv == c.n_kv_heads else "") + (" MQA" if kv == 1 else "") + \
+            (" MHA" if kv == c.n_heads else "")
+        out.append((label, model if kv == c.n_kv_heads else regroup_model(model, kv)))
+    return out
+
+
+def run_llama(exe: str, gguf: str, context: int, decode_tokens: int, batch_sizes: list[int], threads: int) -> dict:
+    """llama-batched-bench's S_TG (aggregate generated tokens/s) per B, from its JSONL output."""
+    n_ctx = max(batch_sizes) * (context + 1)  # non-unified: each sequence's stream gets n_ctx / max B
+    cmd = [exe, "-m", gguf, "-c", str(n_ctx), "-b", "2048", "-ub", "512", "-npp", str(context - decode_tokens),
+           "-ntg", str(decode_tokens), "-npl", ",".join(map(str, batch_sizes)), "-t", str(threads), "-tb",
+           str(threads), "-pps", "-ctk", "f16", "-ctv", "f16", "--output-format", "jsonl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-batched-bench failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    speeds = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{") and '"speed_tg"' in line:
+            row = json.loads(line)
+            speeds[int(row["pl"])] = float(row["speed_tg"])
+    return {"speeds": speeds, "command": " ".join(cmd)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--contexts", default="512,2048")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="alternating mqa-gen / llama.cpp rounds (medians)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llama-batched-bench", default=None, help="the llama-batched-bench binary (none: skip)")
+    p.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--json", dest="json_out", default=None)
+    args = p.parse_args()
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import mqa_gen  # noqa: F401  (sets the BLAS threads before NumPy loads)
+    from mqa_gen.bench_cache import measure_batched_decode_interleaved
+    from mqa_gen.loading import load
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    started, load_start = time.time(), loadavg()
+    loads = [load_start[0]]
+    report = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "cpu": platform.processor() or platform.machine(),
+              "threads": args.threads, "decode_tokens": args.decode_tokens, "rounds": args.rounds, "models": {}}
+    for name in args.models.split(","):
+        loaded = load(name)
+        vs = variants(loaded.model)
+        per_model = report["models"][name] = {}
+        for context in contexts:
+            ours = {label: {b: [] for b in batch_sizes} for label, _ in vs}
+            theirs = {b: [] for b in batch_sizes}
+            command = None
+            for round_ in range(args.rounds):
+                print(f"[bench] {name} context {context}: round {round_ + 1} of {args.rounds}", file=sys.stderr)
+                runs = measure_batched_decode_interleaved([m for _, m in vs], context, batch_sizes,
+                                                          args.decode_tokens, repeats=1, cache_dtype="float16")
+                for (label, _), r in zip(vs, runs):
+                    for b in batch_sizes:
+                        ours[label][b] += r[b]
+                loads.append(loadavg()[0])
+                if args.llama_batched_bench:
+                    llama = run_llama(args.llama_batched_bench, loaded.path, context, args.decode_tokens,
+                                      batch_sizes, args.threads)
+                    command = llama["command"]
+                    for b, v in llama["speeds"].items():
+                        theirs[b].append(v)
+                    loads.append(loadavg()[0])
+            per_model[context] = {
+                "mqa-gen": {label: {b: statistics.median(v) for b, v in d.items()} for label, d in ours.items()},
+                "mqa-gen runs": ours,
+                "llama.cpp": {b: statistics.median(v) for b, v in theirs.items() if v},
+                "llama.cpp runs": theirs, "llama.cpp command": command,
+                "native": next(label for label, _ in vs if "native" in label),
+            }
+            print(table(name, context, per_model[context], batch_sizes))
+    report["load"] = {"start": load_start[0], "max": max(loads), "median": statistics.median(loads)}
+    report["seconds"] = time.time() - started
+    body = markdown(report, batch_sizes, args)
+    print(body)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    if not args.no_write:
+        write_section(Path(args.output), SECTION, body)
+
+
+def table(name: str, context: int, r: dict, batch_sizes: list[int]) -> str:
+    """One markdown table: a row per B; tok/s per variant, llama.cpp, and the ratios."""
+    labels = list(r["mqa-gen"])
+    native, mqa, mha = r["native"], labels[0], labels[-1]
+    head = ["B", *[f"mqa-gen {label}" for label in labels]]
+    llama = r["llama.cpp"]
+    if llama:
+        head += ["llama.cpp (native)", "native / llama.cpp"]
+    head += ["native: × B=1", f"{mqa.split()[0]} KV / {mha.split()[0]} KV"]
+    lines = [f"**{MODELS.get(name, name)}, context {context}** (aggregate decode tokens/s)", "",
+             "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    base = r["mqa-gen"][native][batch_sizes[0]]
+    for b in batch_sizes:
+        row = [str(b), *[f"{r['mqa-gen'][label][b]:.1f}" for label in labels]]
+        if llama:
+            row += [f"{llama[b]:.1f}" if b in llama else "—",
+                    f"{r['mqa-gen'][native][b] / llama[b]:.2f}×" if b in llama else "—"]
+        row += [f"{r['mqa-gen'][native][b] / base:.2f}×", f"{r['mqa-gen'][mqa][b] / r['mqa-gen'][mha][b]:.2f}×"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict, batch_sizes: list[int], args) -> str:
+    load = report["load"]
+    parts = ["## Batched decode: aggregate tokens/s by batch size and KV heads (issue 13)", "",
+             f"{report['date']}, {report['cpu']}, {report['threads']} threads, float16 KV caches, "
+             f"{report['decode_tokens']} decode steps per run, median of {report['rounds']} rounds alternating "
+             f"mqa-gen and llama.cpp; load average 1 min: {load['start']:.2f} at start, median {load['median']:.2f}, "
+             f"max {load['max']:.2f}; {report['seconds'] / 60:.0f} min in all.", "",
+             "Command: `python benchmarks/bench_batch.py"
+             + (" --llama-batched-bench PATH" if args.llama_batched_bench else "")
+             + f" --contexts {args.contexts} --batch-sizes {args.batch_sizes} --rounds {args.rounds}`", ""]
+    for name, per_model in report["models"].items():
+        for context, r in per_model.items():
+            parts += [table(name, context, r, batch_sizes), ""]
+            if r["llama.cpp command"]:
+                parts += [f"llama.cpp: `{r['llama.cpp command'].replace(str(Path.home()), '~')}`", ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
