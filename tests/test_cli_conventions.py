@@ -266,6 +266,11 @@ def test_click_usage_errors_are_one_line_exit_2(args, line):
     assert result.stderr == line + "\n"
 
 
+def test_no_verb_still_shows_the_help():
+    result = CliRunner().invoke(cli, [], prog_name="mqa-gen")
+    assert "error:" not in result.output and "Commands:" in result.output and "list" in result.output
+
+
 def test_usage_error_from_the_installed_entry_point():
     proc = subprocess.run([mqa_gen_exe(), "generate", "--prompt", "hi", "--top-k", "1.5"], capture_output=True,
                           text=True, timeout=120, cwd=REPO, env=subprocess_env())

@@ -104,6 +104,8 @@ class App(click.Group):
         # The group's own parsing: `mqa-gen --frobnicate`, or `mqa-gen --help | head -1`.
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # plain `mqa-gen`: Click prints the help, as it should
         except click.UsageError as e:
             raise OneLineError(usage_error_line(e), 2) from None
         except BrokenPipeError:
