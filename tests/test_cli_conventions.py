@@ -162,6 +162,12 @@ def test_n_minus_one_in_batch(invoke, tmp_path):
     assert first["token_ids"] == alone["token_ids"]
 
 
+def test_n_minus_one_in_chat_answers_until_the_end_of_turn(invoke):
+    result = invoke("chat", "--temp", "0", "-n", "-1", "-c", "256", "-q", input=f"{QUESTION}\n/stats\n")
+    assert result.exit_code == 0, result.stderr
+    assert "Paris" in result.stdout and re.search(r"answer \d+ tokens .*, eos", result.stderr)
+
+
 def test_ignore_eos_runs_past_the_end_of_turn(invoke, smollm2):
     tok = smollm2.tokenizer
     end_ids = {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>"), tok.eos_id}
