@@ -62,8 +62,10 @@ def _is_int(x: object) -> bool:
 def _check_settings(settings: dict) -> None:
     """Types and ranges the sampler does not check itself (it checks temperature, top_k, top_p,
     min_p and seed when the request is built)."""
-    if "max_tokens" in settings and (not _is_int(settings["max_tokens"]) or settings["max_tokens"] <= 0):
-        raise SamplingError("max_tokens", f"must be an integer > 0, got {settings['max_tokens']!r}")
+    if "max_tokens" in settings and (not _is_int(settings["max_tokens"])
+                                     or (settings["max_tokens"] <= 0 and settings["max_tokens"] != -1)):
+        raise SamplingError("max_tokens", f"must be an integer > 0 (or -1: until end of text or a full context), "
+                                          f"got {settings['max_tokens']!r}")
     if "logprobs" in settings and (not _is_int(settings["logprobs"]) or not 0 <= settings["logprobs"] <= 20):
         raise SamplingError("logprobs", f"must be an integer in 0..20, got {settings['logprobs']!r}")
     stop = settings.get("stop")

@@ -135,6 +135,31 @@ def end_of_turn_ids(tokenizer: Tokenizer) -> set[int]:
     return ids
 
 
+def render_prompt(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, str]],
+    template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """:func:`render_chat` with a tokenizer's chat template (or ``template``, e.g. from
+    ``--chat-template-file``) and its BOS and EOS token texts as ``bos_token`` and ``eos_token``,
+    as transformers' ``apply_chat_template`` passes them (an absent token is ``""``). Every
+    caller that turns a conversation into a prompt goes through here.
+
+    Raises:
+        ChatTemplateError: neither a ``template`` nor one in the model; or as :func:`render_chat`.
+    """
+    template = template if template is not None else tokenizer.chat_template
+    if template is None:
+        raise ChatTemplateError("this model has no chat template (give one with --chat-template-file)")
+
+    def text(token_id: int | None) -> str:
+        return tokenizer.decode([token_id]) if token_id is not None else ""
+
+    return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                       bos_token=text(tokenizer.bos_id), eos_token=text(tokenizer.eos_id))
+
+
 def _one_line(message: str | None) -> str:
     lines = (message or "").strip().splitlines()
     return lines[0] if lines else "(no message)"

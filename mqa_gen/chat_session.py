@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat import end_of_turn_ids, render_chat
+from .chat import end_of_turn_ids, render_prompt
 from .errors import PromptError
 from .generate import Generation, GenerationStats, stream_generate
 from .prompt_cache import load_prompt_cache, model_identity, save_prompt_cache
@@ -64,6 +64,7 @@ class ChatSession:
         system: the system prompt, or None for the template's default.
         params, max_tokens, stop: as for :func:`~mqa_gen.generate.stream_generate`
             (``max_tokens`` caps each answer).
+        chat_template: a Jinja chat template to use instead of the model's (None = the model's).
 
     Attributes:
         messages: ``[{"role": "user"|"assistant", "content": str}, ...]`` after the system prompt.
@@ -72,7 +73,7 @@ class ChatSession:
         last_finish: the last turn's :attr:`ChatTurn.finish_reason` (None before the first).
 
     Raises:
-        PromptError: the model has no chat template.
+        PromptError: the model has no chat template and none is given.
     """
 
     loaded: object
@@ -83,14 +84,16 @@ class ChatSession:
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    chat_template: str | None = None
     messages: list[dict] = field(default_factory=list)
     last: GenerationStats | None = None
     last_finish: str | None = None
 
     def __post_init__(self):
         tok = self.loaded.tokenizer
-        if tok.chat_template is None:
-            raise PromptError("this model has no chat template; use `mqa-gen generate --no-chat`")
+        if tok.chat_template is None and self.chat_template is None:
+            raise PromptError("this model has no chat template; give one with --chat-template-file, "
+                              "or use `mqa-gen generate --no-chat`")
         self.cache = self.net.new_cache(self.ctx, self.cache_dtype)
         self.eos_ids = end_of_turn_ids(tok)
         self._model_id: str | None = None
@@ -108,12 +111,14 @@ class ChatSession:
         """Token ids of the system prompt + ``messages`` + the assistant header (int list)."""
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         tok = self.loaded.tokenizer
-        return tok.encode(render_chat(tok.chat_template, system + messages, add_generation_prompt=True))
+        return tok.encode(render_prompt(tok, system + messages, self.chat_template))
 
     @property
     def reserve(self) -> int:
-        """Tokens kept free for the answer when fitting a turn: min(max_tokens, ctx // 4), ≥ 1."""
-        return max(1, min(self.max_tokens, self.ctx // 4))
+        """Tokens kept free for the answer when fitting a turn: min(max_tokens, ctx // 4), ≥ 1
+        (ctx // 4 when ``max_tokens`` is -1, no limit)."""
+        cap = self.ctx // 4 if self.max_tokens < 0 else min(self.max_tokens, self.ctx // 4)
+        return max(1, cap)
 
     def fit(self, messages: list[dict]) -> tuple[list[dict], list[int], int]:
         """Drop the oldest turns of ``messages`` (never the last message, never the system

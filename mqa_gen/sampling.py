@@ -9,6 +9,7 @@ plain NumPy on one vector, cheap next to the model's forward pass.
 The chain, in the order it runs::
 
     logits [vocab] float32, history
+      │ 0. suppressed tokens    apply_suppress_tokens      logits processor (make_logits_processors)
       │ 1. repetition penalty   apply_repetition_penalty   logits processor (make_logits_processors)
       ├──────────────────────── the sampler (make_sampler) from here on; it sees no history
       │                         ── temperature 0 stops here: argmax, no randomness ──
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +74,8 @@ __all__ = [
     "make_logits_processors",
     "apply_logits_processors",
     "make_repetition_penalty",
+    "apply_suppress_tokens",
+    "draw_seed",
     "make_sampler",
     "filtered_probs",
     "apply_repetition_penalty",
@@ -144,6 +148,18 @@ def _check_seed(seed: int | None) -> None:
         raise SamplingError("seed", f"must be an integer >= 0 or None, got {seed!r}")
 
 
+def _check_suppress_ids(ids: frozenset[int]) -> None:
+    if not isinstance(ids, (frozenset, set)) or not all(_is_int(i) and i >= 0 for i in ids):
+        raise SamplingError("suppress_ids", f"must be a set of token ids >= 0, got {ids!r}")
+
+
+def draw_seed() -> int:
+    """A fresh random seed in ``[0, 2**32)`` from the operating system's entropy, for a run asked
+    to be random (``--seed -1`` or no seed, as llama.cpp's default): the caller reports it, so the
+    run can be repeated exactly by passing it back as the seed."""
+    return secrets.randbits(32)
+
+
 def _check_logits(logits: np.ndarray) -> np.ndarray:
     """``logits`` as a 1-D float array; ValueError for shapes or values no model should give."""
     x = np.asarray(logits)
@@ -177,7 +193,11 @@ class SamplingParams:
         repetition_penalty: > 0; ``1`` = off; > 1 discourages repeats, < 1 encourages them.
         repeat_last_n: how many of the most recent tokens the penalty looks at; ``0`` = off,
             ``-1`` = the whole history.
-        seed: seeds the ``numpy.random.Generator``; ``None`` = fresh entropy each run.
+        seed: seeds the ``numpy.random.Generator``; ``None`` = fresh entropy each run (front ends
+            that report the seed draw one with :func:`draw_seed` instead).
+        suppress_ids: token ids that can never be drawn (their logits become ``-inf`` before
+            anything else runs), as llama.cpp's ``--ignore-eos`` biases its end-of-generation ids;
+            empty = off.
     """
 
     temperature: float = 0.0
@@ -187,6 +207,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    suppress_ids: frozenset[int] = frozenset()
 
     def validate(self) -> None:
         """Check every field.
@@ -202,6 +223,7 @@ class SamplingParams:
         _check_repetition_penalty(self.repetition_penalty)
         _check_repeat_last_n(self.repeat_last_n)
         _check_seed(self.seed)
+        _check_suppress_ids(self.suppress_ids)
 
     @property
     def greedy(self) -> bool:
@@ -306,9 +328,32 @@ def make_repetition_penalty(penalty: float, last_n: int) -> LogitsProcessor:
     return repetition_penalty
 
 
+def apply_suppress_tokens(logits: np.ndarray, ids: frozenset[int]) -> np.ndarray:
+    """``logits`` with the entries of ``ids`` set to ``-inf``, so they are never drawn.
+
+    Args:
+        logits: ``[vocab]`` float array; not modified. ids: token ids in ``[0, vocab)``.
+
+    Returns:
+        A new ``[vocab]`` array of the same dtype (``logits`` itself when ``ids`` is empty).
+
+    Raises:
+        ValueError: an id outside ``[0, vocab)``.
+    """
+    if not ids:
+        return logits
+    index = np.fromiter(ids, dtype=np.int64, count=len(ids))
+    if index.min() < 0 or index.max() >= logits.shape[-1]:
+        raise ValueError(f"suppressed token ids outside [0, {logits.shape[-1]})")
+    out = np.array(logits, copy=True)
+    out[index] = NEG_INF
+    return out
+
+
 def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
-    """The logits processors ``params`` asks for, in the order they run: today the repetition
-    penalty, when it is on (``repetition_penalty != 1`` and ``repeat_last_n != 0``).
+    """The logits processors ``params`` asks for, in the order they run: the suppressed tokens
+    (when ``suppress_ids`` is not empty), then the repetition penalty, when it is on
+    (``repetition_penalty != 1`` and ``repeat_last_n != 0``).
 
     Returns:
         A list (empty when every processor is off) of functions ``(history, logits) -> logits``.
@@ -317,9 +362,13 @@ def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
         SamplingError: a parameter out of range (``field`` names it).
     """
     params.validate()
-    if params.repetition_penalty == 1 or params.repeat_last_n == 0:
-        return []
-    return [make_repetition_penalty(params.repetition_penalty, params.repeat_last_n)]
+    processors: list[LogitsProcessor] = []
+    if params.suppress_ids:
+        ids = params.suppress_ids
+        processors.append(lambda history, logits: apply_suppress_tokens(logits, ids))
+    if params.repetition_penalty != 1 and params.repeat_last_n != 0:
+        processors.append(make_repetition_penalty(params.repetition_penalty, params.repeat_last_n))
+    return processors
 
 
 def apply_logits_processors(

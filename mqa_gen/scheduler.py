@@ -40,7 +40,7 @@ class Request:
     Attributes:
         prompt_ids: the prompt's token ids (at least one, fewer than the context).
         params: its sampling parameters (its own seed).
-        max_tokens: most tokens to generate (> 0).
+        max_tokens: most tokens to generate (> 0; -1 = until end of text or a full context).
         stop: stop strings. eos_ids: ids that end the generation.
         logprobs: None, or N ≥ 0 to keep each generated token's logprob and its N most likely
             alternatives.

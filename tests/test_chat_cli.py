@@ -1,6 +1,8 @@
 """``mqa-gen chat``: the cache persists across turns; commands; context overflow; a real terminal.
 
-In-process tests feed stdin through click's CliRunner with the session's model; the last test
+In-process tests feed stdin through click's CliRunner with the session's model (stdout is then not
+a terminal, so the answers alone are on stdout and the prompt and command replies on stderr); the
+last tests
 drives the installed ``mqa-gen chat`` in a pseudo-terminal with pexpect, as a person would:
 two turns (the second reusing the first's cache), Ctrl-C in the middle of an answer, ``/reset``
 and Ctrl-D.
@@ -57,8 +59,8 @@ def test_turns_reuse_the_cache_and_save_load_restore_the_conversation(chat, tmp_
         "/exit",
     ], "--ctx-size", "256", "-n", "12")
     assert result.exit_code == 0, result.stderr
-    out = result.stdout
-    assert "Paris" in out and "Berlin" in out
+    assert "Paris" in result.stdout and "Berlin" in result.stdout
+    out = result.stderr  # stdout is not a terminal: the replies of the commands are on stderr
     (p1, r1, f1), (p2, r2, f2), (p3, r3, f3) = stats_of(out)
     assert r1 == 0 and f1 == p1
     # The second turn's prompt starts with the first turn's prompt and answer: all reused.
@@ -75,8 +77,9 @@ def test_commands_and_refused_files_keep_the_session_going(chat, tmp_path):
     junk.write_bytes(os.urandom(1000))
     result = chat(["/help", "/nope", f"/load {junk}", "/load", "/stats"], "--ctx-size", "64", "-n", "4")
     assert result.exit_code == 0  # end of input leaves normally
-    assert "/reset" in result.stdout and "unknown command /nope" in result.stdout
-    assert "usage: /load FILE" in result.stdout and "last turn: none" in result.stdout
+    assert "/reset" in result.stderr and "unknown command /nope" in result.stderr
+    assert "usage: /load FILE" in result.stderr and "last turn: none" in result.stderr
+    assert result.stdout == ""  # no answers asked for, and nothing else goes to a piped stdout
     assert f"error: prompt cache {junk} is not a prompt-cache file" in result.stderr
 
 
@@ -86,7 +89,7 @@ def test_a_file_for_other_kv_heads_is_refused_in_chat(chat, tmp_path):
     assert made.exit_code == 0 and path.exists()
     refused = chat([f"/load {path}", "/stats"], "--ctx-size", "128", "-n", "3")
     assert "made with 9 KV heads, this run uses 3" in refused.stderr
-    assert "cache: 0 tokens" in refused.stdout
+    assert "cache: 0 tokens" in refused.stderr
 
 
 def test_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(chat):
@@ -97,13 +100,13 @@ def test_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(chat):
     result = chat(lines, "--ctx-size", "96", "-n", "8", "--system", "Answer in one word.")
     assert result.exit_code == 0, result.stderr
     assert "dropped the 1 oldest turn(s) (system prompt kept)" in result.stderr
-    stats = stats_of(result.stdout)
+    stats = stats_of(result.stderr)
     assert len(stats) == len(questions)  # every question was answered
     assert all(p + 1 <= 96 for p, _, _ in stats)
     # A turn after a drop recomputes everything after the system prompt, and reuses the system prompt.
     dropped_turns = [(p, r, f) for p, r, f in stats[1:] if f > 20]
     assert dropped_turns and all(r > 0 for _, r, _ in dropped_turns)
-    messages = [int(m[1]) for m in CACHE.findall(result.stdout)]
+    messages = [int(m[1]) for m in CACHE.findall(result.stderr)]
     assert max(messages) <= 8 and messages[-1] < 2 * len(questions)
 
 
@@ -111,7 +114,7 @@ def test_a_message_longer_than_the_context_is_refused_not_fatal(chat):
     result = chat(["word " * 200, "/stats"], "--ctx-size", "64", "-n", "4")
     assert result.exit_code == 0
     assert "error: this message needs" in result.stderr and "context is 64 tokens" in result.stderr
-    assert "0 messages" in result.stdout
+    assert "0 messages" in result.stderr
 
 
 def test_no_chat_template_is_one_line_exit_2(tmp_path):
@@ -121,7 +124,8 @@ def test_no_chat_template_is_one_line_exit_2(tmp_path):
     result = CliRunner().invoke(cli, ["chat", "-m", tiny, "-q"], input="hi\n")
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == ["error: this model has no chat template; use `mqa-gen generate --no-chat`"]
+    assert lines == ["error: this model has no chat template; give one with --chat-template-file, "
+                     "or use `mqa-gen generate --no-chat`"]
 
 
 # ───────────────────────────── a real terminal ─────────────────────────────

@@ -55,6 +55,44 @@ def test_stop_string_is_never_printed(smollm2):
     assert "".join(s.text for s in steps) == gen.text
 
 
+def test_stop_string_names_the_stop_that_matched(smollm2):
+    case = GREEDY["counting"]  # continues " 5, 6, 7, 8, ..."
+    gen, _ = run(smollm2, case["prompt_ids"], max_tokens=20, stop=[" 8", " 7", "6"])
+    assert (gen.text, gen.stop_string) == (" 5, ", "6")  # the earliest in the text, not the first given
+    gen, _ = run(smollm2, case["prompt_ids"], max_tokens=3)
+    assert gen.finish_reason == "length" and gen.stop_string is None
+
+
+@pytest.mark.parametrize("stops,pieces,matched", [
+    (["ab", "b"], ["xab"], "ab"),    # found at 1 and 2: the earlier wins
+    (["b", "ab"], ["xab"], "ab"),
+    (["ab", "a"], ["xab"], "ab"),    # both at 1: the first given wins
+    (["a", "ab"], ["x", "ab"], "a"),
+])
+def test_stop_filter_reports_the_matched_stop(stops, pieces, matched):
+    f = _StopStringFilter(stops)
+    for p in pieces:
+        _, hit = f.push(p)
+    assert hit and f.matched == matched
+
+
+def test_max_tokens_minus_one_runs_to_a_full_context(smollm2):
+    case = GREEDY["counting"]
+    ctx = len(case["prompt_ids"]) + 9
+    gen, _ = run(smollm2, case["prompt_ids"], max_tokens=-1, ctx_size=ctx)
+    assert gen.finish_reason == "context" and len(case["prompt_ids"]) + len(gen.token_ids) == ctx
+    capped, _ = run(smollm2, case["prompt_ids"], max_tokens=9, ctx_size=ctx)
+    assert capped.token_ids == gen.token_ids[:9]
+
+
+def test_suppressed_ids_are_never_sampled(smollm2):
+    case = GREEDY["counting"]
+    free, _ = run(smollm2, case["prompt_ids"], max_tokens=2)
+    banned = frozenset({free.token_ids[0]})
+    gen, _ = run(smollm2, case["prompt_ids"], params=SamplingParams(suppress_ids=banned), max_tokens=2)
+    assert gen.token_ids[0] != free.token_ids[0]
+
+
 def test_context_limit(smollm2):
     case = GREEDY["counting"]
     ctx = len(case["prompt_ids"]) + 3
@@ -89,7 +127,7 @@ def test_bad_requests(smollm2):
     ((SamplingParams(temperature=-1.0), 5), "temperature"),
     ((SamplingParams(repeat_last_n=-3), 5), "repeat_last_n"),
     ((SamplingParams(), 0), "max_tokens"),
-    ((SamplingParams(), -1), "max_tokens"),
+    ((SamplingParams(), -2), "max_tokens"),
     ((SamplingParams(), 5, 0), "ctx_size"),
 ])
 def test_validate_generation_names_the_field(args, field):
@@ -98,6 +136,7 @@ def test_validate_generation_names_the_field(args, field):
     assert info.value.field == field
     validate_generation(SamplingParams(), 1, None)
     validate_generation(SamplingParams(), 1, 1)
+    validate_generation(SamplingParams(), -1, 1)  # -1: until end of text or a full context
 
 
 # ───────────────────────────── the token layer ─────────────────────────────

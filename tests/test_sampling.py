@@ -572,6 +572,8 @@ def test_samplers_do_not_share_state():
         ("top_k", 2.5),
         ("seed", -1),
         ("seed", 1.5),
+        ("suppress_ids", frozenset({-1})),
+        ("suppress_ids", [2]),
     ],
 )
 def test_invalid_params_raise_sampling_error_naming_the_parameter(field, value):
@@ -583,6 +585,31 @@ def test_invalid_params_raise_sampling_error_naming_the_parameter(field, value):
         assert info.value.field == field
         assert str(info.value) == f"{field} {info.value.reason}" and repr(value) in info.value.reason
         assert "\n" not in str(info.value)
+
+
+def test_suppressed_tokens_are_never_drawn_and_the_rest_renormalised():
+    from mqa_gen.sampling import apply_suppress_tokens
+
+    logits = f32([3.0, 1.0, 2.0, 0.5])
+    assert apply_suppress_tokens(logits, frozenset()) is logits
+    out = apply_suppress_tokens(logits, frozenset({0, 2}))
+    assert out.dtype == logits.dtype and list(out[[1, 3]]) == [1.0, 0.5] and np.all(out[[0, 2]] == NEG_INF)
+    assert logits[0] == 3.0  # the input is not modified
+    params = SamplingParams(suppress_ids=frozenset({0}))
+    assert make_sampler(params)(apply_logits_processors(make_logits_processors(params), [], logits))[0] == 2
+    probs = filtered_probs(apply_logits_processors(make_logits_processors(SamplingParams(
+        temperature=1.0, suppress_ids=frozenset({0}))), [], logits), SamplingParams(temperature=1.0))
+    e = np.exp([0.0, 1.0, 2.0, 0.5]) * [0, 1, 1, 1]  # token 0 gone, the others in proportion
+    np.testing.assert_allclose(probs, e / e.sum())
+    with pytest.raises(ValueError, match="outside"):
+        apply_suppress_tokens(logits, frozenset({4}))
+
+
+def test_draw_seed_gives_32_bit_seeds():
+    from mqa_gen.sampling import draw_seed
+
+    seeds = {draw_seed() for _ in range(8)}
+    assert len(seeds) == 8 and all(0 <= s < 2**32 for s in seeds)
 
 
 def test_sampling_error_is_a_usage_error():

@@ -16,7 +16,17 @@ import time
 import click
 
 from ..errors import MqaGenError
-from .common import generation_options, mib, model_option, setup_generation, stderr, threads_option
+from .common import (
+    RANDOM_SEED,
+    chat_template_option,
+    generation_options,
+    mib,
+    model_option,
+    read_chat_template,
+    setup_generation,
+    stderr,
+    threads_option,
+)
 
 
 class BatchRunError(MqaGenError):
@@ -135,15 +145,20 @@ def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib
     return min(batch_size, fit)
 
 
-def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None):
+def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None, template: str | None = None):
     """Each :class:`~mqa_gen.batch_input.BatchItem` as a :class:`~mqa_gen.scheduler.Request` (whose
     ``id`` is its position in the list), or a :class:`~mqa_gen.batch_input.BadLine` when its
-    settings or prompt cannot run."""
+    settings or prompt cannot run.
+
+    A line's seed is its own, else ``--seed``; a line with neither (or with -1) gets its own seed
+    drawn at random (:func:`~mqa_gen.sampling.draw_seed`), reported in its output line, so any
+    line can be repeated. ``template``: ``--chat-template-file`` (None = the model's)."""
     from dataclasses import replace
 
     from ..batch_input import BadLine, BatchItem
-    from ..chat import end_of_turn_ids, render_chat
-    from ..errors import ChatTemplateError, SamplingError
+    from ..chat import end_of_turn_ids, render_prompt
+    from ..errors import SamplingError
+    from ..sampling import draw_seed
     from ..scheduler import Request
     from .generate import build_prompt_ids
 
@@ -158,13 +173,13 @@ def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None
         try:
             params = replace(setup.params, **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed")
                                               if k in s})
+            if params.seed is None or params.seed == RANDOM_SEED:
+                params = replace(params, seed=draw_seed())
             params.validate()
             if item.messages is not None:
-                if tok.chat_template is None:
-                    raise ChatTemplateError("messages: this model has no chat template")
-                ids = tok.encode(render_chat(tok.chat_template, item.messages, add_generation_prompt=True))
+                ids = tok.encode(render_prompt(tok, item.messages, template))
             else:
-                ids, _, _ = build_prompt_ids(loaded, item.prompt, chat)
+                ids, _, _ = build_prompt_ids(loaded, item.prompt, chat, template=template)
             if len(ids) >= setup.ctx:
                 raise MqaGenError(f"the prompt has {len(ids)} tokens but the context is {setup.ctx} tokens "
                                   "(raise --ctx-size or shorten the prompt)")
@@ -183,7 +198,7 @@ def result_line(completion, item, tokenizer) -> dict:
     from ..logprobs import openai_logprobs
 
     obj = {"id": item.id, "prompt_tokens": len(completion.request.prompt_ids), "token_ids": completion.token_ids,
-           "text": completion.text, "finish_reason": completion.finish_reason}
+           "text": completion.text, "finish_reason": completion.finish_reason, "seed": completion.request.params.seed}
     if completion.logprobs is not None:
         obj["logprobs"] = openai_logprobs(tokenizer, completion.logprobs)
     return obj
@@ -201,6 +216,7 @@ def error_line(bad) -> dict:
 @generation_options
 @click.option("--chat/--no-chat", default=None, help="Apply the model's chat template to prompt lines "
               "(default: on if it has one; messages lines always use it).")
+@chat_template_option
 @click.option("--format", "input_format", type=click.Choice(["jsonl", "text"]), default=None,
               help="INPUT's format (default: text for a .txt file, else jsonl).")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
@@ -215,14 +231,15 @@ def error_line(bad) -> dict:
 @click.option("--skip-bad", is_flag=True, help="Write an error object for a bad line and go on (default: stop).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or stats on stderr.")
 @threads_option
-def batch(input_path, output, model, chat, input_format, batch_size, kv_budget, logprobs, unordered, resume,
-          overwrite, skip_bad, quiet, threads, **options):
+def batch(input_path, output, model, chat, chat_template_file, input_format, batch_size, kv_budget, logprobs,
+          unordered, resume, overwrite, skip_bad, quiet, threads, **options):
     """Generate for every prompt of INPUT (JSONL or text, - = stdin), many at once.
 
     JSONL lines: {"prompt": ...} or {"messages": [...]}, optionally with id, max_tokens,
     temperature, top_k, top_p, min_p, seed, stop, logprobs; the flags give the defaults. Each
-    output line: id, prompt_tokens, token_ids, text, finish_reason (and logprobs). Each result
-    equals `mqa-gen generate` on that prompt alone with the same settings.
+    output line: id, prompt_tokens, token_ids, text, finish_reason, seed (and logprobs). Each
+    result equals `mqa-gen generate` on that prompt alone with the same settings. A line without
+    a seed (and no --seed, or --seed -1) gets its own random seed, reported in its output line.
     """
     from ..batch_input import BadLine, read_items
     from ..scheduler import Scheduler
@@ -241,9 +258,10 @@ def batch(input_path, output, model, chat, input_format, batch_size, kv_budget, 
     if not items and not done_ids:
         raise BatchRunError(f"{input_path} holds no prompts")
     _refuse_bad_lines(items, skip_bad)
+    template = read_chat_template(chat_template_file)
 
-    setup = setup_generation(model, quiet, threads, **options)
-    work = build_requests(items, setup.loaded, setup, chat, logprobs)
+    setup = setup_generation(model, quiet, threads, draw_seed=False, **options)
+    work = build_requests(items, setup.loaded, setup, chat, logprobs, template)
     _refuse_bad_lines(work, skip_bad)
     requests = [w for w in work if not isinstance(w, BadLine)]
     slots = kv_budget_batch(setup.net, setup.ctx, setup.cache_dtype, batch_size, kv_budget, quiet)

@@ -8,8 +8,12 @@ answer streamed to stdout, notes on stderr, and the slash commands ``/reset``, `
 Ctrl-C stops the current answer (what was printed stays in the conversation) and returns to the
 prompt; Ctrl-D (end of input) or ``/exit`` leaves with exit code 0.
 
-Input is read line by line from stdin after writing the prompt ``> `` to stdout, so the session
-can be driven by a pipe or a pseudo-terminal (pexpect) as well as by a person.
+Input is read line by line from stdin, so the session can be driven by a pipe or a
+pseudo-terminal (pexpect) as well as by a person. On a terminal (stdin and stdout both), lines are
+read with Python's ``readline`` module when it is available: line editing and the history of this
+session (arrow keys, Ctrl-R). The ``> `` prompt, the replies of the slash commands and the notes go
+to stdout only when it is a terminal; otherwise to stderr, so ``mqa-gen chat > answers.txt`` or
+``| tee`` gets the answers alone.
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ import click
 
 from ..chat_session import ChatSession
 from ..errors import MqaGenError
-from .common import generation_options, mib, model_option, setup_generation, stderr, threads_option
+from .common import (
+    chat_template_option,
+    generation_options,
+    mib,
+    model_option,
+    read_chat_template,
+    setup_generation,
+    stderr,
+    system_prompt_option,
+    threads_option,
+)
 
 PROMPT = "> "
 HELP = (
@@ -100,21 +114,57 @@ def load_report(session: ChatSession, path: str) -> str:
     return f"loaded {session.cache.length} cached tokens from {path} (no conversation in it; yours is kept)"
 
 
-def run_session(session: ChatSession, stdin=None, stdout=None) -> None:
-    """Read lines after the ``> `` prompt until end of input or ``/exit``, answering each."""
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _line_reader(stdin, ui):
+    """``read() -> line`` ("" at end of input) that shows the prompt first: Python's ``input()``
+    over readline (line editing, this session's history) when stdin and the prompt's stream are
+    the process's terminal; else the prompt written to ``ui`` and a plain ``readline()``."""
+    if stdin is sys.stdin and ui is sys.stdout and _isatty(stdin) and _isatty(ui):
+        try:
+            import readline  # noqa: F401 - importing it is what gives input() line editing
+        except ImportError:  # not on every platform (Windows); input() still works without it
+            pass
+
+        def read() -> str:
+            try:
+                return input(PROMPT) + "\n"
+            except EOFError:
+                return ""
+
+        return read
+
+    def read() -> str:
+        ui.write(PROMPT)
+        ui.flush()
+        return stdin.readline()
+
+    return read
+
+
+def run_session(session: ChatSession, stdin=None, stdout=None, ui=None) -> None:
+    """Read lines after the ``> `` prompt until end of input or ``/exit``, answering each.
+
+    Answers go to ``stdout``; the prompt and the replies of slash commands to ``ui`` (default:
+    stdout when it is a terminal, else stderr, so piped stdout carries only the answers)."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    ui = ui or (stdout if _isatty(stdout) else sys.stderr)
+    read = _line_reader(stdin, ui)
     while True:
         try:
-            stdout.write(PROMPT)
-            stdout.flush()
-            line = stdin.readline()
+            line = read()
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as shells do
-            stdout.write("\n")
+            ui.write("\n")
             continue
         if not line:  # Ctrl-D / end of input
-            stdout.write("\n")
-            stdout.flush()
+            ui.write("\n")
+            ui.flush()
             return
         text = line.rstrip("\r\n")
         if not text.strip():
@@ -127,47 +177,50 @@ def run_session(session: ChatSession, stdin=None, stdout=None) -> None:
                     return
                 elif command == "/reset":
                     session.reset()
-                    stdout.write("conversation reset (cache emptied)\n")
+                    ui.write("conversation reset (cache emptied)\n")
                 elif command == "/stats":
-                    stdout.write(stats_text(session) + "\n")
+                    ui.write(stats_text(session) + "\n")
                 elif command in ("/save", "/load"):
                     if not arg:
-                        stdout.write(f"usage: {command} FILE\n")
+                        ui.write(f"usage: {command} FILE\n")
                     else:
                         report = save_report(session, arg) if command == "/save" else load_report(session, arg)
-                        stdout.write(report + "\n")
+                        ui.write(report + "\n")
                 elif command == "/help":
-                    stdout.write(HELP + "\n")
+                    ui.write(HELP + "\n")
                 else:
-                    stdout.write(f"unknown command {command}; /help lists the commands\n")
-                stdout.flush()
+                    ui.write(f"unknown command {command}; /help lists the commands\n")
+                ui.flush()
             else:
                 answer(session, text, stdout)
         except MqaGenError as e:  # a refused /load, a message too long for the context, …
             click.echo(f"error: {e}", err=True)
         except KeyboardInterrupt:
-            stdout.write("\n")
+            ui.write("\n")
 
 
 @click.command()
 @model_option
 @generation_options
-@click.option("--system", default=None, metavar="TEXT", help="System prompt (default: the chat template's own).")
+@system_prompt_option("--system")
+@chat_template_option
 @click.option("-q", "--quiet", is_flag=True, help="No banner or progress on stderr.")
 @threads_option
-def chat(model, system, quiet, threads, **options):
+def chat(model, system, chat_template_file, quiet, threads, **options):
     """Chat with the model; the KV cache persists across turns, so each turn prefills only its new tokens.
 
     Type a message after the "> " prompt. Commands: /reset, /stats, /save FILE, /load FILE, /help,
-    /exit. Ctrl-C stops an answer; Ctrl-D leaves. -n caps each answer.
+    /exit. Ctrl-C stops an answer; Ctrl-D leaves. -n caps each answer. When stdout is not a
+    terminal, the prompt and command replies go to stderr, so stdout carries only the answers.
     """
     from rich.markup import escape
 
+    template = read_chat_template(chat_template_file)
     setup = setup_generation(model, quiet, threads, **options)
     session = ChatSession(setup.loaded, setup.net, setup.ctx, setup.cache_dtype, system, setup.params,
-                          setup.max_tokens, setup.stop)
+                          setup.max_tokens, setup.stop, template)
     if not quiet:
         stderr.print(f"[dim]mqa-gen chat · {escape(setup.loaded.config.name)} · context {setup.ctx} tokens · "
-                     f"{setup.net.config.n_kv_heads} KV heads · /help for commands, Ctrl-D to leave[/dim]",
-                     soft_wrap=True)
+                     f"{setup.net.config.n_kv_heads} KV heads · seed {setup.params.seed} · /help for commands, "
+                     "Ctrl-D to leave[/dim]", soft_wrap=True)
     run_session(session)

@@ -1,4 +1,6 @@
-"""Options and helpers that several commands share, and the setup ``generate`` and ``chat`` share."""
+"""Options and helpers that several commands share, and the setup ``generate``, ``batch`` and
+``chat`` share. Options accept llama.cpp's spellings beside ours (``-c``, ``-t``, ``-s``,
+``--temperature``, ``--n-predict``, ``-r/--reverse-prompt``, ``-sys/--system-prompt``)."""
 
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ def model_option(f):
 
 
 def threads_option(f):
-    """``--threads``: Numba threads (default: the cores that are idle)."""
+    """``-t/--threads``: Numba threads (default: the cores that are idle)."""
     return click.option(
-        "--threads", type=click.IntRange(min=1), default=None,
+        "-t", "--threads", type=click.IntRange(min=1), default=None,
         help="Threads for the kernels (default: all cores, less those the 1-minute load average "
              "says are busy).",
     )(f)
@@ -61,14 +63,46 @@ def set_threads(threads: int | None) -> None:
 
 
 def ensure_kernels(quiet: bool) -> None:
-    """Compile the Numba kernels on the first run, saying so on stderr."""
+    """Compile the Numba kernels on the first run, with a progress bar on stderr: kernel modules
+    done of all, and the compiled specialisations (one per kernel and argument types) so far,
+    counted from Numba's compile events."""
     from ..kernels import compile_kernels, kernels_are_compiled
 
     if kernels_are_compiled():
         return
-    if not quiet:
-        stderr.print("[dim]Compiling Numba kernels (first run only, about a minute)…[/dim]")
-    compile_kernels()
+    if quiet:
+        compile_kernels()
+        return
+    from numba.core import event
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    stderr.print("[dim]Compiling the Numba kernels (first run only; later runs load them from the cache)[/dim]")
+    with Progress(TextColumn("kernel modules"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[compiled]} specialisations compiled"), TimeElapsedColumn(),
+                  console=stderr) as bar:
+        task = bar.add_task("compile", total=None, compiled=0)
+        counter = compile_counter(lambda n: bar.update(task, compiled=n))
+        with event.install_listener("numba:compile", counter):
+            compile_kernels(progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def compile_counter(report):
+    """A Numba event listener for ``numba:compile`` that counts the compilations that finished
+    (one per kernel and argument types; nested helpers count too) and calls ``report(count)``
+    after each. Built on first use, so importing this module does not import Numba."""
+    from numba.core import event
+
+    class CompileCounter(event.Listener):
+        count = 0
+
+        def on_start(self, ev) -> None:
+            pass
+
+        def on_end(self, ev) -> None:
+            self.count += 1
+            report(self.count)
+
+    return CompileCounter()
 
 
 def load_model(name: str, quiet: bool):
@@ -90,26 +124,34 @@ def mib(n_bytes: float) -> str:
 
 
 def generation_options(f):
-    """The options ``generate`` and ``chat`` share, in --help order: -n, the sampling flags
-    (--temp … --seed), --stop, --ctx-size, --kv-heads, --cache-dtype. They arrive as the keyword
-    arguments :func:`setup_generation` takes."""
+    """The options ``generate``, ``batch`` and ``chat`` share, in --help order: -n, the sampling
+    flags (--temp … --seed), --stop, --ignore-eos, --ctx-size, --kv-heads, --cache-dtype, each
+    with llama.cpp's spelling beside ours. They arrive as the keyword arguments
+    :func:`setup_generation` takes."""
     for option in reversed(_GENERATION_OPTIONS):
         f = option(f)
     return f
 
 
 _GENERATION_OPTIONS = [
-    click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
-    click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="Temperature; 0 = greedy."),
+    click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int, default=256, show_default=True,
+                 help="Most tokens to generate; -1 = until end of text or a full context."),
+    click.option("--temp", "--temperature", "temperature", type=float, default=0.0, show_default=True,
+                 help="Temperature; 0 = greedy."),
     click.option("--top-k", type=int, default=0, show_default=True,
                  help="Keep the k most likely tokens; 0 (or less, as in llama.cpp) = off."),
     click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass; 1 = off."),
     click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p × p(best); 0 = off."),
     click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Repetition penalty; 1 = off."),
     click.option("--repeat-last-n", type=int, default=64, show_default=True, help="Tokens the penalty looks back over; -1 = all."),
-    click.option("--seed", type=int, default=None, help="Random seed (same seed and options → same text)."),
-    click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); it is not printed."),
-    click.option("--ctx-size", type=int, default=None, help="Context in tokens (default: the model's)."),
+    click.option("-s", "--seed", type=int, default=None,
+                 help="Random seed: same seed and options → same text. -1 or none: a random seed, reported "
+                      "(stats on stderr, --json) so the run can be repeated."),
+    click.option("-r", "--stop", "--reverse-prompt", "stop", multiple=True,
+                 help="Stop when this string appears (repeatable); it is not printed."),
+    click.option("--ignore-eos", is_flag=True,
+                 help="Never end at end-of-text or end-of-turn tokens (they are not sampled); -n or the context ends."),
+    click.option("-c", "--ctx-size", type=int, default=None, help="Context in tokens (default: the model's)."),
     click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA."),
     click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
                  help="KV-cache element type: float32 keeps transformers' logits; float16 (llama.cpp's "
@@ -121,6 +163,9 @@ _GENERATION_OPTIONS = [
 OPTION_NAMES = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
                 "repetition_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n", "seed": "--seed",
                 "max_tokens": "--max-tokens", "ctx_size": "--ctx-size"}
+
+#: ``--seed`` that asks for a random seed (llama.cpp's convention; no seed at all does the same).
+RANDOM_SEED = -1
 
 
 class OptionError(MqaGenError):
@@ -135,10 +180,14 @@ class GenerationSetup:
         loaded: the :class:`~mqa_gen.loading.LoadedModel`.
         net: the model to run: ``loaded.model``, or a copy regrouped to ``--kv-heads``.
         params: the checked :class:`~mqa_gen.sampling.SamplingParams`.
-        max_tokens: ``-n`` (> 0).
+        max_tokens: ``-n`` (> 0, or -1: until end of text or a full context).
         stop: the ``--stop`` strings.
         ctx: the context in tokens: ``--ctx-size``, or the model's.
         cache_dtype: ``--cache-dtype``.
+        ignore_eos: ``--ignore-eos`` (``params.suppress_ids`` then holds the end-of-generation ids).
+
+    ``params.seed`` is the seed the run uses: ``--seed``, or one drawn at random (reported, so
+    the run can be repeated); None only where the caller draws one per request (``batch``).
     """
 
     loaded: LoadedModel
@@ -148,36 +197,96 @@ class GenerationSetup:
     stop: tuple[str, ...]
     ctx: int
     cache_dtype: str
+    ignore_eos: bool = False
+
+    def settings(self) -> dict:
+        """The run's settings as ``--json`` echoes them (``"settings"``), so a run can be repeated."""
+        p = self.params
+        return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+                "repeat_penalty": p.repetition_penalty, "repeat_last_n": p.repeat_last_n, "seed": p.seed,
+                "max_tokens": self.max_tokens, "stop": list(self.stop), "ignore_eos": self.ignore_eos,
+                "ctx_size": self.ctx, "kv_heads": self.net.config.n_kv_heads, "cache_dtype": self.cache_dtype}
+
+
+def system_prompt_option(*names: str):
+    """``-sys/--system-prompt`` (llama.cpp's spelling), plus ``names`` (chat keeps ``--system``)."""
+    return click.option(*names, "-sys", "--system-prompt", "system", default=None, metavar="TEXT",
+                        help="System prompt for the chat template (default: the template's own).")
+
+
+def chat_template_option(f):
+    """``--chat-template-file PATH``: a Jinja chat template to use instead of the model's."""
+    return click.option("--chat-template-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+                        help="Jinja chat template to use instead of the model's (for a GGUF without a usable one).")(f)
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of ``--chat-template-file`` (None when not given).
+
+    Raises:
+        ChatTemplateError: the file cannot be read, is not UTF-8 text, or is empty.
+    """
+    from ..errors import ChatTemplateError
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatTemplateError(f"cannot read chat template file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not text.strip():
+        raise ChatTemplateError(f"chat template file {path} is empty")
+    return text
 
 
 def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens: int, temperature: float,
                      top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int,
-                     seed: int | None, stop: tuple[str, ...], ctx_size: int | None, kv_heads: int | None,
-                     cache_dtype: str) -> GenerationSetup:
+                     seed: int | None, stop: tuple[str, ...], ignore_eos: bool, ctx_size: int | None,
+                     kv_heads: int | None, cache_dtype: str, draw_seed: bool = True) -> GenerationSetup:
     """Check the :func:`generation_options` values, set the threads, load the model (status line on
-    stderr), compile the kernels on the first run (saying so) and regroup the KV heads.
+    stderr), compile the kernels on the first run (with a progress bar) and regroup the KV heads.
 
     The values are checked first, by the library (:func:`~mqa_gen.generate.validate_generation`),
-    so a bad one fails before the model loads; the error names the option.
+    so a bad one fails before the model loads; the error names the option. ``--seed -1`` or no
+    seed draws one (:func:`~mqa_gen.sampling.draw_seed`) unless ``draw_seed`` is False (then the
+    seed stays None: ``batch`` draws one per prompt). A ``--ctx-size`` above the context the model
+    was trained on gets a one-line warning on stderr (even with ``quiet``: it changes the text).
 
     Raises:
-        OptionError: a sampling value out of range, ``-n`` ≤ 0 or ``--ctx-size`` ≤ 0.
+        OptionError: a sampling value out of range, ``-n`` 0 or < -1, ``--ctx-size`` ≤ 0, or
+            ``--seed`` < -1.
         MqaGenError: a model that cannot be loaded (:func:`~mqa_gen.loading.load`);
             ``ConfigError``, a ``--kv-heads`` that does not divide the query heads.
     """
+    from dataclasses import replace
+
+    from ..chat import end_of_turn_ids
     from ..generate import validate_generation
     from ..regroup import regroup_model
-    from ..sampling import SamplingParams
+    from ..sampling import SamplingParams, draw_seed as draw
 
+    if seed is not None and seed < RANDOM_SEED:
+        raise OptionError(f"--seed must be an integer >= 0 (-1 = random), got {seed}")
+    if seed == RANDOM_SEED:
+        seed = None
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
     try:
         validate_generation(params, max_tokens, ctx_size)
     except SamplingError as e:
         raise OptionError(f"{OPTION_NAMES.get(e.field, e.field)} {e.reason}") from None
+    if seed is None and draw_seed:
+        params = replace(params, seed=draw())
     set_threads(threads)
     loaded = load_model(model, quiet)  # before compiling, so a bad model file fails at once
+    trained = loaded.config.context_length
+    if ctx_size is not None and ctx_size > trained:
+        stderr.print(f"[yellow]warning: --ctx-size {ctx_size:,} is above the {trained:,}-token context the model was "
+                     "trained on; text past it may degrade[/yellow]", soft_wrap=True)
+    if ignore_eos:
+        params = replace(params, suppress_ids=frozenset(end_of_turn_ids(loaded.tokenizer)))
     ensure_kernels(quiet)
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
     return GenerationSetup(loaded, net, params, max_tokens, tuple(stop), ctx_size or net.config.context_length,
-                           cache_dtype)
+                           cache_dtype, ignore_eos)

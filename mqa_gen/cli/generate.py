@@ -10,7 +10,17 @@ import time
 import click
 
 from ..errors import PromptError
-from .common import generation_options, mib, model_option, setup_generation, stderr, threads_option
+from .common import (
+    chat_template_option,
+    generation_options,
+    mib,
+    model_option,
+    read_chat_template,
+    setup_generation,
+    stderr,
+    system_prompt_option,
+    threads_option,
+)
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -36,31 +46,50 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return text
 
 
-def build_prompt_ids(loaded, text: str, chat: bool | None) -> tuple[list[int], set[int], bool]:
+def build_prompt_ids(loaded, text: str, chat: bool | None, system: str | None = None,
+                     template: str | None = None) -> tuple[list[int], set[int], bool]:
     """Token ids of the prompt, the end-of-generation ids, and whether the chat template was used.
 
+    The template is ``template`` (``--chat-template-file``) or the model's; ``chat`` None uses it
+    when there is one. ``system`` (``--system-prompt``) becomes a system message before the user's.
     Generation ends on EOS or any end-of-turn token the vocabulary has (Gemma: ``<eos>`` and
-    ``<end_of_turn>``), with or without the template, as llama.cpp's end-of-generation set does."""
-    from ..chat import end_of_turn_ids, render_chat
+    ``<end_of_turn>``), with or without the template, as llama.cpp's end-of-generation set does.
+
+    Raises:
+        PromptError: ``--chat`` without a template; a system prompt or template file with
+            ``--no-chat`` (or with no template to put the system prompt in).
+        ChatTemplateError: the template fails to render.
+    """
+    from ..chat import end_of_turn_ids, render_prompt
 
     tok = loaded.tokenizer
-    use_chat = tok.chat_template is not None if chat is None else chat
+    has_template = template is not None or tok.chat_template is not None
+    use_chat = has_template if chat is None else chat
     if use_chat:
-        if tok.chat_template is None:
-            raise PromptError("--chat: this model has no chat template")
-        text = render_chat(tok.chat_template, [{"role": "user", "content": text}], add_generation_prompt=True)
+        if not has_template:
+            raise PromptError("--chat: this model has no chat template (give one with --chat-template-file)")
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        text = render_prompt(tok, messages + [{"role": "user", "content": text}], template)
+    elif system is not None:
+        raise PromptError("--system-prompt needs the chat template: drop --no-chat"
+                          if chat is False else "--system-prompt: this model has no chat template "
+                          "(give one with --chat-template-file)")
+    elif template is not None:
+        raise PromptError("--chat-template-file cannot be used with --no-chat")
     return tok.encode(text), end_of_turn_ids(tok), use_chat
 
 
-def print_stats(stats, finish_reason: str | None, load_seconds: float) -> None:
-    """One compact block of figures on stderr."""
+def print_stats(stats, finish_reason: str | None, load_seconds: float, seed: int | None = None) -> None:
+    """One compact block of figures on stderr; the first line ends with the seed used (pass it
+    back with ``--seed`` to repeat a sampled run)."""
     s = stats
     heads = "1 KV head, MQA" if s.n_kv_heads == 1 else f"{s.n_kv_heads} KV heads"
     reuse = f" ({s.reused_tokens} reused, {s.prefill_tokens} prefilled)" if s.reused_tokens else ""
     stderr.print(
         f"[bold]prompt[/bold] {s.prompt_tokens} tok{reuse}, {s.prefill_tokens_per_s:,.1f} tok/s  "
         f"[bold]generated[/bold] {s.generated_tokens} tok, {s.decode_tokens_per_s:,.1f} tok/s  "
-        f"[bold]finish[/bold] {finish_reason or 'interrupted'}\n"
+        f"[bold]finish[/bold] {finish_reason or 'interrupted'}"
+        + (f"  [bold]seed[/bold] {seed}" if seed is not None else "") + "\n"
         f"[bold]KV cache[/bold] {mib(s.kv_cache_bytes)} used ({s.kv_bytes_per_token:,} B/token, "
         f"{heads}), {mib(s.kv_cache_capacity_bytes)} reserved  "
         f"[bold]peak RSS[/bold] {mib(s.peak_rss_bytes)}  [bold]load[/bold] {load_seconds:.2f} s",
@@ -94,6 +123,8 @@ def open_prompt_cache(path: str, loaded, net, ctx: int, cache_dtype: str):
 @model_option
 @generation_options
 @click.option("--chat/--no-chat", default=None, help="Apply the model's chat template (default: on if it has one).")
+@system_prompt_option()
+@chat_template_option
 @click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Reuse the KV cache saved in FILE for the prompt's common prefix, then save this run's cache there.")
 @click.option("--json", "as_json", is_flag=True, help="No streaming; print one JSON object on stdout.")
@@ -101,12 +132,17 @@ def open_prompt_cache(path: str, loaded, net, ctx: int, cache_dtype: str):
               help="With --json: each token's logprob and its N most likely alternatives (OpenAI's shape).")
 @click.option("-q", "--quiet", is_flag=True, help="No stats or progress on stderr.")
 @threads_option
-def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, logprobs, quiet, threads, **options):
+def generate(prompt, prompt_file, model, chat, system, chat_template_file, prompt_cache, as_json, logprobs, quiet,
+             threads, **options):
     """Generate text from a prompt, streaming it to stdout.
 
     With --prompt-cache FILE, the KV cache and its token ids are kept in FILE: the next run reuses
     the longest common prefix of the cached tokens and its prompt, prefills only the rest, and
     updates FILE. A FILE made by another model, --kv-heads or --cache-dtype is refused (exit 2).
+
+    Without --seed (or with --seed -1) a random seed is drawn and reported on stderr and in --json,
+    so a sampled run can be repeated. llama.cpp's spellings work too: -c, -t, -s, --temperature,
+    --n-predict, -r/--reverse-prompt, -sys/--system-prompt, --ignore-eos.
     """
     from ..generate import stream_generate
     from ..logprobs import TokenLogprob, openai_logprobs
@@ -114,9 +150,10 @@ def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, logprobs, 
     if logprobs is not None and not as_json:
         raise PromptError("--logprobs is reported in the --json output: add --json")
     text = read_prompt(prompt, prompt_file)
+    template = read_chat_template(chat_template_file)
     setup = setup_generation(model, quiet, threads, **options)
     loaded = setup.loaded
-    ids, eos_ids, _ = build_prompt_ids(loaded, text, chat)
+    ids, eos_ids, _ = build_prompt_ids(loaded, text, chat, system, template)
     cache = model_id = None
     if prompt_cache is not None:
         t0 = time.perf_counter()
@@ -146,8 +183,13 @@ def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, logprobs, 
         stats["load_seconds"] = loaded.load_seconds
         if prompt_cache is not None:  # identity digest + reading the file: part of the time to first token
             stats["prompt_cache_seconds"] = prompt_cache_seconds
+        completion = len(gen.token_ids)
         result = {"model": loaded.name, "prompt_tokens": len(ids), "token_ids": gen.token_ids,
-                  "text": gen.text, "finish_reason": gen.finish_reason or "interrupted", "stats": stats}
+                  "text": gen.text, "finish_reason": gen.finish_reason or "interrupted",
+                  "stop_string": gen.stop_string, "settings": setup.settings(),
+                  "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
+                            "total_tokens": len(ids) + completion},
+                  "stats": stats}
         if logprobs is not None:
             result["logprobs"] = openai_logprobs(loaded.tokenizer, token_logprobs)
         json.dump(result, out, ensure_ascii=False)
@@ -156,7 +198,7 @@ def generate(prompt, prompt_file, model, chat, prompt_cache, as_json, logprobs, 
         out.write("\n")
     out.flush()
     if not quiet:
-        print_stats(gen.stats, gen.finish_reason, loaded.load_seconds)
+        print_stats(gen.stats, gen.finish_reason, loaded.load_seconds, setup.params.seed)
     if prompt_cache is not None:  # also after Ctrl-C: the cache is consistent, and the write atomic
         from ..prompt_cache import save_prompt_cache
 

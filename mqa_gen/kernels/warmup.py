@@ -14,6 +14,7 @@ import hashlib
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numba
@@ -41,13 +42,19 @@ def kernels_are_compiled() -> bool:
     return _marker_path().exists()
 
 
-def compile_kernels() -> None:
+def compile_kernels(progress: Callable[[int, int], None] | None = None) -> None:
     """Run each kernel module's ``warm_up()`` (:data:`WARMED_MODULES`: every kernel called once on
     tiny inputs with every argument type the model uses), so Numba compiles and caches them; then
     write the marker file. A marker that cannot be written only costs compiling being announced
-    again next run."""
-    for module in WARMED_MODULES:
+    again next run. ``progress(done, total)`` is called before the first module and after each
+    (modules warmed, of all), for a progress bar."""
+    total = len(WARMED_MODULES)
+    for done, module in enumerate(WARMED_MODULES):
+        if progress is not None:
+            progress(done, total)
         module.warm_up()
+    if progress is not None:
+        progress(total, total)
     marker = _marker_path()
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
