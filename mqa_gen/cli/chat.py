@@ -104,6 +104,8 @@ def run_session(session: ChatSession, stdin=None, stdout=None) -> None:
     """Read lines after the ``> `` prompt until end of input or ``/exit``, answering each."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    if hasattr(stdin, "reconfigure"):  # a line that is not UTF-8 reaches the session as surrogates and
+        stdin.reconfigure(errors="surrogateescape")  # is refused there, not a UnicodeDecodeError here
     while True:
         try:
             stdout.write(PROMPT)
