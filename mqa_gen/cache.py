@@ -24,9 +24,11 @@ is :mod:`mqa_gen.prompt_cache`'s job.
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 
+from .errors import SizeError
 from .kv_storage import CacheStorage, storage_type
 
 
@@ -40,6 +42,49 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
+def memory_limit_bytes() -> int | None:
+    """Physical memory plus swap, in bytes (``MemTotal`` + ``SwapTotal`` of /proc/meminfo; where
+    there is none, the physical pages ``sysconf`` reports), or None when neither is known: the
+    most a KV cache can ever fill, however lazily it is mapped."""
+    try:
+        fields = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                fields[name] = int(rest.split()[0]) * 1024
+        return fields["MemTotal"] + fields.get("SwapTotal", 0)
+    except (OSError, ValueError, IndexError, KeyError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_cache_fits(n_bytes: int, n_tokens: int, sequences: int = 1) -> None:
+    """Refuse a KV cache of ``n_bytes`` bytes (a Python int: no overflow for absurd sizes) for
+    ``sequences`` sequences of ``n_tokens`` tokens when it exceeds :func:`memory_limit_bytes`.
+
+    The arrays are mapped lazily (:func:`lazy_zeros`), so a cache costs memory only as it fills;
+    but one that could never fill on this machine is a wrong ``--ctx-size`` or a damaged model
+    file, and refusing it now beats an ``OSError`` from ``mmap`` or an out-of-memory kill later.
+
+    Raises:
+        SizeError: one line with the bytes needed and the machine's memory.
+    """
+    limit = memory_limit_bytes()
+    if limit is not None and n_bytes > limit:
+        who = f"{sequences} sequences of {n_tokens:,} tokens" if sequences > 1 else f"a context of {n_tokens:,} tokens"
+        raise SizeError(f"the KV cache for {who} needs {n_bytes / 2**30:,.1f} GiB, more than this machine's "
+                        f"memory and swap ({limit / 2**30:,.1f} GiB): lower --ctx-size")
+
+
+def _allocation_error(n_tokens: int, error: BaseException) -> SizeError:
+    """An allocation that failed although :func:`check_cache_fits` passed (address space, limits)."""
+    return SizeError(f"cannot allocate a KV cache of {n_tokens:,} tokens ({type(error).__name__}: "
+                     f"{error}): lower --ctx-size")
+
+
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, itemsize: int) -> int:
     """Bytes of K and V one token occupies across all layers (int, bytes)."""
     return 2 * n_layers * n_kv_heads * head_dim * itemsize
@@ -50,6 +95,12 @@ def kv_bytes(n_tokens: int, windows, n_kv_heads: int, head_dim: int, itemsize: i
     ``windows[i]`` positions (0 = all of them: a full-attention layer)."""
     rows = sum(min(n_tokens, w) if w else n_tokens for w in windows)
     return 2 * rows * n_kv_heads * head_dim * itemsize
+
+
+def _cache_bytes(n_kv_heads: int, head_dim: int, max_seq_len: int, storage: CacheStorage, windows) -> int:
+    """Bytes one sequence's cache maps for ``max_seq_len`` tokens: K and V of every layer (a
+    sliding-window layer holds at most its window) and the int64 token id of each position."""
+    return kv_bytes(max_seq_len, windows, n_kv_heads, head_dim, storage.itemsize) + 8 * max_seq_len
 
 
 class LayerCache:
@@ -191,6 +242,8 @@ class KVCache:
 
     Raises:
         ValueError: a dimension ≤ 0, an unknown dtype, or a windows list of the wrong length.
+        SizeError: a cache larger than this machine's memory and swap (:func:`check_cache_fits`),
+            or one whose arrays cannot be mapped.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
@@ -206,14 +259,19 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.windows = windows
         self.pool, self.slot = pool, slot
+        if pool is None:  # a pool checked the whole of its arrays already
+            check_cache_fits(_cache_bytes(n_kv_heads, head_dim, max_seq_len, self.storage, windows), max_seq_len)
 
         def arrays(layer: int):
             return None if pool is None else (pool.keys[layer][slot], pool.values[layer][slot])
 
-        self.layers = [RingLayerCache(n_kv_heads, min(w, max_seq_len), head_dim, self.storage, w, arrays(i)) if w
-                       else LayerCache(n_kv_heads, max_seq_len, head_dim, self.storage, arrays(i))
-                       for i, w in enumerate(windows)]
-        self._ids = np.full(max_seq_len, -1, dtype=np.int64)  # token id per position, -1 = unknown
+        try:
+            self.layers = [RingLayerCache(n_kv_heads, min(w, max_seq_len), head_dim, self.storage, w, arrays(i))
+                           if w else LayerCache(n_kv_heads, max_seq_len, head_dim, self.storage, arrays(i))
+                           for i, w in enumerate(windows)]
+            self._ids = np.full(max_seq_len, -1, dtype=np.int64)  # token id per position, -1 = unknown
+        except (MemoryError, OverflowError, OSError, ValueError) as e:
+            raise _allocation_error(max_seq_len, e) from None
         self.length = 0
 
     @property
@@ -362,6 +420,7 @@ class KVCachePool:
 
     Raises:
         ValueError: a dimension ≤ 0, an unknown dtype, or a bad windows list.
+        SizeError: the slots together need more than this machine's memory and swap.
     """
 
     def __init__(self, n_slots: int, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
@@ -371,8 +430,14 @@ class KVCachePool:
         storage = storage_type(dtype)
         windows = tuple(int(w) for w in windows) if windows is not None else (0,) * n_layers
         capacities = [min(w, max_seq_len) if w else max_seq_len for w in windows]
-        self.keys = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype) for cap in capacities]
-        self.values = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype) for cap in capacities]
+        check_cache_fits(n_slots * _cache_bytes(n_kv_heads, head_dim, max_seq_len, storage, windows), max_seq_len,
+                         n_slots)
+        try:
+            self.keys = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype) for cap in capacities]
+            self.values = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype)
+                           for cap in capacities]
+        except (MemoryError, OverflowError, OSError, ValueError) as e:
+            raise _allocation_error(max_seq_len, e) from None
         self.caches = [KVCache(n_layers, n_kv_heads, head_dim, max_seq_len, storage, windows, pool=self, slot=i)
                        for i in range(n_slots)]
 

@@ -28,6 +28,7 @@ from .errors import PromptError
 from .generate import Generation, GenerationStats, stream_generate
 from .prompt_cache import load_prompt_cache, model_identity, save_prompt_cache
 from .sampling import SamplingParams
+from .tokenizer import check_utf8
 
 
 @dataclass
@@ -73,7 +74,8 @@ class ChatSession:
         last_finish: the last turn's :attr:`ChatTurn.finish_reason` (None before the first).
 
     Raises:
-        PromptError: the model has no chat template and none is given.
+        PromptError: the model has no chat template and none is given, or the system prompt is not
+            valid UTF-8.
     """
 
     loaded: object
@@ -94,6 +96,8 @@ class ChatSession:
         if tok.chat_template is None and self.chat_template is None:
             raise PromptError("this model has no chat template; give one with --chat-template-file, "
                               "or use `mqa-gen generate --no-chat`")
+        if self.system is not None:
+            check_utf8(self.system, "the system prompt")
         self.cache = self.net.new_cache(self.ctx, self.cache_dtype)
         self.eos_ids = end_of_turn_ids(tok)
         self._model_id: str | None = None
@@ -149,8 +153,10 @@ class ChatSession:
         up the generation on the session's cache. Iterate ``turn.generation``, then :meth:`commit`.
 
         Raises:
-            PromptError: the message cannot fit the context even alone (nothing is changed).
+            PromptError: the message is not valid UTF-8 (lone surrogates, :func:`~mqa_gen.tokenizer.check_utf8`)
+                or cannot fit the context even alone (nothing is changed).
         """
+        check_utf8(text, "this message")
         messages, ids, dropped = self.fit(self.messages + [{"role": "user", "content": text}])
         gen = stream_generate(self.net, self.loaded.tokenizer, ids, params=self.params, max_tokens=self.max_tokens,
                               stop=self.stop, eos_ids=self.eos_ids, cache=self.cache)

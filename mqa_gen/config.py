@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from .cache import kv_bytes, kv_bytes_per_token
 from .errors import ConfigError, UnsupportedModelError
 from .gguf_file import GGUFFile
 from .kv_heads import attention_kind
+
+
+#: The longest context a config may claim: llama.cpp numbers positions with an int32
+#: (``llama_pos``), so no GGUF model addresses more. Whether a context fits this machine is the KV
+#: cache's question (:func:`mqa_gen.cache.check_cache_fits`).
+MAX_CONTEXT_LENGTH = 2**31 - 1
+
+
+_FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_positive_float(field: str, value) -> None:
+    """ConfigError unless ``value`` is a finite real number > 0 that stays > 0 as float32 (the
+    kernels' type: an epsilon of 1e-50 would be 0 there and a zero row would divide by zero)."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and _FLOAT32_TINY <= value <= _FLOAT32_MAX)
+    if not ok:
+        raise ConfigError(f"{field} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -23,8 +45,9 @@ class ModelConfig:
     (Gemma 3: 10,000 locally, ``rope_theta`` globally; 0 = ``rope_theta``).
 
     Raises:
-        ConfigError: a count ≤ 0, n_heads not divisible by n_kv_heads, or a windows list of
-            another length than n_layers.
+        ConfigError: a count ≤ 0, n_heads not divisible by n_kv_heads, a windows list of another
+            length than n_layers, a context beyond :data:`MAX_CONTEXT_LENGTH`, or a RoPE base or
+            norm epsilon that is not a finite number > 0 (NaN there would reach every kernel).
     """
 
     architecture: str
@@ -49,6 +72,13 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        if self.context_length > MAX_CONTEXT_LENGTH:
+            raise ConfigError(f"context_length {self.context_length:,} is beyond the {MAX_CONTEXT_LENGTH:,} "
+                              "positions GGUF models address")
+        _check_positive_float("rope_theta", self.rope_theta)
+        _check_positive_float("norm_eps", self.norm_eps)
+        if self.rope_local_theta:  # 0 = use rope_theta
+            _check_positive_float("rope_local_theta", self.rope_local_theta)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
@@ -135,7 +165,13 @@ def read_config(gguf: GGUFFile, arch: str, extras) -> ModelConfig:
     else:
         head_dim = 0  # ModelConfig reports the zero head count itself
     tokens = gguf.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else None  # another type: the tokenizer reports it
     n_layers = key("block_count", int)
+    # Every layer has several tensors of its own, so a file with fewer tensors than layers is
+    # damaged; refuse it before anything (architecture extras, tensor lists) is built per layer.
+    if n_layers > len(gguf.tensors):
+        raise ConfigError(f"GGUF metadata {arch}.block_count is {n_layers:,} but {path} holds only "
+                          f"{len(gguf.tensors):,} tensors")
     extra = extras(gguf, n_layers, key)
     dims = dict(
         n_layers=n_layers,

@@ -55,5 +55,16 @@ class SamplingError(MqaGenError):
         return type(self), (self.field, self.reason)
 
 
+class SizeError(MqaGenError):
+    """A size from a model file, a prompt-cache file or a flag that this machine cannot allocate:
+    a KV cache larger than its physical memory and swap (``--ctx-size 2**40``, a model that
+    claims a context of two billion tokens)."""
+
+
+class NumericalError(MqaGenError):
+    """The model computed NaN or infinite logits: a damaged model file (garbage or NaN weights) or
+    a damaged prompt cache, since finite weights and a finite cache cannot give them."""
+
+
 class ChatTemplateError(MqaGenError):
     """A chat template that fails to parse or render, or that tries something the sandbox forbids."""

@@ -31,7 +31,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from .errors import ModelFileError, UnsupportedModelError
+from .errors import ModelFileError, MqaGenError, UnsupportedModelError
 from .gguf_file import GGUFFile
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -450,8 +450,22 @@ def build_vocab(gguf: GGUFFile) -> Vocab:
     Raises:
         UnsupportedModelError: ``tokenizer.ggml.model`` or ``tokenizer.ggml.pre`` is one this
             project cannot build, or the file has no ``tokenizer.ggml.tokens``.
-        ModelFileError: the token list and the token-type list (or scores) differ in length.
+        ModelFileError: the token list and the token-type list (or scores) differ in length, or
+            any other tokenizer metadata the builders or the ``tokenizers`` library reject (a
+            merge naming a token that is not in the vocabulary, a token list of numbers, …).
     """
+    try:
+        return _build_vocab(gguf)
+    except MqaGenError:
+        raise
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises bare Exception; damaged values raise anything
+        lines = str(e).strip().splitlines()
+        detail = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ModelFileError(f"invalid tokenizer metadata in {gguf.path}: {detail}") from None
+
+
+def _build_vocab(gguf: GGUFFile) -> Vocab:
+    """:func:`build_vocab` without the mapping of unexpected failures to ModelFileError."""
     md = gguf.metadata
     model = md.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in md:
@@ -462,14 +476,24 @@ def build_vocab(gguf: GGUFFile) -> Vocab:
         raise UnsupportedModelError(
             f"unsupported tokenizer model tokenizer.ggml.model={model!r} (supported: {known})"
         )
+    template = md.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ModelFileError(f"tokenizer.chat_template in {gguf.path} is not text")
     vocab = builder(md)
     n = len(vocab.pieces)
+    bos_id = _opt_id(md, "tokenizer.ggml.bos_token_id", n)
+    add_bos = md.get("tokenizer.ggml.add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise ModelFileError(f"tokenizer.ggml.add_bos_token in {gguf.path} is not true or false: {add_bos!r:.40}")
+    if add_bos and bos_id is None:  # every prompt would need a token the vocabulary lacks
+        raise ModelFileError(f"tokenizer.ggml.add_bos_token is set in {gguf.path} but it has no valid "
+                             "tokenizer.ggml.bos_token_id")
     return dataclasses.replace(
         vocab,
-        bos_id=_opt_id(md, "tokenizer.ggml.bos_token_id", n),
+        bos_id=bos_id,
         eos_id=_opt_id(md, "tokenizer.ggml.eos_token_id", n),
-        add_bos=bool(md.get("tokenizer.ggml.add_bos_token", False)),
-        chat_template=md.get("tokenizer.chat_template"),
+        add_bos=add_bos,
+        chat_template=template,
     )
 
 

@@ -34,7 +34,7 @@ from .kernels.quant import (
     repack_q6_k,
     repack_q8_0,
 )
-from .weights import require_tensor, tensor_f32
+from .weights import check_finite, require_tensor, tensor_f32
 
 #: Tensor types kept quantised in memory (others are dequantised to float32 at load), with the
 #: repacking into the kernels' layout (see :mod:`mqa_gen.kernels.quant`) and the row length unit.
@@ -234,11 +234,13 @@ def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):
 
     Raises:
         UnsupportedModelError: missing tensor, unsupported type or unexpected shape.
+        ModelFileError: NaN or infinite weights (or block scales).
     """
     tensor = require_tensor(gguf, name)
     kernel = REPACKERS.get(tensor.type_name)
     if kernel is not None and shape[1] % kernel[1] == 0 and tuple(tensor.shape) == tuple(shape):
         linear = QuantizedLinear(np.asarray(tensor.data), tensor.type_name, *shape)
         gguf.release(tensor)  # repacked: the file's copy of these bytes can leave memory
+        check_finite(gguf, name, linear.scales, linear.mins)  # the codes are integers
         return linear
     return DenseLinear(tensor_f32(gguf, name, shape))

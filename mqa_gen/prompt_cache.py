@@ -4,15 +4,17 @@ A prompt cache lets a later run skip the prefill of a prompt prefix it has alrea
 (``mqa-gen generate --prompt-cache FILE``, ``/save`` and ``/load`` in ``mqa-gen chat``,
 :func:`save_prompt_cache` / :func:`load_prompt_cache` in Python).
 
-File format (version 1): an uncompressed NumPy ``.npz`` archive (a zip of ``.npy`` arrays; every
-member has a CRC-32, so flipped bytes are detected), read with ``allow_pickle=False`` — no pickle
-is ever written or accepted. Members:
+File format (version 2): an uncompressed NumPy ``.npz`` archive (a zip of ``.npy`` arrays; every
+member has a CRC-32, so flipped bytes are detected). No pickle is ever written or accepted: the
+reader parses each member's ``.npy`` header itself and takes only the dtype and shape it expects.
+Members:
 
-* ``meta``: uint8 [n] — UTF-8 JSON: ``format`` (``"mqa-gen-prompt-cache"``), ``version`` (1),
+* ``meta``: uint8 [n] — UTF-8 JSON: ``format`` (``"mqa-gen-prompt-cache"``), ``version`` (2),
   ``model_id`` (see :func:`model_identity`), ``model_name``, ``n_layers``, ``n_kv_heads``,
   ``head_dim``, ``dtype`` (``"float32"``/``"float16"``), ``length`` (tokens stored), ``extra``
   (a JSON object for the caller, e.g. a chat's messages), ``windows`` (per layer, the sliding
-  window, 0 = full attention; absent means all full);
+  window, 0 = full attention; absent means all full), ``digest`` (:func:`arrays_digest` of the
+  members below: a SHA-256 in hex);
 * ``tokens``: int64 [length] — the token id at each stored position (-1 = unknown);
 * ``k_0`` … ``k_{L-1}``, ``v_0`` … ``v_{L-1}``: [n_kv_heads, rows, head_dim], float32, or
   uint16 holding float16 bit patterns — the rows the layer holds, in position order: ``length``
@@ -23,6 +25,19 @@ and fsynced, then ``os.replace``-d over the destination (and the folder is fsync
 kill at any moment leaves either the old file or the new one, never a mixture. A killed writer may
 leave its temporary ``.<name>.*.tmp`` file behind; it is never read.
 
+Reading trusts nothing in the file before checking it against what the file can hold: only a
+regular file is opened (a FIFO or a device would block or never end); every member must be stored
+uncompressed (so nothing inflates beyond the file's own size), appear once, and have exactly the
+size its ``.npy`` header and the ``meta`` dimensions imply before any array is allocated; the
+layer count must match the members present. Then the ``digest`` must match the arrays: the CRC-32
+catches damage, the digest catches K/V data changed by a tool that rewrote a member whole
+(zeroed, scaled, duplicated), which would otherwise silently change the generated text. It is a
+check of integrity, not of authenticity: whoever can write the file can also write a new digest.
+
+Version 1 files (before the digest) are refused with a note to delete them: their K/V data cannot
+be verified, and a prompt cache is derived data that the next run rebuilds with one prefill, so
+refusing costs seconds where accepting could silently change the output.
+
 Every refusal is a :class:`PromptCacheError` whose message is one line naming the file, which the
 CLI prints as ``error: …`` with exit code 2.
 """
@@ -32,6 +47,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -42,7 +59,7 @@ from .errors import MqaGenError
 from .kv_storage import STORAGE_TYPES
 
 FORMAT = "mqa-gen-prompt-cache"
-VERSION = 1
+VERSION = 2
 #: Bytes hashed from the start and from the end of every tensor's data for the identity.
 SAMPLE_BYTES = 1024
 ZIP_MAGIC = b"PK\x03\x04"  # an .npz archive is a zip file
@@ -120,23 +137,22 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
     """
     path = os.fspath(path)
     n = cache.length
+    arrays: dict[str, np.ndarray] = {"tokens": np.array(cache.token_ids, dtype=np.int64)}
+    for layer in range(cache.n_layers):
+        # (KV, rows, D): the rows held, in position order; not the capacity
+        arrays[f"k_{layer}"], arrays[f"v_{layer}"] = cache.layers[layer].rows(n, n)
     meta = {
         "format": FORMAT, "version": VERSION, "model_id": model_id,
         "model_name": model_name,
         "n_layers": cache.n_layers, "n_kv_heads": cache.n_kv_heads, "head_dim": cache.head_dim,
         "dtype": cache.dtype, "length": n, "extra": extra or {}, "windows": list(cache.windows),
+        "digest": arrays_digest(arrays),
     }
     try:
         meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise PromptCacheError(f"cannot save prompt cache {path}: extra data is not JSON: {e}") from None
-    arrays: dict[str, np.ndarray] = {
-        "meta": np.frombuffer(meta_bytes, dtype=np.uint8),
-        "tokens": np.array(cache.token_ids, dtype=np.int64),
-    }
-    for layer in range(cache.n_layers):
-        # (KV, rows, D): the rows held, in position order; not the capacity
-        arrays[f"k_{layer}"], arrays[f"v_{layer}"] = cache.layers[layer].rows(n, n)
+    arrays = {"meta": np.frombuffer(meta_bytes, dtype=np.uint8), **arrays}
 
     try:
         with atomic_write(path) as tmp:
@@ -146,6 +162,19 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
         return size
     except OSError as e:
         raise PromptCacheError(f"cannot save prompt cache {path}: {e.strerror or e}") from None
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of a prompt cache's arrays: ``tokens``, then ``k_0``, ``v_0``, ``k_1`` … in
+    that order, each as its name, dtype and shape, then its bytes (C order). About 20 ms per
+    30 MB (the cache of 700 SmolLM2 tokens) with the CPU's SHA instructions."""
+    h = hashlib.sha256(b"mqa-gen prompt-cache arrays v2\0")
+    n_layers = (len(arrays) - 1) // 2
+    for name in ["tokens"] + [f"{kv}_{i}" for i in range(n_layers) for kv in "kv"]:
+        array = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{array.dtype.str}:{list(array.shape)}\0".encode())
+        h.update(array.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
 
 
 # ───────────────────────────── load ─────────────────────────────
@@ -158,8 +187,8 @@ def read_prompt_cache_meta(path: str | os.PathLike[str]) -> dict:
         PromptCacheError: missing, unreadable, not a prompt-cache file, or another format version.
     """
     path = os.fspath(path)
-    with _open(path) as npz:
-        return _meta(npz, path)
+    with _Archive(path) as archive:
+        return _meta(archive, path)
 
 
 def load_prompt_cache(
@@ -191,8 +220,8 @@ def load_prompt_cache(
             model, KV-head count, layer count, head size or cache dtype. One line naming the file.
     """
     path = os.fspath(path)
-    with _open(path) as npz:
-        meta = _meta(npz, path)
+    with _Archive(path) as archive:
+        meta = _meta(archive, path)
         if meta["model_id"] != model_id:
             name = f" ({meta['model_name']})" if meta.get("model_name") else ""
             raise PromptCacheError(f"prompt cache {path} was made by a different model{name}; "
@@ -210,23 +239,33 @@ def load_prompt_cache(
             raise PromptCacheError(f"prompt cache {path} holds a {meta['dtype']} cache, "
                                    f"this run uses --cache-dtype {dtype}")
         n = meta["length"]
-        keep = n if max_seq_len is None else min(n, max_seq_len)
-        capacity = max(max_seq_len or n, 1)
         windows = meta["windows"]
-        if keep < n and any(w and n > w for w in windows):
-            raise PromptCacheError(f"prompt cache {path} holds {n} tokens, more than this run's context "
-                                   f"{keep}, and its sliding-window layers cannot be cut back")
-        cache = KVCache(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], capacity, meta["dtype"], windows)
-        storage = cache.storage.array_dtype
-        tokens = _array(npz, "tokens", path, (n,), np.dtype(np.int64))
+        storage = STORAGE_TYPES[meta["dtype"]].array_dtype
+        shapes = {"tokens": ((n,), np.dtype(np.int64))}
         for layer, window in enumerate(windows):
-            rows = min(n, window) if window else n
-            row_shape = (meta["n_kv_heads"], rows, meta["head_dim"])
-            k = _array(npz, f"k_{layer}", path, row_shape, storage)
-            v = _array(npz, f"v_{layer}", path, row_shape, storage)
-            positions = np.arange(n - rows, n)
-            wanted = (positions < keep) & (positions >= keep - cache.capacity(layer))
-            cache.layers[layer].load_rows(k[:, wanted, :], v[:, wanted, :], positions[wanted])
+            row_shape = (meta["n_kv_heads"], min(n, window) if window else n, meta["head_dim"])
+            shapes[f"k_{layer}"] = shapes[f"v_{layer}"] = (row_shape, storage)
+        for name, (shape, array_dtype) in shapes.items():  # sizes first: nothing read or allocated yet
+            archive.check_member(name, shape, array_dtype)
+        arrays = {name: archive.read(name, shape, array_dtype) for name, (shape, array_dtype) in shapes.items()}
+    if arrays_digest(arrays) != meta["digest"]:
+        raise PromptCacheError(f"prompt cache {path} is corrupt: its K/V data does not match the digest "
+                               "saved with it (changed after it was written); delete it or choose another file")
+    for name, array in arrays.items():
+        if name != "tokens" and not _all_finite(array):
+            raise PromptCacheError(f"prompt cache {path} is corrupt: {name} holds NaN or infinite values")
+    tokens = arrays["tokens"]
+    keep = n if max_seq_len is None else min(n, max_seq_len)
+    capacity = max(max_seq_len or n, 1)
+    if keep < n and any(w and n > w for w in windows):
+        raise PromptCacheError(f"prompt cache {path} holds {n} tokens, more than this run's context "
+                               f"{keep}, and its sliding-window layers cannot be cut back")
+    cache = KVCache(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], capacity, meta["dtype"], windows)
+    for layer, window in enumerate(windows):
+        k, v = arrays[f"k_{layer}"], arrays[f"v_{layer}"]
+        positions = np.arange(n - k.shape[1], n)
+        wanted = (positions < keep) & (positions >= keep - cache.capacity(layer))
+        cache.layers[layer].load_rows(k[:, wanted, :], v[:, wanted, :], positions[wanted])
     if n and tokens.min() < -1:
         raise PromptCacheError(f"prompt cache {path} is corrupt: negative token ids")
     cache.advance(keep)
@@ -234,21 +273,47 @@ def load_prompt_cache(
     return cache, meta.get("extra", {})
 
 
-class _open:
-    """``np.load`` of an archive as a context manager, with every failure as one line."""
+class _Archive:
+    """A prompt-cache file opened for reading, as a context manager: the checks of the module
+    docstring on the file and its zip directory, then members read one at a time, each checked
+    before its data is read. Every failure is one :class:`PromptCacheError` line."""
 
     def __init__(self, path: str):
         self.path = path
+        self.file = None
 
-    def __enter__(self):
+    def __enter__(self) -> "_Archive":
         path = self.path
-        if not os.path.exists(path):
-            raise PromptCacheError(f"prompt cache {path} does not exist")
-        if os.path.isdir(path):
-            raise PromptCacheError(f"prompt cache {path} is a directory")
         try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
+            # O_NONBLOCK: opening a FIFO without a writer would wait forever; the file is then
+            # checked to be a regular file before a byte is read.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise PromptCacheError(f"prompt cache {path} does not exist") from None
+        except OSError as e:
+            raise PromptCacheError(f"cannot read prompt cache {path}: {e.strerror or e}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise PromptCacheError(f"prompt cache {path} is a directory")
+            if not stat.S_ISREG(mode):
+                raise PromptCacheError(f"prompt cache {path} is not a regular file (a FIFO, socket or device); "
+                                       "choose a file")
+            self.file = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            self._check_file()
+        except BaseException:
+            self.file.close()
+            raise
+        return self
+
+    def _check_file(self) -> None:
+        path, f = self.path, self.file
+        try:
+            magic = f.read(4)
         except OSError as e:
             raise PromptCacheError(f"cannot read prompt cache {path}: {e.strerror or e}") from None
         if magic != ZIP_MAGIC:
@@ -256,45 +321,112 @@ class _open:
             raise PromptCacheError(f"prompt cache {path} is not a prompt-cache file ({what}); "
                                    "delete it or choose another file")
         try:
-            self.npz = np.load(path, allow_pickle=False)
+            self.zip = zipfile.ZipFile(f)
+            infos = self.zip.infolist()
         except OSError as e:
             raise PromptCacheError(f"cannot read prompt cache {path}: {e.strerror or e}") from None
-        except Exception as e:  # BadZipFile, ValueError (not an .npy/.npz), EOFError on truncation
+        except Exception as e:  # BadZipFile, ValueError, EOFError, … on a damaged directory
             raise PromptCacheError(f"prompt cache {path} is truncated or corrupt ({_short(e)}); "
                                    "delete it or choose another file") from None
-        return self.npz
+        self.members: dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if name in self.members:
+                raise PromptCacheError(f"prompt cache {path} is corrupt: the array {name!r} appears twice")
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                raise PromptCacheError(f"prompt cache {path} is corrupt: the array {name!r} is compressed "
+                                       "(mqa-gen never writes that); delete it or choose another file")
+            self.members[name] = info
 
-    def __exit__(self, *exc):
-        self.npz.close()
+    def __exit__(self, *exc) -> bool:
+        self.file.close()
         return False
 
+    def _header(self, name: str) -> tuple[zipfile.ZipExtFile, tuple, np.dtype, int]:
+        """Open member ``name`` and read its ``.npy`` header: (stream at the data, shape, dtype,
+        header bytes). numpy's own parser, which reads at most 10,000 header bytes and never
+        unpickles."""
+        info = self.members.get(name)
+        if info is None:
+            raise PromptCacheError(f"prompt cache {self.path} is corrupt: the array {name!r} is missing")
+        stream = None
+        try:
+            stream = self.zip.open(info)
+            version = np.lib.format.read_magic(stream)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f".npy format version {version} (NumPy writes 1.0 or 2.0)")
+            shape, fortran, dtype = read_header(stream)
+            if fortran and len(shape) > 1:
+                raise ValueError("Fortran-ordered array")
+            return stream, shape, dtype, stream.tell()
+        except PromptCacheError:
+            raise
+        except Exception as e:  # BadZipFile, ValueError (bad header, object dtype), EOFError
+            if stream is not None:
+                stream.close()
+            raise PromptCacheError(f"prompt cache {self.path} is corrupt or truncated ({name}: {_short(e)})") from None
 
-def _array(npz, name: str, path: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """Member ``name`` read and checked; a CRC mismatch, truncation or wrong shape is refused."""
-    try:
-        array = npz[name]
-    except KeyError:
-        raise PromptCacheError(f"prompt cache {path} is corrupt: the array {name!r} is missing") from None
-    except Exception as e:  # BadZipFile (CRC), ValueError (object array / bad header), EOFError, zlib
-        raise PromptCacheError(f"prompt cache {path} is corrupt or truncated ({name}: {_short(e)})") from None
-    if array.shape != shape or array.dtype != dtype:
-        raise PromptCacheError(f"prompt cache {path} is corrupt: {name} is {array.dtype}{list(array.shape)}, "
-                               f"expected {dtype}{list(shape)}")
-    return array
+    def check_member(self, name: str, shape: tuple, dtype: np.dtype) -> None:
+        """Refuse member ``name`` unless its header says ``dtype`` and ``shape`` and the zip
+        directory gives it exactly the bytes they need (read before any data is)."""
+        stream, got_shape, got_dtype, header = self._header(name)
+        stream.close()
+        if tuple(got_shape) != tuple(shape) or got_dtype != dtype:
+            raise PromptCacheError(f"prompt cache {self.path} is corrupt: {name} is {got_dtype}{list(got_shape)}, "
+                                   f"expected {dtype}{list(shape)}")
+        n_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if self.members[name].file_size != header + n_bytes:
+            raise PromptCacheError(f"prompt cache {self.path} is corrupt: {name} does not hold the "
+                                   f"{n_bytes:,} bytes its header promises")
+
+    def read(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """Member ``name`` as a read-only ``dtype`` array of ``shape`` (checked by
+        :meth:`check_member` first); reading to its end checks the zip CRC."""
+        self.check_member(name, shape, dtype)
+        n_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        stream = self._header(name)[0]
+        try:
+            with stream:
+                data = stream.read(n_bytes + 1)  # one past the end: reaches EOF, so the CRC is checked
+        except Exception as e:  # BadZipFile (CRC), EOFError, OSError
+            raise PromptCacheError(f"prompt cache {self.path} is corrupt or truncated ({name}: {_short(e)})") from None
+        if len(data) != n_bytes:
+            raise PromptCacheError(f"prompt cache {self.path} is corrupt or truncated ({name}: "
+                                   f"{len(data):,} bytes, expected {n_bytes:,})")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def meta_bytes(self) -> bytes:
+        """The ``meta`` member's bytes (uint8, 1-D; its size is bounded by the file's)."""
+        if "meta" not in self.members:
+            raise PromptCacheError(f"prompt cache {self.path} is not a prompt-cache file (no meta record)")
+        stream, shape, dtype, header = self._header("meta")
+        stream.close()
+        if dtype != np.uint8 or len(shape) != 1:
+            raise PromptCacheError(f"prompt cache {self.path} is not a prompt-cache file (unreadable meta record)")
+        return self.read("meta", shape, dtype).tobytes()
+
+
+def _all_finite(stored: np.ndarray) -> bool:
+    """Whether every stored K/V element is finite: float32 values, or float16 bit patterns in
+    uint16 (exponent bits all ones = inf or NaN). A NaN row would turn every later score of its
+    head into NaN; refused here rather than as NaN logits after the prefill."""
+    if stored.dtype == np.uint16:
+        return bool(((stored & np.uint16(0x7C00)) != np.uint16(0x7C00)).all())
+    return bool(np.isfinite(stored).all())
 
 
 _META_TYPES = {"format": str, "version": int, "model_id": str, "n_layers": int, "n_kv_heads": int,
-               "head_dim": int, "dtype": str, "length": int}
+               "head_dim": int, "dtype": str, "length": int, "digest": str}
 
 
-def _meta(npz, path: str) -> dict:
-    """The checked ``meta`` record of an open archive."""
-    if "meta" not in npz.files:
-        raise PromptCacheError(f"prompt cache {path} is not a prompt-cache file (no meta record)")
-    raw = _array_any(npz, "meta", path)
+def _meta(archive: _Archive, path: str) -> dict:
+    """The checked ``meta`` record of an open archive, its dimensions consistent with the members
+    the archive holds (so that nothing sized by them can be larger than the file)."""
     try:
-        meta = json.loads(raw.tobytes().decode("utf-8")) if raw.dtype == np.uint8 and raw.ndim == 1 else None
-    except (UnicodeDecodeError, ValueError):
+        meta = json.loads(archive.meta_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting 10⁵ deep
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PromptCacheError(f"prompt cache {path} is not a prompt-cache file (unreadable meta record)")
@@ -306,6 +438,10 @@ def _meta(npz, path: str) -> dict:
             raise PromptCacheError(f"prompt cache {path} is corrupt: meta field {key!r} is missing or invalid")
     if min(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"]) <= 0 or meta["length"] < 0:
         raise PromptCacheError(f"prompt cache {path} is corrupt: invalid dimensions in its meta record")
+    # meta + tokens + K and V per layer: checked before any list is built per layer
+    if len(archive.members) != 2 + 2 * meta["n_layers"]:
+        raise PromptCacheError(f"prompt cache {path} is corrupt: {len(archive.members)} arrays for "
+                               f"{meta['n_layers']:,} layers")
     if meta["dtype"] not in STORAGE_TYPES:
         raise PromptCacheError(f"prompt cache {path} is corrupt: unknown cache dtype {meta['dtype']!r}")
     windows = meta.setdefault("windows", [0] * meta["n_layers"])
@@ -315,13 +451,6 @@ def _meta(npz, path: str) -> dict:
     if not isinstance(meta.get("extra", {}), dict):
         raise PromptCacheError(f"prompt cache {path} is corrupt: meta field 'extra' is not an object")
     return meta
-
-
-def _array_any(npz, name: str, path: str) -> np.ndarray:
-    try:
-        return npz[name]
-    except Exception as e:
-        raise PromptCacheError(f"prompt cache {path} is corrupt or truncated ({name}: {_short(e)})") from None
 
 
 def _short(e: BaseException) -> str:

@@ -42,9 +42,11 @@ Conventions worth knowing:
   of the token, the number perplexity and ``--json`` output want.
 * Every non-greedy step consumes exactly one number from the Generator, however many tokens survive
   the filters; the same seed, parameters and logits give the same tokens.
-* Logits with NaN or ``+inf``, or with no finite entry, are a bug upstream: they raise
-  ``ValueError`` (exit code 1), not ``SamplingError`` (exit code 2, bad user input). ``-inf``
-  entries are fine and are never drawn.
+* Logits with NaN or ``+inf``, or with no finite entry, raise ``ValueError`` here, not
+  ``SamplingError`` (they are no sampling setting's fault). ``-inf`` entries are fine and are
+  never drawn. The generation loop checks the model's logits before they get here and reports
+  non-finite ones as :class:`~mqa_gen.errors.NumericalError` (a damaged model file or prompt
+  cache; :meth:`mqa_gen.generate.TokenSequence.check_logits`).
 
 Sources: top-k, Fan et al. 2018, "Hierarchical Neural Story Generation" (arXiv:1805.04833); top-p
 (nucleus), Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration" (arXiv:1904.09751);

@@ -10,8 +10,29 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
+from .errors import PromptError
 from .gguf_file import GGUFFile
 from .gguf_tokenizer import TOKEN_CONTROL, TOKEN_USER_DEFINED, Vocab, build_vocab
+
+
+def check_utf8(text: str, what: str = "the text") -> str:
+    """``text`` unchanged if it is valid Unicode that UTF-8 can encode; else a PromptError.
+
+    Python hands over bytes that are not UTF-8 as lone surrogates (U+DC80..U+DCFF for byte
+    0x80..0xFF): command-line arguments and, in the C locale, stdin are decoded with
+    ``surrogateescape``. The tokenizer cannot take them (the ``tokenizers`` library raises
+    ``TypeError``), so they are refused here, naming the first bad byte.
+
+    Raises:
+        PromptError: ``"{what} is not valid UTF-8 (byte 0xff at character 7)"``.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
+        raise PromptError(f"{what} is not valid UTF-8 ({byte} at character {e.start + 1})") from None
+    return text
 
 
 class Tokenizer:
@@ -58,8 +79,14 @@ class Tokenizer:
 
         Raises:
             ValueError: BOS is requested but the file defines no BOS token.
+            PromptError: ``text`` holds lone surrogates (bytes that were not UTF-8; :func:`check_utf8`).
         """
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the library's answer to lone surrogates (checked only then: no cost)
+            if isinstance(text, str):
+                check_utf8(text)
+            raise
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise ValueError("a BOS token was requested but the model defines none")

@@ -24,6 +24,7 @@ from mqa_gen.cli import cli
 from mqa_gen.generate import stream_generate
 from mqa_gen.prompt_cache import (
     FORMAT,
+    VERSION,
     PromptCacheError,
     load_prompt_cache,
     model_identity,
@@ -92,7 +93,7 @@ def test_round_trip_saves_only_the_stored_rows(tmp_path, dtype):
         assert npz["k_0"].dtype == storage
         assert npz["tokens"].tolist() == list(range(100, 107))
     meta = read_prompt_cache_meta(path)
-    assert (meta["format"], meta["version"], meta["length"]) == (FORMAT, 1, 7)
+    assert (meta["format"], meta["version"], meta["length"]) == (FORMAT, VERSION, 7)
     assert (meta["dtype"], meta["n_kv_heads"], meta["n_layers"], meta["head_dim"]) == (dtype, 3, 2, 4)
 
     back, extra = load_prompt_cache(path, MODEL_ID, max_seq_len=20)

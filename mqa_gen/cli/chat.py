@@ -154,6 +154,8 @@ def run_session(session: ChatSession, stdin=None, stdout=None, ui=None) -> None:
     stdout when it is a terminal, else stderr, so piped stdout carries only the answers)."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    if hasattr(stdin, "reconfigure"):  # a line that is not UTF-8 reaches the session as surrogates and
+        stdin.reconfigure(errors="surrogateescape")  # is refused there, not a UnicodeDecodeError here
     ui = ui or (stdout if _isatty(stdout) else sys.stderr)
     read = _line_reader(stdin, ui)
     while True:

@@ -9,6 +9,7 @@ import time
 import click
 
 from ..calibrate import DEFAULT_CHUNK_TOKENS, DEFAULT_LR, DEFAULT_MAX_TOKENS, DEFAULT_STEPS
+from ..errors import PromptError
 from .common import ensure_kernels, load_model, mib, model_option, set_threads, stderr, threads_option
 
 
@@ -87,8 +88,12 @@ def convert(model, kv_heads, calibration_text, steps, lr, calib_tokens, chunk_to
     if calibration_text is None:
         kv = mean_pooled_kv(loaded.gguf, c, kv_heads)
     else:
-        with open(calibration_text, encoding="utf-8") as f:
-            ids = loaded.tokenizer.encode(f.read())
+        try:
+            with open(calibration_text, encoding="utf-8") as f:
+                ids = loaded.tokenizer.encode(f.read())
+        except (OSError, UnicodeDecodeError) as e:  # a text that is not UTF-8: one line, exit 2
+            raise PromptError(f"cannot read calibration text {calibration_text}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
 
         def progress(fit, seconds):
             say(f"layer {fit.layer + 1:>2}/{c.n_layers}: attention rel. error {fit.before:.4f} → {fit.after:.4f}"

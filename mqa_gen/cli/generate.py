@@ -27,12 +27,25 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """The prompt text from ``--prompt``, ``--prompt -`` (stdin) or ``--prompt-file``.
 
     Raises:
-        PromptError: neither or both given, an unreadable file, or an empty prompt.
+        PromptError: neither or both given, an unreadable file, text that is not UTF-8 (bytes
+            on stdin, in the file, or in the argument, which Python passes on as lone surrogates),
+            or an empty prompt.
     """
+    from ..tokenizer import check_utf8
+
     if (prompt is None) == (prompt_file is None):
         raise PromptError("give exactly one of --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
     if prompt == "-":
-        text = sys.stdin.read()
+        stdin = getattr(sys.stdin, "buffer", None)
+        if stdin is None:  # a text-only stream (an embedding application's): check what it gives
+            text = check_utf8(sys.stdin.read(), "the prompt on stdin")
+        else:  # bytes, decoded here: strict, with the position of the first bad byte
+            data = stdin.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptError(f"the prompt on stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                                  f"byte {e.start + 1})") from None
     elif prompt_file is not None:
         try:
             with open(prompt_file, encoding="utf-8") as f:
@@ -40,7 +53,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise PromptError(f"cannot read prompt file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
     else:
-        text = prompt
+        text = check_utf8(prompt, "--prompt")
     if not text.strip():
         raise PromptError("the prompt is empty")
     return text

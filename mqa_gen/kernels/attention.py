@@ -213,7 +213,10 @@ def attention_decode(q, k_caches, v_caches, slots, lengths, scale, partial, out)
             total += w * partial[b, blk, h, D + 1]
             for d in range(D):
                 out[b, h, d] += w * partial[b, blk, h, d]
-        inv = np.float32(1.0) / total
+        # total ≥ 1 for finite scores (the best block's best score contributes e^0); NaN scores
+        # (a damaged model or prompt cache) give exp32 = 0 and a zero total: a NaN output then,
+        # which the sampler reports, rather than a ZeroDivisionError inside the parallel region.
+        inv = np.float32(1.0) / total if total > 0 else np.float32(np.nan)
         for d in range(D):
             out[b, h, d] *= inv
 

@@ -97,7 +97,9 @@ def softmax_inplace(row):
         e = exp32(row[i] - m)
         row[i] = e
         total += e
-    inv = np.float32(1.0) / total
+    # total ≥ 1 unless the row holds NaN or only -inf (exp32 gives 0 there): NaN out, never a
+    # ZeroDivisionError (see attention_decode).
+    inv = np.float32(1.0) / total if total > 0 else np.float32(np.nan)
     for i in range(row.shape[0]):
         row[i] *= inv
 

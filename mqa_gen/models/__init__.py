@@ -36,6 +36,8 @@ def architecture(gguf: GGUFFile) -> ModuleType:
     arch = gguf.get("general.architecture")
     if arch is None:
         raise UnsupportedModelError(f"GGUF file {gguf.path} does not say its architecture (no general.architecture)")
+    if not isinstance(arch, str):
+        raise UnsupportedModelError(f"general.architecture in {gguf.path} is not text: {arch!r:.80}")
     module = ARCHITECTURES.get(arch)
     if module is None:
         supported = ", ".join(ARCHITECTURES)

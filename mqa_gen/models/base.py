@@ -93,7 +93,15 @@ class Decoder:
         return self.forward_batch([[t] for t in tokens], list(caches))
 
     def forward_batch(self, chunks: list, caches: list[KVCache], all_logits: bool = False):
-        """:meth:`forward` for B sequences: ``chunks`` B int sequences, ``caches`` B caches."""
+        """:meth:`forward` for B sequences: ``chunks`` B int sequences, ``caches`` B caches.
+
+        NumPy's overflow and invalid-value warnings are off in here: garbage weights can overflow
+        a product to ±inf or NaN, which the caller finds in the logits and reports as one error
+        (:meth:`mqa_gen.generate.TokenSequence.check_logits`), not as warnings on stderr."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._forward_batch(chunks, caches, all_logits)
+
+    def _forward_batch(self, chunks: list, caches: list[KVCache], all_logits: bool):
         c = self.config
         chunks = [np.asarray(t, dtype=np.int64).reshape(-1) for t in chunks]
         if len(chunks) != len(caches):
