@@ -30,6 +30,16 @@ def load_fixture(name: str, model: str = "smollm2"):
         return json.load(f)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Compile (or load) every Numba kernel once before any test, so that no test's stderr depends on
+    whether it happened to be the first to need a kernel (the CLI announces a first-run compile)."""
+    from mqa_gen.kernels import compile_kernels, kernels_are_compiled
+
+    if not kernels_are_compiled():
+        compile_kernels()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from mqa_gen.registry import resolve_model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -498,9 +499,11 @@ def test_invalid_utf8_on_stdin_is_one_line_exit_2(tiny):
 def test_invalid_utf8_in_a_chat_line_is_refused_and_the_chat_goes_on(tiny):
     result = run_cli("chat", "-m", tiny, "-n", "2", "--quiet", input=b"caf\xe9\nhello\n/stats\n")
     assert result.exit_code == 0, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    # stdout is not a terminal: the "> " prompts and /stats go to stderr, beside the error line.
+    lines = [re.sub(r"^(> )+", "", line) for line in result.stderr.splitlines()]
+    errors = [line for line in lines if line.startswith("error:")]
     assert errors == ["error: this message is not valid UTF-8 (byte 0xe9 at character 4)"]
-    assert "2 messages" in result.stdout  # "hello" and its answer: the bad line never joined
+    assert "2 messages" in result.stderr  # "hello" and its answer: the bad line never joined
 
 
 def test_invalid_utf8_calibration_text_is_one_line_exit_2(tiny, tmp_path):

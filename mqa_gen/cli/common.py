@@ -262,7 +262,9 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
     from dataclasses import replace
 
     from ..chat import end_of_turn_ids
+    from ..cache import check_cache_fits, kv_bytes
     from ..generate import validate_generation
+    from ..kv_storage import storage_type
     from ..regroup import regroup_model
     from ..sampling import SamplingParams, draw_seed as draw
 
@@ -280,13 +282,16 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
         params = replace(params, seed=draw())
     set_threads(threads)
     loaded = load_model(model, quiet)  # before compiling, so a bad model file fails at once
-    trained = loaded.config.context_length
-    if ctx_size is not None and ctx_size > trained:
-        stderr.print(f"[yellow]warning: --ctx-size {ctx_size:,} is above the {trained:,}-token context the model was "
-                     "trained on; text past it may degrade[/yellow]", soft_wrap=True)
     if ignore_eos:
         params = replace(params, suppress_ids=frozenset(end_of_turn_ids(loaded.tokenizer)))
-    ensure_kernels(quiet)
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
+    trained = loaded.config.context_length
+    if ctx_size is not None and ctx_size > trained:
+        c = net.config  # refuse a context that cannot fit this machine before warning about it
+        check_cache_fits(kv_bytes(ctx_size, c.layer_windows, c.n_kv_heads, c.head_dim,
+                                  storage_type(cache_dtype).itemsize), ctx_size)
+        stderr.print(f"[yellow]warning: --ctx-size {ctx_size:,} is above the {trained:,}-token context the model was "
+                     "trained on; text past it may degrade[/yellow]", soft_wrap=True)
+    ensure_kernels(quiet)
     return GenerationSetup(loaded, net, params, max_tokens, tuple(stop), ctx_size or net.config.context_length,
                            cache_dtype, ignore_eos)
