@@ -57,6 +57,9 @@ class GGUFFile:
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
     mapping: Any = dataclass_field(default=None, repr=False, compare=False)  # the reader's np.memmap of the file
+    #: A :class:`~mqa_gen.repack_cache.RepackCache` that :func:`~mqa_gen.linear.linear_from_gguf` takes
+    #: repacked weights from (and gives new ones to); None: always repack. Set by ``mqa_gen.loading.load``.
+    repacked: Any = dataclass_field(default=None, repr=False, compare=False)
 
     def get(self, key: str, default: Any = None) -> Any:
         """``metadata[key]``, or ``default`` when the file lacks the key."""

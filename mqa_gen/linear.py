@@ -105,7 +105,8 @@ class QuantizedLinear:
         ValueError: another type, or in_features not a multiple of the block.
     """
 
-    def __init__(self, raw: np.ndarray, type_name: str, out_features: int, in_features: int):
+    def __init__(self, raw: np.ndarray | None, type_name: str, out_features: int, in_features: int,
+                 packed: tuple[np.ndarray, ...] | None = None):
         if type_name not in REPACKERS:
             raise ValueError(f"no quantised kernel for {type_name}")
         repack, unit = REPACKERS[type_name]
@@ -113,9 +114,15 @@ class QuantizedLinear:
             raise ValueError(f"in_features must be a multiple of {unit} for {type_name}, got {in_features}")
         self.type_name = type_name
         self.out_features, self.in_features = out_features, in_features
-        packed = repack(raw, out_features, in_features)
+        if packed is None:  # ``packed``: the arrays repacked earlier (mqa_gen.repack_cache)
+            packed = repack(raw, out_features, in_features)
         self.codes, self.scales = packed[0], packed[1]
         self.mins = packed[2] if len(packed) == 3 else None
+
+    @property
+    def packed(self) -> tuple[np.ndarray, ...]:
+        """(codes, scales) or (codes, scales, mins): what ``packed=`` takes to rebuild this matrix."""
+        return (self.codes, self.scales) if self.mins is None else (self.codes, self.scales, self.mins)
 
     @property
     def nbytes(self) -> int:
@@ -230,7 +237,9 @@ class FusedProjections:
 
 def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):
     """Tensor ``name`` as a :class:`QuantizedLinear` when its type has kernels, else a
-    :class:`DenseLinear` dequantised by the ``gguf`` package.
+    :class:`DenseLinear` dequantised by the ``gguf`` package. A quantised tensor is taken from
+    ``gguf.repacked`` (a :class:`~mqa_gen.repack_cache.RepackCache`) when it holds it, and given
+    to it once repacked.
 
     Raises:
         UnsupportedModelError: missing tensor, unsupported type or unexpected shape.
@@ -239,8 +248,15 @@ def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):
     tensor = require_tensor(gguf, name)
     kernel = REPACKERS.get(tensor.type_name)
     if kernel is not None and shape[1] % kernel[1] == 0 and tuple(tensor.shape) == tuple(shape):
-        linear = QuantizedLinear(np.asarray(tensor.data), tensor.type_name, *shape)
-        gguf.release(tensor)  # repacked: the file's copy of these bytes can leave memory
+        store = gguf.repacked
+        packed = None if store is None else store.get(name, tensor.type_name, shape)
+        if packed is not None:
+            linear = QuantizedLinear(None, tensor.type_name, *shape, packed=packed)
+        else:
+            linear = QuantizedLinear(np.asarray(tensor.data), tensor.type_name, *shape)
+            gguf.release(tensor)  # repacked: the file's copy of these bytes can leave memory
+            if store is not None:
+                store.put(name, tensor.type_name, shape, linear.packed)
         check_finite(gguf, name, linear.scales, linear.mins)  # the codes are integers
         return linear
     return DenseLinear(tensor_f32(gguf, name, shape))

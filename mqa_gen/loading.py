@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import ModelConfig
 from .gguf_file import GGUFFile, read_gguf
 from .models import build_model, check_tensors, config_from_gguf
 from .registry import resolve_model
+from .repack_cache import RepackCache
 from .tokenizer import Tokenizer
 
 
@@ -39,6 +40,9 @@ def load(name_or_path: str) -> LoadedModel:
     gguf = read_gguf(path)
     config = config_from_gguf(gguf)
     check_tensors(gguf, config)
+    # Repacked weights come from (and, on the first load of a file, go to) a memory-mapped cache:
+    # repacking takes 0.25 s for SmolLM2 and 1.8 s for Gemma 3 (see mqa_gen.repack_cache).
+    gguf = replace(gguf, repacked=RepackCache.open(gguf))
     # The tokenizer is built on a second thread while the weights are repacked: both spend most
     # of their time outside the GIL (the tokenizers library's Rust, NumPy copies), so this saves
     # 0.15 s of SmolLM2's start and 0.4 s of Gemma's (262k-token vocabulary).
@@ -48,4 +52,6 @@ def load(name_or_path: str) -> LoadedModel:
             model = build_model(gguf, config)
         finally:
             tokenizer = tokenizer_job.result()  # a tokenizer error is reported first, as before
+    if gguf.repacked is not None:
+        gguf.repacked.save()  # only when something was repacked; never raises
     return LoadedModel(name_or_path, path, config, model, tokenizer, gguf, time.perf_counter() - start)

@@ -31,6 +31,15 @@ def load_fixture(name: str, model: str = "smollm2"):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_repack_cache(tmp_path_factory) -> None:
+    """Repacked-weight cache files (mqa_gen.repack_cache) go to a folder of this session, for the
+    library and the CLI subprocesses alike, never to the user's cache."""
+    import os
+
+    os.environ["MQA_GEN_REPACK_DIR"] = str(tmp_path_factory.mktemp("repacked"))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def compiled_kernels() -> None:
     """Compile (or load) every Numba kernel once before any test, so that no test's stderr depends on
     whether it happened to be the first to need a kernel (the CLI announces a first-run compile)."""
