@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from .cache import KVCachePool
 from .errors import PromptError
-from .generate import PREFILL_CHUNK, SequenceText, TokenSequence, validate_generation
+from .generate import PREFILL_CHUNK, GenerationStep, SequenceText, TokenSequence, validate_generation
 from .logprobs import TokenLogprob
 from .sampling import SamplingParams, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
@@ -45,6 +45,9 @@ class Request:
         logprobs: None, or N ≥ 0 to keep each generated token's logprob and its N most likely
             alternatives.
         id: the caller's name for it, handed back in its :class:`Completion`.
+        on_token: called with each sampled token's :class:`~mqa_gen.generate.GenerationStep` and
+            its :class:`~mqa_gen.logprobs.TokenLogprob` (None when logprobs are not asked, or for
+            an end-of-generation id), from the thread running the scheduler (for streaming).
     """
 
     prompt_ids: list[int]
@@ -54,6 +57,7 @@ class Request:
     eos_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     id: object = None
+    on_token: Callable[[GenerationStep, TokenLogprob | None], None] | None = None
 
 
 @dataclass
@@ -95,8 +99,12 @@ class _Running:
             self.first_token_seconds = time.perf_counter() - self.started
         self.last_token = token
         step = self.text.push(token, logprob)
+        entry = None
         if self.logprobs is not None and step.finish_reason != "eos":  # one per id of token_ids
-            self.logprobs.append(TokenLogprob(token, logprob, list(self.tokens.last_top_logprobs)))
+            entry = TokenLogprob(token, logprob, list(self.tokens.last_top_logprobs))
+            self.logprobs.append(entry)
+        if self.request.on_token is not None:
+            self.request.on_token(step, entry)
         return step.finish_reason is not None
 
     def completion(self) -> Completion:
@@ -193,27 +201,60 @@ class Scheduler:
         """
         pending = iter(requests)
         exhausted = False
+
+        def next_request() -> Request | None:
+            nonlocal exhausted
+            request = None if exhausted else next(pending, None)
+            exhausted = request is None
+            return request
+
         try:
             while True:
-                while self._free and not exhausted:
-                    request = next(pending, None)
-                    if request is None:
-                        exhausted = True
-                        break
-                    done = self._admit(request)
-                    if on_step is not None:
-                        on_step(self)
-                    if done is not None:
-                        yield done
-                if not self._running:
+                yield from self.step(next_request, on_step)
+                if exhausted and not self._running:
                     return
-                yield from self._decode_step()
-                if on_step is not None:
-                    on_step(self)
         finally:
-            for seq in self._running:
+            self.cancel_all()
+
+    def step(self, next_request: Callable[[], Request | None],
+             on_step: Callable[["Scheduler"], None] | None = None) -> Iterator[Completion]:
+        """One scheduling step: admit requests while a slot is free and ``next_request()`` gives one
+        (None: none waits now), then one batched decode step if any sequence runs. Yields the
+        completions that finished in it. :meth:`run` is a loop of these; a server calls it from its
+        own loop, with requests arriving between steps.
+
+        Raises:
+            PromptError, SamplingError: a request that cannot run (:meth:`check`).
+        """
+        while self._free:
+            request = next_request()
+            if request is None:
+                break
+            done = self._admit(request)
+            if on_step is not None:
+                on_step(self)
+            if done is not None:
+                yield done
+        if self._running:
+            yield from self._decode_step()
+            if on_step is not None:
+                on_step(self)
+
+    def cancel(self, request: Request) -> bool:
+        """Stop a running request now and free its slot (a client that went away). Returns whether
+        it was running."""
+        for seq in self._running:
+            if seq.request is request:
+                self._running.remove(seq)
                 self._free.append(seq.slot)
-            self._running.clear()
+                return True
+        return False
+
+    def cancel_all(self) -> None:
+        """Stop every running request and free all slots."""
+        for seq in self._running:
+            self._free.append(seq.slot)
+        self._running.clear()
 
     def _admit(self, request: Request) -> Completion | None:
         """Put a request in a free slot: prefill it alone and sample its first token. Returns its
