@@ -28,6 +28,7 @@ COMMANDS = {
     "info": "info",
     "bench-cache": "bench_cache",
     "list": "list_models",
+    "serve": "serve",
 }
 
 #: Exit code when the reader of stdout went away: 128 + SIGPIPE, what a shell reports for a
