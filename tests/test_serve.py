@@ -273,3 +273,23 @@ def test_without_the_extra_serve_says_how_to_install_it(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: mqa-gen serve needs Starlette and uvicorn: "
                                                "pip install 'mqa-gen[serve]'"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 200, "stream": True, "stop": [], "repeat_penalty": 1.0,
+                       "temperature": 0, "seed": 1})
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")  # it is generating
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+    deadline = time.monotonic() + 60  # a bound on waiting, not a timing assertion
+    while call(base, "GET", "/health").json()["slots_busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert call(base, "GET", "/health").json()["slots_busy"] == 0
+    r = client.completions.create(model="smollm2-135m-instruct", prompt=PROMPT, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
