@@ -41,6 +41,10 @@ from .scheduler import Request
 #: Largest request body accepted, bytes (a prompt of the whole context is far smaller).
 MAX_BODY_BYTES = 1 << 20
 
+#: OpenAI request fields this server does not implement, with the one value it accepts (the default).
+UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": "", "presence_penalty": 0, "frequency_penalty": 0,
+               "logit_bias": {}, "tools": [], "response_format": {"type": "text"}}
+
 #: Our finish reasons → OpenAI's.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
@@ -168,6 +172,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
         if model is not None and model not in config.aliases:
             raise APIError(404, f"the model '{model}' does not exist (this server has '{config.model_id}')",
                            param="model", code="model_not_found")
+        for name, default in UNSUPPORTED.items():  # refused rather than silently ignored
+            if name in body and body[name] not in (None, default) and not (default == 0 and body[name] == 0.0):
+                raise APIError(400, f"'{name}' is not supported by this server (only {json.dumps(default)})",
+                               param=name, code="unsupported_parameter")
         number = (int, float)
         p = setup.params
         params = replace(
