@@ -56,7 +56,8 @@ class Engine:
 
     Args:
         scheduler: the :class:`~mqa_gen.scheduler.Scheduler` to drive (only the worker touches it).
-        max_queue: most requests waiting for a slot (≥ 0) before :meth:`submit` refuses.
+        max_queue: most requests waiting for a slot (≥ 0; besides those a free slot takes at the
+            next step) before :meth:`submit` refuses.
         threads: Numba threads for the worker (Numba's thread count is per thread); None = leave it.
     """
 
@@ -96,7 +97,10 @@ class Engine:
         handle = Handle(request, deliver)
         request.on_token = lambda step, logprob: deliver(Event("token", step=step, logprob=logprob))
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            # free slots take waiting requests at the next step, so they do not count as queued
+            # (read without the worker's lock: off by one at most, for one step)
+            free = max(0, self.scheduler.batch_size - self.scheduler.active)
+            if len(self._waiting) >= self.max_queue + free:
                 raise EngineBusy(f"{len(self._waiting)} requests are waiting for a slot")
             self._waiting.append(handle)
             self._cond.notify()

@@ -7,6 +7,7 @@ request against OpenAI's error object, with the server still answering afterward
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -63,14 +64,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A server with 4 slots and an API key; always terminated."""
+@contextlib.contextmanager
+def running_server(log: Path, *flags: str):
+    """``mqa-gen serve`` on a free port of 127.0.0.1 with ``flags``; yields its base URL once
+    /health answers; always terminated."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(log, "w") as err:
-        proc = subprocess.Popen(MQA_GEN + ["serve", "--port", str(port), "-b", "4", "-c", str(CTX), "-q",
-                                           "--api-key", KEY, "--max-queue", "8"],
+        proc = subprocess.Popen(MQA_GEN + ["serve", "--port", str(port), "-c", str(CTX), "-q", *flags],
                                 stdout=subprocess.DEVNULL, stderr=err, env=ENV, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -84,7 +84,7 @@ def server(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, "the server did not start in 90 s"
             time.sleep(0.3)
-        yield base, log
+        yield base
     finally:
         proc.terminate()
         try:
@@ -92,6 +92,14 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A server with 4 slots and an API key."""
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    with running_server(log, "-b", "4", "--api-key", KEY, "--max-queue", "8") as base:
+        yield base, log
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +302,17 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
     assert call(base, "GET", "/health").json()["slots_busy"] == 0
     r = client.completions.create(model="smollm2-135m-instruct", prompt=PROMPT, max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
+
+
+def test_beyond_the_queue_a_request_gets_503_with_retry_after(tmp_path):
+    with running_server(tmp_path / "stderr.txt", "-b", "1", "--max-queue", "0") as base:
+        host, port = base.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPT, "max_tokens": 200, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: ")  # the one slot is taken
+        busy = call(base, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+        conn.close()
+        assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
+        assert set(busy.json()["error"]) == {"message", "type", "param", "code"}
