@@ -53,7 +53,7 @@ from .kv_heads import check_kv_heads as _check_kv_heads
 from .kv_storage import STORAGE_TYPES
 from .regroup import regroup_model
 
-#: Defaults of ``mqa-gen bench-cache`` (GUIDE.md §3). Models with sliding-window layers (Gemma 3)
+#: Defaults of ``mqa-gen bench-cache``. Models with sliding-window layers (Gemma 3)
 #: get longer contexts by default, so the points reach well past the window.
 DEFAULT_CONTEXTS = (512, 2048, 8192)
 DEFAULT_CONTEXTS_SLIDING = (512, 4096, 16384)
@@ -155,7 +155,7 @@ class BenchResult:
     kv_budget_source: str | None = None
 
     def as_dict(self) -> dict:
-        """The JSON object of GUIDE.md §3 (plus ``cache_dtype``, ``measured``, ``method``, the
+        """The JSON object of ``bench-cache --json`` (plus ``cache_dtype``, ``measured``, ``method``, the
         budget, the batch sizes and, per variant, ``native`` and ``ratio_to_mha``; per point
         ``fit_sequences`` and ``batch_decode_tokens_per_s`` keyed by B as a string, as JSON keys are)."""
         variants = []

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,23 @@ def mqa_gen_exe() -> str:
     exe = str(beside) if beside.exists() else shutil.which("mqa-gen")
     assert exe, "the mqa-gen console script is not installed"
     return exe
+
+
+@contextmanager
+def deadline(seconds: int, error: type[BaseException] = AssertionError):
+    """Raise ``error`` (instead of hanging the suite) when the block runs longer than ``seconds``:
+    SIGALRM raises in the main thread, between bytecodes or when a blocking call returns EINTR."""
+
+    def expired(signum, frame):
+        raise error(f"still running after {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def load_fixture(name: str, model: str = "smollm2"):

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import zipfile
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -39,26 +38,9 @@ from mqa_gen.errors import (
 from mqa_gen.loading import load
 from mqa_gen.prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
 
-from conftest import mqa_gen_exe
+from conftest import deadline, mqa_gen_exe
 
 MODEL_ID = "0" * 64
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``: SIGALRM
-    raises in the main thread, between bytecodes or when a blocking call returns EINTR."""
-
-    def expired(signum, frame):
-        raise AssertionError(f"still running after {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def one_error_line(result, *fragments: str) -> str:
@@ -608,3 +590,56 @@ def test_every_failure_kind_derives_from_mqa_gen_error():
     for kind in (ConfigError, ModelFileError, NumericalError, SizeError, PromptError, ChatTemplateError, P):
         assert issubclass(kind, MqaGenError) and kind.exit_code == 2
 
+
+
+# ───────────────────────────── streams, sizes and outputs (a newcomer's findings) ─────────────────────────────
+
+
+@pytest.mark.parametrize("verb", [["info"], ["list"], ["bench-cache", "--no-measure"]])
+def test_a_table_whose_reader_left_exits_141(verb):
+    """rich's own broken-pipe handler exits 1; ours gives the contract's 141, quietly."""
+    proc = subprocess.run(f"'{mqa_gen_exe()}' {' '.join(verb)} | true; exit ${{PIPESTATUS[0]}}", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_closed_stdout_and_stdin():
+    """`>&-`: nothing can be delivered, 141 at once; `<&-`: an empty stdin, so an empty prompt (2)."""
+    closed_out = subprocess.run(f"'{mqa_gen_exe()}' generate -p hi -n 2 >&-", shell=True, capture_output=False,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert closed_out.returncode == 141 and closed_out.stderr == ""
+    closed_in = subprocess.run(f"'{mqa_gen_exe()}' generate -p - <&-", shell=True, capture_output=True, text=True,
+                               timeout=120)
+    assert closed_in.returncode == 2 and closed_in.stderr.strip() == "error: the prompt is empty"
+
+
+def test_an_endless_prompt_or_input_is_refused_not_read_until_memory_runs_out(tmp_path):
+    """`-f /dev/zero` and an endless stdin end at the size limit with one line, exit 2."""
+    one_error_line(run_cli("generate", "-f", "/dev/zero"), "longer than 64 MiB")
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:  # sparse: 1 GiB + 1 byte of zeros, no disk used
+        f.truncate(1024 * 2**20 + 1)
+    one_error_line(run_cli("batch", str(big)), "longer than 1,024 MiB")
+
+
+def test_batch_outputs_and_budgets_that_cannot_work(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "Hello"}\n', encoding="utf-8")
+    for value in ("nan", "inf"):
+        one_error_line(run_cli("batch", str(source), "--kv-budget", value), "--kv-budget must be a finite")
+    one_error_line(run_cli("batch", str(source), "-o", str(tmp_path), "--overwrite"), "is a folder")
+    if os.path.exists("/dev/full"):
+        one_error_line(run_cli("batch", str(source), "-o", "/dev/full", "--overwrite", "-n", "1", "-q"),
+                       "cannot write the results", "--resume")
+
+
+def test_bench_cache_refuses_a_plot_it_could_not_write_before_measuring(tmp_path):
+    pytest.importorskip("matplotlib")
+    one_error_line(run_cli("bench-cache", "--plot", str(tmp_path / "nodir" / "x.png")), "does not exist")
+    one_error_line(run_cli("bench-cache", "--plot", str(tmp_path / "x.txt")), "not an image format")
+
+
+def test_stop_strings_must_be_text_that_can_match():
+    one_error_line(run_cli("generate", "-p", "hi", "--stop", "\udcff"), "--stop is not valid UTF-8")
+    one_error_line(run_cli("generate", "-p", "hi", "--stop", ""), "--stop needs a non-empty string")
+    one_error_line(run_cli("generate", "-p", "hi", "-sys", "\udcff"), "--system-prompt is not valid UTF-8")

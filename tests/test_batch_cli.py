@@ -129,14 +129,31 @@ def test_interrupt_keeps_finished_lines_and_resume_finishes(invoke, smollm2, tmp
     second = invoke("batch", source, "-o", str(out), "--batch-size", "2", "--no-chat", "--resume", "-q")
     assert second.exit_code == 0, second.output
     final = results(out.read_text())
-    assert sorted(line["id"] for line in final) == list(range(1, 7))  # every line exactly once
-    assert final[: len(kept)] == kept
+    assert [line["id"] for line in final] == list(range(1, 7))  # every line exactly once, in input order
+    assert all(line in final for line in kept)
     fresh = results(invoke("batch", source, "--batch-size", "2", "--no-chat", "-q").stdout)
 
     def unseeded(lines):  # greedy: each run draws other seeds, which change nothing
         return [{k: v for k, v in line.items() if k != "seed"} for line in lines]
 
-    assert unseeded(sorted(final, key=lambda line: line["id"])) == unseeded(fresh)
+    assert unseeded(final) == unseeded(fresh)
+    again = invoke("batch", source, "-o", str(out), "--resume", "--no-chat")
+    assert again.exit_code == 0 and "nothing to do" in again.stderr and results(out.read_text()) == final
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "Hello", "id": "x"}])
+    refused = invoke("batch", other, "-o", str(out), "--resume", "--no-chat")
+    assert refused.exit_code == 2 and "another input" in refused.stderr
+
+
+def test_resume_retries_the_lines_that_failed(invoke, tmp_path):
+    """Error lines written by --skip-bad are not results: a resume after fixing the input runs them."""
+    out = tmp_path / "out.jsonl"
+    bad = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hello", "id": "a"}, {"prompt": "Hi", "id": "b", "top_p": 2}])
+    assert invoke("batch", bad, "-o", str(out), "--skip-bad", "-n", "2", "-q").exit_code == 0
+    assert "error" in results(out.read_text())[1]
+    fixed = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hello", "id": "a"}, {"prompt": "Hi", "id": "b"}])
+    assert invoke("batch", fixed, "-o", str(out), "--resume", "-n", "2", "-q").exit_code == 0
+    lines = results(out.read_text())
+    assert [line["id"] for line in lines] == ["a", "b"] and all("error" not in line for line in lines)
 
 
 def test_logprobs_are_transformers_log_softmax(invoke, tmp_path):

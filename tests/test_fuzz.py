@@ -24,14 +24,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import struct
 import traceback
 import zipfile
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import deadline
 from gguf_factory import write_tiny_llama
 
 from mqa_gen.errors import MqaGenError
@@ -49,24 +48,10 @@ class Hang(Exception):
     """A case ran past :data:`CASE_SECONDS`."""
 
 
-@contextmanager
-def deadline(seconds: int):
-    def expired(signum, frame):
-        raise Hang(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def outcome(run) -> str | None:
     """None when ``run()`` succeeds or raises an MqaGenError; else the unexpected exception."""
     try:
-        with deadline(CASE_SECONDS):
+        with deadline(CASE_SECONDS, Hang):
             run()
     except MqaGenError:
         return None

@@ -145,6 +145,11 @@ def cli() -> None:
 def main() -> None:
     """Console-script entry point: :func:`cli`, then one last flush of stdout, whose failure
     (the reader left after the last write) also ends in exit 141 rather than a traceback."""
+    if sys.stdout is None:  # the shell closed it (`>&-`): nothing can be delivered, as for a reader gone
+        sys.exit(EXIT_BROKEN_PIPE)
+    for name, mode in (("stdin", "r"), ("stderr", "w")):  # `<&-`, `2>&-`: an empty input, a silent stderr
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
     try:
         cli.main(prog_name="mqa-gen")
         code = 0

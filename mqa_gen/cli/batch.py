@@ -9,6 +9,7 @@ line before it) is finished, so an interrupted run keeps what it finished.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -17,12 +18,14 @@ import click
 
 from ..errors import MqaGenError
 from .common import (
+    MAX_BATCH_INPUT_BYTES,
     RANDOM_SEED,
     chat_template_option,
     generation_options,
     mib,
     model_option,
     read_chat_template,
+    read_limited,
     setup_generation,
     stderr,
     threads_option,
@@ -40,40 +43,64 @@ def read_input_lines(path: str) -> list[bytes]:
         BatchRunError: the file cannot be read.
     """
     if path == "-":
-        return sys.stdin.buffer.read().splitlines()
+        return read_limited(sys.stdin.buffer, MAX_BATCH_INPUT_BYTES, "the input on stdin").splitlines()
     try:
         with open(path, "rb") as f:
-            return f.read().splitlines()
+            return read_limited(f, MAX_BATCH_INPUT_BYTES, path).splitlines()
     except OSError as e:
         raise BatchRunError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def result_key(obj_id) -> tuple[str, object]:
+    """An id as a set key: 1 and "1" are different ids."""
+    return type(obj_id).__name__, obj_id
+
+
 def ids_in_output(path: str) -> set:
-    """Ids of the lines already in ``path`` (for ``--resume``); a last line cut short by a killed
-    run is dropped from the file, since it will be generated again.
+    """Ids of the results already in ``path`` (for ``--resume``). A last line cut short by a killed
+    run, and the error lines of ``--skip-bad``, are dropped from the file (atomically), so those
+    prompts run again.
 
     Raises:
         BatchRunError: a line that is not a JSON object with an ``id``.
     """
+    from ..atomic_file import atomic_write
+
     if not os.path.exists(path):
         return set()
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
     if lines and lines[-1] and not _is_json_object(lines[-1]):  # an unfinished last line
-        with open(path, "r+b") as f:
-            f.truncate(len(data) - len(lines[-1]))
         lines = lines[:-1]
-    ids = set()
+    ids, kept = set(), []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            ids.add((type(obj["id"]).__name__, obj["id"]))
+            key = result_key(obj["id"])
         except (ValueError, TypeError, KeyError):
             raise BatchRunError(f"--resume: line {number} of {path} is not a result line of mqa-gen batch") from None
+        if "error" not in obj:
+            ids.add(key)
+            kept.append(line)
+    if len(kept) != sum(1 for line in lines if line.strip()) or not data.endswith(b"\n") and data:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
     return ids
+
+
+def reorder_output(path: str, input_keys: list) -> None:
+    """Rewrite ``path`` with its lines in input order (after a resumed run appended the rest)."""
+    from ..atomic_file import atomic_write
+
+    position = {key: i for i, key in enumerate(input_keys)}
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().split(b"\n") if line.strip()]
+    lines.sort(key=lambda line: position.get(result_key(json.loads(line)["id"]), len(position)))
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
 
 
 def _is_json_object(line: bytes) -> bool:
@@ -109,8 +136,14 @@ class ResultWriter:
             self._write(self.waiting.pop(position))
 
     def _write(self, obj: dict) -> None:
-        self.out.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self.out.flush()
+        try:
+            self.out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            self.out.flush()
+        except BrokenPipeError:
+            raise  # the reader of stdout left: exit 141
+        except OSError as e:  # a full disk, a device that refuses writes: the lines so far are kept
+            raise BatchRunError(f"cannot write the results ({e.strerror or e}); {self.written} lines were "
+                                "written before it: fix it and run again with --resume") from None
         self.written += 1
 
 
@@ -245,6 +278,10 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
     from ..scheduler import Scheduler
 
     to_file = output != "-"
+    if kv_budget is not None and not math.isfinite(kv_budget):
+        raise BatchRunError(f"--kv-budget must be a finite size in MiB, got {kv_budget}")
+    if to_file and os.path.isdir(output):
+        raise BatchRunError(f"-o {output} is a folder: give a file name")
     if resume and not to_file:
         raise BatchRunError("--resume needs -o OUTPUT (the file to continue)")
     if to_file and os.path.exists(output) and not (resume or overwrite):
@@ -252,11 +289,20 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
     if to_file and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise BatchRunError(f"cannot write {output}: its folder does not exist")
     text_format = input_format == "text" or (input_format is None and input_path.endswith(".txt"))
-    items = read_items(read_input_lines(input_path), text_format)
+    all_items = read_items(read_input_lines(input_path), text_format)
+    input_keys = [result_key(it.id) for it in all_items]
     done_ids = ids_in_output(output) if resume else set()
-    items = [it for it in items if (type(it.id).__name__, it.id) not in done_ids]
+    if done_ids - set(input_keys):
+        raise BatchRunError(f"--resume: {output} holds {len(done_ids - set(input_keys))} ids that {input_path} "
+                            "does not have: is it the output of another input?")
+    items = [it for it in all_items if result_key(it.id) not in done_ids]
     if not items and not done_ids:
         raise BatchRunError(f"{input_path} holds no prompts")
+    if resume and not items:
+        reorder_output(output, input_keys)
+        if not quiet:
+            stderr.print(f"nothing to do: every prompt of {input_path} has its result in {output}")
+        return
     _refuse_bad_lines(items, skip_bad)
     template = read_chat_template(chat_template_file)
 
@@ -286,8 +332,13 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
         writer.flush_all()
     finally:
         if to_file:
-            out.close()
+            try:
+                out.close()
+            except OSError:  # already reported by the failed write
+                pass
     wall = time.perf_counter() - t0
+    if resume and not unordered and not interrupted:
+        reorder_output(output, input_keys)  # the earlier run's lines and this run's, in input order
     if not quiet:
         _print_stats(scheduler, wall, writer.written, len(work), output if to_file else "stdout", interrupted)
     if interrupted:

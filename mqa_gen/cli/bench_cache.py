@@ -1,6 +1,6 @@
 """``mqa-gen bench-cache``: what MQA buys — KV bytes, decode speed and perplexity per KV grouping.
 
-A thin layer over :mod:`mqa_gen.bench_cache` (GUIDE.md §3 is the contract; the module docstring
+A thin layer over :mod:`mqa_gen.bench_cache` (README documents the contract; the module docstring
 says what is measured and how).
 """
 
@@ -45,14 +45,14 @@ def _num(value, fmt: str) -> str:
 
 def print_table(result) -> None:
     """The rich table on stdout: one row per variant × context, ratios in their own columns."""
-    from rich.console import Console
+    from .common import StdoutConsole
     from rich.table import Table
 
     from ..bench_cache import batch_column
 
-    console = Console()
+    console = StdoutConsole()
     if not console.is_terminal:
-        console = Console(width=190 + 14 * len(result.batch_sizes))
+        console = StdoutConsole(width=190 + 14 * len(result.batch_sizes))
     fits = result.kv_budget_bytes is not None
     cfg = result.config
     table = Table(title=f"KV cache of {cfg.name or result.model} ({cfg.n_layers} layers, {cfg.n_heads} query "
@@ -139,6 +139,27 @@ def read_config(model: str):
     return config_from_gguf(read_gguf(resolve_model(model)))
 
 
+def check_plot_path(path: str) -> None:
+    """Refuse a ``--plot`` file that could not be written — a missing folder, a format matplotlib
+    does not write — before minutes of measuring.
+
+    Raises:
+        BenchError: the folder does not exist, or the extension is not an image format.
+    """
+    from matplotlib.figure import Figure
+
+    from .. import bench_cache as bench
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise bench.BenchError(f"--plot {path}: folder {folder} does not exist")
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise bench.BenchError(f"--plot {path}: not an image format matplotlib writes "
+                               f"({', '.join(sorted(formats))})")
+
+
 @click.command("bench-cache")
 @model_option
 @click.option("--contexts", default=None, metavar="N,N,…",
@@ -167,7 +188,7 @@ def read_config(model: str):
               help="KV-cache memory budget in MiB for the 'seqs in budget' column (sequences of each context "
                    "that fit) and for --batch-sizes (default: 90% of the memory available, MemAvailable).")
 @click.option("--no-measure", is_flag=True, help="Only the formula columns (instant; reads no weights).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (GUIDE.md §3).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (the fields README documents).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout, one row per variant × context.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also write a figure: KV MiB and decode tok/s against context, and with --batch-sizes "
@@ -192,6 +213,7 @@ def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, 
     budget_bytes = bench.parse_kv_budget(kv_budget) if kv_budget is not None else None
     if plot_path is not None:
         bench.require_matplotlib()  # fail before minutes of measuring
+        check_plot_path(plot_path)
 
     config = read_config(model)
     kv_list = bench.check_kv_heads(config, kv_list if kv_list is not None else bench.default_kv_heads(config))

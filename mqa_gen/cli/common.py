@@ -21,6 +21,43 @@ if TYPE_CHECKING:
 stderr = Console(stderr=True, highlight=False)
 
 
+#: The most bytes a prompt (``--prompt-file``, ``--prompt -``) may hold. The longest context we
+#: accept is far below this in tokens (a token covers at least one byte), and an endless input
+#: (``-f /dev/zero``, ``yes |``) must be refused, not read until memory runs out.
+MAX_PROMPT_BYTES = 64 * 2**20
+#: The most bytes ``mqa-gen batch`` reads from its input (millions of prompts).
+MAX_BATCH_INPUT_BYTES = 1024 * 2**20
+
+
+def read_limited(stream, limit: int, what: str) -> bytes:
+    """All of a binary ``stream``, refusing one longer than ``limit`` bytes before reading it all.
+
+    Raises:
+        MqaGenError: more than ``limit`` bytes.
+    """
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise MqaGenError(f"{what} is longer than {limit // 2**20:,} MiB: refusing to read it all")
+    return data
+
+
+class StdoutConsole(Console):
+    """A rich Console for tables on stdout whose reader may leave (`| head`): rich's own handler
+    exits with status 1; this one raises BrokenPipeError, which the app turns into exit 141.
+    Piped (not a terminal), lines are never cut or wrapped, so scripts get whole paths."""
+
+    def __init__(self, **kwargs):
+        import sys
+
+        if not sys.stdout.isatty():
+            kwargs.setdefault("width", 100_000)
+            kwargs.setdefault("soft_wrap", True)
+        super().__init__(**kwargs)
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def model_option(f):
     """``-m/--model``: a GGUF path or a known model name."""
     return click.option(
@@ -272,6 +309,12 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
         raise OptionError(f"--seed must be an integer >= 0 (-1 = random), got {seed}")
     if seed == RANDOM_SEED:
         seed = None
+    from ..tokenizer import check_utf8
+
+    for text in stop:  # a stop string that is not UTF-8 could never match: say so
+        check_utf8(text, "--stop")
+        if not text:
+            raise OptionError("--stop needs a non-empty string")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
     try:

@@ -1,4 +1,4 @@
-"""``mqa-gen generate``: stream text from a prompt (GUIDE.md §3 is the contract)."""
+"""``mqa-gen generate``: stream text from a prompt (README's Usage section is the contract)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import click
 
 from ..errors import PromptError
 from .common import (
+    MAX_PROMPT_BYTES,
     chat_template_option,
     generation_options,
     mib,
     model_option,
     read_chat_template,
+    read_limited,
     setup_generation,
     stderr,
     system_prompt_option,
@@ -40,7 +42,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         if stdin is None:  # a text-only stream (an embedding application's): check what it gives
             text = check_utf8(sys.stdin.read(), "the prompt on stdin")
         else:  # bytes, decoded here: strict, with the position of the first bad byte
-            data = stdin.read()
+            data = read_limited(stdin, MAX_PROMPT_BYTES, "the prompt on stdin")
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -48,8 +50,8 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
                                   f"byte {e.start + 1})") from None
     elif prompt_file is not None:
         try:
-            with open(prompt_file, encoding="utf-8") as f:
-                text = f.read()
+            with open(prompt_file, "rb") as f:
+                text = read_limited(f, MAX_PROMPT_BYTES, f"prompt file {prompt_file}").decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise PromptError(f"cannot read prompt file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
     else:
@@ -74,6 +76,7 @@ def build_prompt_ids(loaded, text: str, chat: bool | None, system: str | None = 
         ChatTemplateError: the template fails to render.
     """
     from ..chat import end_of_turn_ids, render_prompt
+    from ..tokenizer import check_utf8
 
     tok = loaded.tokenizer
     has_template = template is not None or tok.chat_template is not None
@@ -81,7 +84,7 @@ def build_prompt_ids(loaded, text: str, chat: bool | None, system: str | None = 
     if use_chat:
         if not has_template:
             raise PromptError("--chat: this model has no chat template (give one with --chat-template-file)")
-        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages = [{"role": "system", "content": check_utf8(system, "--system-prompt")}] if system is not None else []
         text = render_prompt(tok, messages + [{"role": "user", "content": text}], template)
     elif system is not None:
         raise PromptError("--system-prompt needs the chat template: drop --no-chat"

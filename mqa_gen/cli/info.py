@@ -8,10 +8,9 @@ import sys
 from collections import Counter
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from .common import model_option
+from .common import StdoutConsole, model_option
 
 #: Config fields shown as they are, in this order (table rows and JSON keys).
 CONFIG_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -70,7 +69,7 @@ def info(model: str, as_json: bool) -> None:
     f = facts
     # On a terminal the table fits its width; piped, nothing is cut or wrapped (rich would use 80
     # columns and fold the file path).
-    console = Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+    console = StdoutConsole()
     table = Table(title=f["model"], show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")

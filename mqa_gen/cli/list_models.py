@@ -32,7 +32,7 @@ def known_models() -> list[dict]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array on stdout.")
 def list_models(as_json: bool) -> None:
     """List the models known by name (for -m), installed or not: file, size, KV heads."""
-    from rich.console import Console
+    from .common import StdoutConsole
     from rich.markup import escape
     from rich.table import Table
 
@@ -41,7 +41,7 @@ def list_models(as_json: bool) -> None:
         json.dump(rows, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
         return
-    console = Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+    console = StdoutConsole()
     table = Table(box=None, pad_edge=False)
     for column in ("name", "installed", "KV heads", "size", "file"):
         table.add_column(column, overflow="fold", justify="right" if column in ("KV heads", "size") else "left")
