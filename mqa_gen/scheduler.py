@@ -72,6 +72,7 @@ class Completion:
             when not asked.
         first_token_seconds: from admission to its first token (prefill + sampling), seconds.
         seconds: from admission to the end, seconds.
+        reused_tokens: prompt tokens found in the slot's cache (``reuse_prefix``), not prefilled.
     """
 
     request: Request
@@ -81,6 +82,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None
     first_token_seconds: float
     seconds: float
+    reused_tokens: int = 0
 
 
 class _Running:
@@ -109,7 +111,8 @@ class _Running:
 
     def completion(self) -> Completion:
         return Completion(self.request, self.text.token_ids, self.text.text, self.text.finish_reason,
-                          self.logprobs, self.first_token_seconds, time.perf_counter() - self.started)
+                          self.logprobs, self.first_token_seconds, time.perf_counter() - self.started,
+                          self.tokens.reused)
 
 
 @dataclass
@@ -141,6 +144,12 @@ class Scheduler:
         ctx_size: each slot's capacity in tokens (prompt + generated); default the model's context.
         cache_dtype: the KV caches' storage name.
         prefill_chunk: prompt tokens per prefill pass.
+        reuse_prefix: give a request the free slot whose cache shares the longest prefix with its
+            prompt and keep that prefix (llama-server's ``cache_prompt``): a shared system prompt or
+            a growing conversation is prefilled once. Off by default, because the reused positions'
+            K/V were computed in other chunks, so logits may differ from a fresh prefill by float32
+            rounding — the exactness of ``--prompt-cache`` — where ``batch`` promises each result
+            equals the prompt run alone.
 
     Attributes:
         pool: the slots' :class:`~mqa_gen.cache.KVCachePool`. stats: :class:`SchedulerStats`.
@@ -150,13 +159,14 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 8, ctx_size: int | None = None,
-                 cache_dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK):
+                 cache_dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK, reuse_prefix: bool = False):
         c = model.config
         self.ctx_size = ctx_size or c.context_length
         if batch_size < 1 or self.ctx_size < 1:
             raise ValueError("batch_size and ctx_size must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.prefill_chunk = prefill_chunk
+        self.reuse_prefix = reuse_prefix
         self.pool = KVCachePool(batch_size, c.n_layers, c.n_kv_heads, c.head_dim, self.ctx_size, cache_dtype,
                                 c.layer_windows)
         self.stats = SchedulerStats()
@@ -260,9 +270,14 @@ class Scheduler:
         """Put a request in a free slot: prefill it alone and sample its first token. Returns its
         completion when that token already ends it."""
         self.check(request)
-        slot = self._free.pop()
-        cache = self.pool.caches[slot]
-        cache.reset()  # nothing reused across requests: a prompt's logits must not depend on the one before
+        if self.reuse_prefix:  # the free slot whose cached tokens share the longest prefix with the prompt
+            slot = max(self._free, key=lambda i: self.pool.caches[i].common_prefix(request.prompt_ids))
+            self._free.remove(slot)
+            cache = self.pool.caches[slot]  # TokenSequence.prefill keeps the common prefix, drops the rest
+        else:
+            slot = self._free.pop()
+            cache = self.pool.caches[slot]
+            cache.reset()  # nothing reused across requests: a prompt's logits must not depend on the one before
         params = request.params
         tokens = TokenSequence(request.prompt_ids, cache, make_sampler(params), make_logits_processors(params),
                                self.prefill_chunk, request.logprobs or 0)

@@ -314,9 +314,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
             choice = {"index": 0, "text": done.text, "finish_reason": reason,
                       "logprobs": legacy_logprobs(done.logprobs) if done.logprobs is not None else None}
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": config.model_id,
-                             "choices": [choice], "usage": usage(n),
+                             "choices": [choice],
+                             "usage": {**usage(n), "prompt_tokens_details": {"cached_tokens": done.reused_tokens}},
                              "mqa_gen": {**extension(n_prompt, n), "seed": request.params.seed,
-                                         "finish_reason": done.finish_reason}})
+                                         "finish_reason": done.finish_reason, "reused_tokens": done.reused_tokens}})
 
     async def stream_events(http, handle, queue, chat, rid, created, usage, body):
         obj = "chat.completion.chunk" if chat else "text_completion"

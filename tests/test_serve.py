@@ -316,3 +316,15 @@ def test_beyond_the_queue_a_request_gets_503_with_retry_after(tmp_path):
         conn.close()
         assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
         assert set(busy.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix(client, reference):
+    """cache_prompt (on by default): a prompt whose tokens a free slot's cache still holds is not
+    prefilled again — all but its last token come from the cache — and greedy text is unchanged."""
+    _, chat = reference
+    first = client.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT, max_tokens=8, temperature=0)
+    second = client.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert second.model_extra["mqa_gen"]["reused_tokens"] == second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content == chat["text"][: len(
+        first.choices[0].message.content)]

@@ -46,11 +46,16 @@ def _require_extra() -> None:
               help="Require 'Authorization: Bearer KEY' (default: the MQA_GEN_API_KEY variable, else no key).")
 @click.option("--alias", "-a", default=None, metavar="NAME",
               help="The model name /v1/models lists and requests use (default: the -m value).")
+@click.option("--cache-prompt/--no-cache-prompt", default=True, show_default=True,
+              help="Reuse the longest prefix a free slot's cache shares with a new prompt (llama-server's "
+                   "cache_prompt): a shared system prompt or a growing conversation is prefilled once; logits "
+                   "may then differ from a fresh prefill by float32 rounding, as with --prompt-cache.")
 @generation_options
 @chat_template_option
 @click.option("-q", "--quiet", is_flag=True, help="No load messages on stderr (request lines still go there).")
 @threads_option
-def serve(model, host, port, batch_size, max_queue, api_key, alias, chat_template_file, quiet, threads, **options):
+def serve(model, host, port, batch_size, max_queue, api_key, alias, cache_prompt, chat_template_file, quiet, threads,
+          **options):
     """Serve the model over an OpenAI-compatible HTTP API.
 
     POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with "stream": true),
@@ -83,7 +88,8 @@ def serve(model, host, port, batch_size, max_queue, api_key, alias, chat_templat
     if template is None and tok.chat_template is None and not quiet:
         stderr.print("[yellow]warning: this model has no chat template: /v1/chat/completions will refuse "
                      "requests (give one with --chat-template-file)[/yellow]")
-    scheduler = Scheduler(setup.net, tok, batch_size=batch_size, ctx_size=setup.ctx, cache_dtype=setup.cache_dtype)
+    scheduler = Scheduler(setup.net, tok, batch_size=batch_size, ctx_size=setup.ctx, cache_dtype=setup.cache_dtype,
+                          reuse_prefix=cache_prompt)
     engine = Engine(scheduler, max_queue=max_queue, threads=numba.get_num_threads())
     model_id = alias or model
     aliases = {model_id, model, os.path.basename(setup.loaded.path), setup.loaded.name}
