@@ -59,6 +59,18 @@ class Tokenizer:
         # Ids that decode(skip_special=True) drops: CONTROL only. USER_DEFINED tokens are real text
         # (llama.cpp prints them; transformers adds them as non-special tokens).
         self._control = frozenset(i for i, t in enumerate(self._types) if t == TOKEN_CONTROL)
+        self._max_piece_bytes: int | None = None  # computed on first use (surely_longer_than)
+
+    def surely_longer_than(self, text: str, n_tokens: int) -> bool:
+        """True when ``text`` cannot be fewer than ``n_tokens`` tokens, decided without tokenising:
+        each token stands for at most the longest piece's bytes, so more UTF-8 bytes than
+        ``n_tokens`` × that cannot fit. Lets a huge prompt be refused in microseconds, not after
+        tokenising megabytes (seconds and gigabytes)."""
+        if self._max_piece_bytes is None:
+            self._max_piece_bytes = max(map(len, self._pieces), default=1) or 1
+        limit = n_tokens * self._max_piece_bytes
+        # characters ≤ bytes: counting characters first spares encoding most long texts
+        return len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:

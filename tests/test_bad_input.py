@@ -643,3 +643,17 @@ def test_stop_strings_must_be_text_that_can_match():
     one_error_line(run_cli("generate", "-p", "hi", "--stop", "\udcff"), "--stop is not valid UTF-8")
     one_error_line(run_cli("generate", "-p", "hi", "--stop", ""), "--stop needs a non-empty string")
     one_error_line(run_cli("generate", "-p", "hi", "-sys", "\udcff"), "--system-prompt is not valid UTF-8")
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenised(smollm2, tmp_path):
+    """20 million characters cannot fit 8,192 tokens whatever they are: refused at once (the longest
+    piece bounds the bytes a token stands for), not after seconds of tokenising."""
+    tok = smollm2.tokenizer
+    longest = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+    assert tok.surely_longer_than("x" * (8192 * longest + 1), 8192)
+    assert not tok.surely_longer_than("x" * (8192 * longest), 8192)  # might fit: tokenise and count
+    assert tok.surely_longer_than("é" * (8192 * longest // 2 + 1), 8192)  # two bytes a character
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 20_000_000, encoding="utf-8")
+    with deadline(20):
+        one_error_line(run_cli("generate", "-f", str(big), "--no-chat"), "longer than the context of 8,192 tokens")

@@ -193,7 +193,7 @@ def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None
     from ..errors import SamplingError
     from ..sampling import draw_seed
     from ..scheduler import Request
-    from .generate import build_prompt_ids
+    from .generate import build_prompt_ids, refuse_if_surely_too_long
 
     tok = loaded.tokenizer
     eos = frozenset(end_of_turn_ids(tok))
@@ -210,9 +210,11 @@ def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None
                 params = replace(params, seed=draw_seed())
             params.validate()
             if item.messages is not None:
-                ids = tok.encode(render_prompt(tok, item.messages, template))
+                rendered = render_prompt(tok, item.messages, template)
+                refuse_if_surely_too_long(tok, rendered, setup.ctx)
+                ids = tok.encode(rendered)
             else:
-                ids, _, _ = build_prompt_ids(loaded, item.prompt, chat, template=template)
+                ids, _, _ = build_prompt_ids(loaded, item.prompt, chat, template=template, ctx=setup.ctx)
             if len(ids) >= setup.ctx:
                 raise MqaGenError(f"the prompt has {len(ids)} tokens but the context is {setup.ctx} tokens "
                                   "(raise --ctx-size or shorten the prompt)")

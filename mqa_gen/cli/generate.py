@@ -62,7 +62,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 
 
 def build_prompt_ids(loaded, text: str, chat: bool | None, system: str | None = None,
-                     template: str | None = None) -> tuple[list[int], set[int], bool]:
+                     template: str | None = None, ctx: int | None = None) -> tuple[list[int], set[int], bool]:
     """Token ids of the prompt, the end-of-generation ids, and whether the chat template was used.
 
     The template is ``template`` (``--chat-template-file``) or the model's; ``chat`` None uses it
@@ -72,7 +72,8 @@ def build_prompt_ids(loaded, text: str, chat: bool | None, system: str | None = 
 
     Raises:
         PromptError: ``--chat`` without a template; a system prompt or template file with
-            ``--no-chat`` (or with no template to put the system prompt in).
+            ``--no-chat`` (or with no template to put the system prompt in); a text that cannot fit
+            ``ctx`` tokens, found before tokenising it (:meth:`~mqa_gen.tokenizer.Tokenizer.surely_longer_than`).
         ChatTemplateError: the template fails to render.
     """
     from ..chat import end_of_turn_ids, render_prompt
@@ -92,7 +93,20 @@ def build_prompt_ids(loaded, text: str, chat: bool | None, system: str | None = 
                           "(give one with --chat-template-file)")
     elif template is not None:
         raise PromptError("--chat-template-file cannot be used with --no-chat")
+    if ctx is not None:
+        refuse_if_surely_too_long(tok, text, ctx)
     return tok.encode(text), end_of_turn_ids(tok), use_chat
+
+
+def refuse_if_surely_too_long(tok, text: str, ctx: int) -> None:
+    """A prompt of megabytes is refused at once rather than tokenised first (seconds, gigabytes).
+
+    Raises:
+        PromptError: ``text`` cannot be fewer than ``ctx`` tokens.
+    """
+    if tok.surely_longer_than(text, ctx):
+        raise PromptError(f"the prompt ({len(text):,} characters) is longer than the context of {ctx:,} tokens "
+                          "(raise --ctx-size or shorten the prompt)")
 
 
 def print_stats(stats, finish_reason: str | None, load_seconds: float, seed: int | None = None) -> None:
@@ -169,7 +183,7 @@ def generate(prompt, prompt_file, model, chat, system, chat_template_file, promp
     template = read_chat_template(chat_template_file)
     setup = setup_generation(model, quiet, threads, **options)
     loaded = setup.loaded
-    ids, eos_ids, _ = build_prompt_ids(loaded, text, chat, system, template)
+    ids, eos_ids, _ = build_prompt_ids(loaded, text, chat, system, template, ctx=setup.ctx)
     cache = model_id = None
     if prompt_cache is not None:
         t0 = time.perf_counter()
