@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any
@@ -188,6 +189,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         raise ModelFileError(f"model file not found: {path}")
     if os.path.isdir(path):
         raise ModelFileError(f"model path is a directory, not a GGUF file: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+        raise ModelFileError(f"model path is not a regular file (a FIFO, socket or device?): {path}")
     try:
         with open(path, "rb") as f:
             head = f.read(8)

@@ -657,3 +657,10 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenised(smollm2, tmp_path):
     big.write_text("x" * 20_000_000, encoding="utf-8")
     with deadline(20):
         one_error_line(run_cli("generate", "-f", str(big), "--no-chat"), "longer than the context of 8,192 tokens")
+
+
+def test_a_model_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    with deadline(20):
+        one_error_line(run_cli("info", "-m", str(fifo)), "not a regular file")
