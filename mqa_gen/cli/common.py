@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,18 @@ if TYPE_CHECKING:
     from ..loading import LoadedModel
     from ..sampling import SamplingParams
 
-stderr = Console(stderr=True, highlight=False)
+
+def _stream_is_terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal (False for None, a pipe, a file, a closed stream)."""
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+#: Messages, stats and progress. Not a terminal (a log file, a pipe): no wrapping at rich's default
+#: 80 columns, so every message stays one line for the scripts that read it.
+stderr = Console(stderr=True, highlight=False, soft_wrap=not _stream_is_terminal(sys.stderr))
 
 
 #: The most bytes a prompt (``--prompt-file``, ``--prompt -``) may hold. The longest context we
