@@ -273,8 +273,8 @@ def parse_kv_budget(text: str) -> int:
 
 def default_kv_budget() -> tuple[int | None, str | None]:
     """(bytes, source): :data:`DEFAULT_KV_BUDGET_FRACTION` of the memory available now
-    (:func:`mqa_gen.scheduler.available_memory_bytes`), or (None, None) where that is unknown."""
-    from .scheduler import available_memory_bytes
+    (:func:`mqa_gen.cache.available_memory_bytes`), or (None, None) where that is unknown."""
+    from .cache import available_memory_bytes
 
     available = available_memory_bytes()
     if available is None:

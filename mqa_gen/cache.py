@@ -42,23 +42,36 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-def memory_limit_bytes() -> int | None:
-    """Physical memory plus swap, in bytes (``MemTotal`` + ``SwapTotal`` of /proc/meminfo; where
-    there is none, the physical pages ``sysconf`` reports), or None when neither is known: the
-    most a KV cache can ever fill, however lazily it is mapped."""
+def _meminfo() -> dict[str, int]:
+    """The fields of /proc/meminfo in bytes (empty where there is no such file)."""
+    fields = {}
     try:
-        fields = {}
         with open("/proc/meminfo") as f:
             for line in f:
                 name, _, rest = line.partition(":")
                 fields[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return fields
+
+
+def memory_limit_bytes() -> int | None:
+    """Physical memory plus swap, in bytes (``MemTotal`` + ``SwapTotal`` of /proc/meminfo; where
+    there is none, the physical pages ``sysconf`` reports), or None when neither is known: the
+    most a KV cache can ever fill, however lazily it is mapped."""
+    fields = _meminfo()
+    if "MemTotal" in fields:
         return fields["MemTotal"] + fields.get("SwapTotal", 0)
-    except (OSError, ValueError, IndexError, KeyError):
-        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the kernel says new allocations can take without swapping (``MemAvailable`` of
+    /proc/meminfo, bytes), or None where that is not known: the default KV budget of ``batch``."""
+    return _meminfo().get("MemAvailable")
 
 
 def check_cache_fits(n_bytes: int, n_tokens: int, sequences: int = 1) -> None:

@@ -323,16 +323,3 @@ class Scheduler:
 def kv_fit(cache_bytes_per_sequence: int, budget_bytes: int) -> int:
     """How many sequences of ``cache_bytes_per_sequence`` KV bytes fit in ``budget_bytes`` (≥ 0)."""
     return int(budget_bytes // max(cache_bytes_per_sequence, 1))
-
-
-def available_memory_bytes() -> int | None:
-    """The memory the kernel says new allocations can take without swapping (``MemAvailable`` of
-    /proc/meminfo, bytes), or None where that is not known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None

@@ -331,16 +331,16 @@ def test_cli_states_the_budget_it_used(invoke, monkeypatch):
     for v in out["variants"]:
         assert v["points"][0]["fit_sequences"] == 1000 * 2**20 // smollm2_sequence_bytes(v["n_kv_heads"], 512)
 
-    import mqa_gen.scheduler
+    import mqa_gen.cache
 
-    monkeypatch.setattr(mqa_gen.scheduler, "available_memory_bytes", lambda: 10 * 2**30)
+    monkeypatch.setattr(mqa_gen.cache, "available_memory_bytes", lambda: 10 * 2**30)
     table = invoke("--no-measure", "--contexts", "512")
     assert table.exit_code == 0, table.stderr
     text = " ".join(table.stdout.split())  # the caption wraps
     assert "seqs in budget" in text and "9,216 MiB (90% of MemAvailable)" in text
     assert f"{int(0.9 * 10 * 2**30) // smollm2_sequence_bytes(1, 512):,}" in table.stdout  # MQA: 1,228
 
-    monkeypatch.setattr(mqa_gen.scheduler, "available_memory_bytes", lambda: None)
+    monkeypatch.setattr(mqa_gen.cache, "available_memory_bytes", lambda: None)
     unknown = invoke("--no-measure", "--json", "--contexts", "512")
     out = json.loads(unknown.stdout)
     assert out["kv_budget_bytes"] is None and out["variants"][0]["points"][0]["fit_sequences"] is None

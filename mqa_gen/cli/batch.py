@@ -85,7 +85,7 @@ def ids_in_output(path: str) -> set:
         if "error" not in obj:
             ids.add(key)
             kept.append(line)
-    if len(kept) != sum(1 for line in lines if line.strip()) or not data.endswith(b"\n") and data:
+    if b"".join(line + b"\n" for line in kept) != data:  # a line dropped (or the last one cut short)
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
             f.write(b"".join(line + b"\n" for line in kept))
     return ids
@@ -157,7 +157,8 @@ def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib
     """
     from ..cache import kv_bytes
     from ..kv_storage import storage_type
-    from ..scheduler import available_memory_bytes, kv_fit
+    from ..cache import available_memory_bytes, kv_bytes_per_token
+    from ..scheduler import kv_fit
 
     c = net.config
     itemsize = storage_type(cache_dtype).itemsize
@@ -168,7 +169,7 @@ def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib
         available = available_memory_bytes()
         budget = 0.9 * available if available is not None else batch_size * per_sequence
     fit = kv_fit(per_sequence, budget)
-    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * itemsize
+    per_token = kv_bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, itemsize)
     if fit < 1:
         raise BatchRunError(f"one sequence of {ctx} tokens needs {mib(per_sequence)} of KV cache, more than the "
                             f"budget of {mib(budget)} (lower --ctx-size, or raise --kv-budget)")
