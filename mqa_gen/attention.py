@@ -118,7 +118,7 @@ class Attention:
             rope(k, cos, sin, self.rope_interleaved)
         o = np.empty((N, H, D), dtype=np.float32)  # (N, H, D)
         if batch.decode:
-            self._decode(q, k, v, batch, o)
+            self.attend_decode(q, k, v, batch, o)
         else:
             for b, cache in enumerate(batch.caches):
                 rows = batch.rows(b)
@@ -126,8 +126,10 @@ class Attention:
                 attention_prefill(q[rows], keys, values, start, self.scale, self.window, o[rows])
         return self.wo(o.reshape(N, H * D))  # (N, d_model)
 
-    def _decode(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, o: np.ndarray) -> None:
-        """The decode step: row b (q [B, H, D], k, v [B, KV, D]) is sequence b's one new token.
+    def attend_decode(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, o: np.ndarray) -> None:
+        """The decode step's attention, into o (float32 [B, H, D]): row b (q [B, H, D], k, v
+        [B, KV, D], float32, after QK-norm and RoPE) is sequence b's one new token; its k, v rows
+        are written into its cache first.
         Caches in one pool: every row written at once, then one kernel call for all B sequences.
         Otherwise sequence by sequence, each cache passed as a one-slot pool; the kernel's result
         for a sequence is the same either way."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..attention import Attention
 from ..config import ModelConfig
+from ..decode_layer import fused_decode_layer
 from ..errors import ConfigError
 from ..gguf_file import GGUFFile
 from ..kernels import geglu_tanh
@@ -88,7 +89,10 @@ class Gemma3Block:
         self.attention, self.mlp, self.eps = attention, mlp, eps
 
     def __call__(self, x: np.ndarray, batch) -> np.ndarray:
-        """x: float32 [N, d_model] → float32 [N, d_model]."""
+        """x: float32 [N, d_model] → float32 [N, d_model] (a decode step may overwrite x)."""
+        fused = fused_decode_layer(self) if batch.decode else None
+        if fused is not None:
+            return fused(x, batch)  # the same arithmetic in three calls (mqa_gen.decode_layer)
         a = self.attention(rms_norm(x, self.attn_norm, self.eps), batch)
         h = x + rms_norm(a, self.post_attn_norm, self.eps)
         m = self.mlp(rms_norm(h, self.mlp_norm, self.eps))

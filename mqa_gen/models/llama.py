@@ -18,6 +18,7 @@ import numpy as np
 
 from ..attention import Attention
 from ..config import ModelConfig
+from ..decode_layer import fused_decode_layer
 from ..gguf_file import GGUFFile
 from ..linear import linear_from_gguf
 from ..mlp import GatedMLP
@@ -95,7 +96,10 @@ class LlamaBlock:
         self.eps = eps
 
     def __call__(self, x: np.ndarray, batch) -> np.ndarray:
-        """x: float32 [N, d_model] → float32 [N, d_model]."""
+        """x: float32 [N, d_model] → float32 [N, d_model] (a decode step may overwrite x)."""
+        fused = fused_decode_layer(self) if batch.decode else None
+        if fused is not None:
+            return fused(x, batch)  # the same arithmetic in three calls (mqa_gen.decode_layer)
         h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), batch)
         return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
 
