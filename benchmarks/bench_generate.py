@@ -64,6 +64,12 @@ instruction, so build it for AVX2::
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
         pip install llama-cpp-python
 
+The llama-bench engine runs llama.cpp's own benchmark tool (``--llama-bench PATH``, built from the
+same sdist; see benchmarks/README.md) as a fresh process per round: ``llama-bench -p N -n
+DECODE_TOKENS -d DEPTH -r REPEATS -t THREADS -ctk/-ctv f16 -o json``. Its figures are llama.cpp's
+mean tokens/s over its repetitions on its own prompt tokens (the same lengths and depths, not the
+same ids), with no Python in the loop; it has no time to first token.
+
 Examples::
 
     python benchmarks/bench_generate.py                       # defaults, writes BENCHMARKS.md
@@ -99,7 +105,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHORT_PROMPT_FILE = REPO / "sample_prompts" / "capital_france.txt"
 TEXT_FILES = [REPO / "sample_prompts" / "long_document.txt", REPO / "mqa_gen" / "data" / "ppl_english.txt"]
-ENGINES = ("mqa-gen", "llama.cpp", "transformers")
+ENGINES = ("mqa-gen", "llama.cpp", "llama-bench", "transformers")
 SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s")
 LATER_ENGINES: dict[str, str] = {}
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -316,6 +322,38 @@ def child_transformers(spec: dict) -> dict:
     return result
 
 
+# ───────────────────────────── child: llama-bench ─────────────────────────────
+
+
+def child_llama_bench(spec: dict) -> dict:
+    """llama.cpp's llama-bench on the same GGUF: prefill lengths, decode at each depth. Its JSON
+    rows carry n_prompt, n_gen, n_depth and avg_ts (mean tokens/s over its repetitions)."""
+    kv = {"float16": "f16", "float32": "f32"}[spec["cache_dtype"]]
+    cmd = [spec["llama_bench"], "-m", spec["model_path"], "-t", str(spec["threads"]), "-r", str(spec["repeats"]),
+           "-ctk", kv, "-ctv", kv, "-o", "json"]
+    prefill_lengths = ",".join(str(n) for n in spec.get("prefill", {}))
+    runs = []
+    if prefill_lengths:
+        runs.append(cmd + ["-p", prefill_lengths, "-n", "0"])
+    runs.append(cmd + ["-p", "0", "-n", str(spec["decode_tokens"]), "-d", ",".join(spec["depth_prompts"])])
+    prefill, decode = {}, {}
+    for run in runs:
+        proc = subprocess.run(run, capture_output=True, text=True, check=True)
+        for row in json.loads(proc.stdout):
+            speeds = [float(v) for v in row.get("samples_ts", [row["avg_ts"]])]
+            entry = {"median": median(speeds), "runs": speeds}
+            if row["n_gen"]:
+                decode[str(row["n_depth"])] = {**entry, "prompt_tokens": row["n_depth"]}
+            else:
+                prefill[str(row["n_prompt"])] = entry
+    version = subprocess.run([spec["llama_bench"], "--version"], capture_output=True, text=True)
+    return {"engine": "llama-bench", "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+            "versions": {"llama-bench": (version.stdout + version.stderr).strip().splitlines()[:1]},
+            "threads": {"llama-bench": spec["threads"]},
+            # llama-bench runs as this child's child: its peak RSS is the children's maximum
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+
+
 # ───────────────────────────── child: llama.cpp ─────────────────────────────
 
 
@@ -399,6 +437,8 @@ def child_main(engine: str, spec_path: str) -> None:
         result = child_transformers(spec)
     elif engine == "llama.cpp":
         result = child_llamacpp(spec)
+    elif engine == "llama-bench":
+        result = child_llama_bench(spec)
     else:
         raise SystemExit(f"unknown child engine {engine!r}")
     sys.stdout.write(json.dumps(result) + "\n")
@@ -474,7 +514,8 @@ def merge_rounds(runs: list[dict]) -> dict:
                 pooled = [x for r in runs for x in r[key][name]["runs"]]
                 out[key][name] = {**first, "runs": pooled, "median": median(pooled)}
     for key in ("load_seconds", "startup_seconds", "ttft_inprocess_s", "process_wall_seconds"):
-        out[key] = median([r[key] for r in runs if r.get(key) is not None])
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = median(values) if values else None
     out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
     out["per_round"] = [{"round": r["round"], **{key: {name: v["median"] for name, v in r.get(key, {}).items()}
                                                   for key in SPEED_KEYS}} for r in runs]
@@ -611,6 +652,7 @@ def build_spec(args) -> dict:
         "prefill": {str(n): take(n) for n in args.prefill},
         "depth_prompts": depth_prompts,
         "text_tokens": len(text_ids),
+        "llama_bench": args.llama_bench,
     }
 
 
@@ -668,6 +710,8 @@ def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool, 
                 if label == "cold":
                     out["cold_said_compiling"] = "ompil" in stderr
         out["ttft_command"] = shlex.join(cmd)
+    elif engine == "llama-bench":
+        pass  # llama-bench has no time to first token
     else:
         python = args.llamacpp_python if engine == "llama.cpp" else args.transformers_python
         for label in (["cold"] if cold else []) + ["warm"]:
@@ -722,7 +766,7 @@ def build_rows(results: dict, spec: dict, args) -> list[tuple[str, str, str, dic
     return rows
 
 
-PEERS = ("llama.cpp", "transformers")
+PEERS = ("llama.cpp", "llama-bench", "transformers")
 
 
 def ours_and_peers(engines: list[str]) -> tuple[str | None, list[str]]:
@@ -887,6 +931,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="interpreter with torch + transformers (default: this one)")
     p.add_argument("--llamacpp-python", default=sys.executable,
                    help="interpreter with llama-cpp-python installed (default: this one)")
+    p.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"),
+                   help="llama.cpp's llama-bench binary for the llama-bench engine (default: $LLAMA_BENCH, "
+                        "or llama-bench on PATH)")
     p.add_argument("--no-cold", dest="cold", action="store_false",
                    help="skip the cold-start TTFT (it compiles every Numba kernel)")
     p.add_argument("--thread-check", action="store_true",
@@ -960,6 +1007,11 @@ def main(argv: list[str] | None = None) -> int:
                              "Install: `pip install llama-cpp-python` (builds llama.cpp; see the docstring).")
                 runner.log(notes[-1])
                 engines.remove("llama.cpp")
+        if "llama-bench" in engines and not (args.llama_bench and os.access(args.llama_bench, os.X_OK)):
+            notes.append("llama-bench skipped: no llama-bench binary (give --llama-bench PATH; "
+                         "benchmarks/README.md says how to build it).")
+            runner.log(notes[-1])
+            engines.remove("llama-bench")
         if "transformers" in engines:
             probe = subprocess.run([args.transformers_python, str(Path(__file__).resolve()), "--child",
                                     "probe-transformers", "--spec", spec_path],
@@ -1030,6 +1082,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"greedy tokens at depth 0{vs}: identical for all {len(a)} tokens" if same is None and len(a) == len(b)
                 else f"greedy tokens at depth 0{vs}: first difference at token {same}")
     for engine, res in results.items():
+        if engine == "llama-bench":
+            notes.append("llama-bench: llama.cpp's own tool; prefill and decode on its own prompt tokens (same "
+                         "lengths and depths), mean of its repetitions per run; no time to first token.")
+            continue
         for label in (["cold"] if args.cold else []) + ["warm"]:
             if res.get(f"ttft_{label}_s") is None:
                 notes.append(f"{engine}: the {label} fresh-process run failed (its error is on the run's stderr).")
