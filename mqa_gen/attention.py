@@ -23,9 +23,10 @@ import copy
 import numpy as np
 
 from .batch import Batch
-from .kernels import attention_decode, attention_prefill, rmsnorm, rope
+from .kernels import attention_decode, rmsnorm, rope
 from .kernels.attention import decode_partial_shape
 from .linear import DenseLinear, FusedProjections
+from .prefill_attention import prefill_attention
 
 
 class DecodeScratch:
@@ -123,7 +124,7 @@ class Attention:
             for b, cache in enumerate(batch.caches):
                 rows = batch.rows(b)
                 keys, values, start = cache.layers[self.layer].update_and_fetch(k[rows], v[rows], int(batch.starts[b]))
-                attention_prefill(q[rows], keys, values, start, self.scale, self.window, o[rows])
+                prefill_attention(q[rows], keys, values, start, self.scale, self.window, o[rows])
         return self.wo(o.reshape(N, H * D))  # (N, d_model)
 
     def attend_decode(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, o: np.ndarray) -> None:

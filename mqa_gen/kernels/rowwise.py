@@ -104,6 +104,36 @@ def softmax_inplace(row):
         row[i] *= inv
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def causal_softmax_rows(scores, scale, first_index, first_position, window):
+    """Scale, mask and softmax a block of attention scores in place (one pass over each row's
+    allowed keys, zeros elsewhere).
+
+    scores: float32 [G, R, L]: G query heads × R query rows × L keys, key j at cache index
+    first_index + j. Query row r sits at cache index first_position + r and may read the keys at
+    indices ≤ its own, and with ``window`` > 0 only the last ``window`` of them (as
+    :func:`~mqa_gen.kernels.attention.attention_prefill`). scale: float.
+
+    One thread, like the other row-wise kernels: it runs between two BLAS products, and a
+    parallel region there made the whole attention 2–3× slower (Numba's and OpenBLAS's worker
+    threads each spinning for the cores while the other works).
+    """
+    G, R, L = scores.shape
+    for task in range(G * R):
+        g, r = task // R, task % R
+        pos = first_position + r
+        stop = min(L, pos - first_index + 1)  # keys 0 .. stop-1 are at or before the row
+        begin = max(0, pos - window + 1 - first_index) if window > 0 else 0
+        row = scores[g, r]
+        for j in range(begin, stop):
+            row[j] *= scale
+        softmax_inplace(row[begin:stop])
+        for j in range(begin):
+            row[j] = 0.0
+        for j in range(stop, L):
+            row[j] = 0.0
+
+
 def warm_up() -> None:
     """Call each kernel here once on tiny inputs, with every argument type the model passes, so
     Numba compiles (or loads from its disk cache) each specialisation before the first token."""
@@ -116,6 +146,7 @@ def warm_up() -> None:
     swiglu(x, x, np.empty_like(x))
     geglu_tanh(x, x, np.empty_like(x))
     softmax_inplace(np.ones(4, f32))
+    causal_softmax_rows(np.ones((2, 2, 4), f32), 0.5, 0, 2, 0)
     q = np.ones((2, 2, 4), f32)
     cos, sin = np.ones((2, 2), f32), np.zeros((2, 2), f32)
     rope(q, cos, sin, True)
