@@ -9,6 +9,10 @@ uses the cache (filled by one untimed run first). Runs alternate A B A B …; th
 time spawn → exit are printed with the 1-minute load average before and after. Run it with the
 Numba kernels already compiled (any earlier run does it).
 
+--llama-completion PATH adds llama.cpp's ``llama-completion -m MODEL -p PROMPT -n 1 -t THREADS
+--temp 0 -no-cnv`` (same GGUF, same prompt, its default warm-up run included, as a user runs it)
+as a third variant in the same interleaved rounds, and the ratio of our cached start to it.
+
 --breakdown: one fresh child process timing each phase in turn (imports, GGUF parse, tokenizer,
 weights, first prefill with its kernel loads), as the CLI runs them but without the tokenizer
 thread, so the phases add up; the interpreter start is the rest of the wall time.
@@ -69,7 +73,7 @@ def child_breakdown(model: str) -> None:
 
 def run(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
 
 
@@ -79,6 +83,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7, help="timed runs per variant")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--llama-completion", help="llama.cpp's llama-completion binary: a peer in the same rounds")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -102,17 +107,25 @@ def main() -> None:
     for model in models:
         cmd = [exe, "generate", "-m", model, "--no-chat", "--prompt", PROMPT, "-n", "1", "--json",
                "--threads", str(args.threads)]
-        variants = {"repack": dict(base, MQA_GEN_NO_REPACK_CACHE="1"), "cache": base}
-        run(cmd, variants["cache"])  # fill the cache (and load the kernels once)
+        variants = {"repack": (cmd, dict(base, MQA_GEN_NO_REPACK_CACHE="1")), "cache": (cmd, base)}
+        if args.llama_completion:
+            from mqa_gen.registry import resolve_model
+
+            peer = [args.llama_completion, "-m", resolve_model(model), "-p", PROMPT, "-n", "1",
+                    "-t", str(args.threads), "--temp", "0", "-no-cnv"]
+            variants["llama-completion"] = (peer, base)
+        run(cmd, base)  # fill the cache (and load the kernels once)
         times: dict[str, list[float]] = {k: [] for k in variants}
         load_before = os.getloadavg()[0]
         for _ in range(args.runs):
-            for label, env in variants.items():
-                times[label].append(run(cmd, env))
+            for label, (command, env) in variants.items():
+                times[label].append(run(command, env))
         load_after = os.getloadavg()[0]
         summary = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{model}: median repack {summary['repack']:.2f} s, cache {summary['cache']:.2f} s "
-              f"({args.runs} runs each, interleaved; load average {load_before:.2f} → {load_after:.2f}); "
+        versus = (f", cache / llama-completion {summary['cache'] / summary['llama-completion']:.2f}×"
+                  if "llama-completion" in summary else "")
+        print(f"{model}: median " + ", ".join(f"{k} {v:.2f} s" for k, v in summary.items()) + versus +
+              f" ({args.runs} runs each, interleaved; load average {load_before:.2f} → {load_after:.2f}); "
               f"all: " + json.dumps({k: [round(x, 2) for x in v] for k, v in times.items()}))
 
 
