@@ -28,8 +28,9 @@ File format (version 1; little-endian; no pickle, nothing executable):
   (k), ``vocab_size``, ``text_sha256``, ``tokenizer_sha256``, ``tokens_sha256`` (the
   :class:`Fingerprint`), ``digest`` (SHA-256 of the four arrays' bytes, hex);
 * zero bytes up to a multiple of 8, then four arrays, C order, back to back:
-  ``ids`` int32 [N, k] (each row's top-k token ids, most likely first), ``logprob`` float32 [N, k]
-  (their log-probabilities, nats), ``rest_logprob`` float64 [N] (log of the probability of every
+  ``ids`` int32 [N, k] (each row's top-k token ids, most likely first), ``logprob`` float64 [N, k]
+  (their log-probabilities, nats; float64 so that a model compared with its own base gives 0, not
+  float32's rounding, ~1e-7, which is the size of the KL an f16 cache causes), ``rest_logprob`` float64 [N] (log of the probability of every
   other token; −inf when there is none), ``nll`` float64 [N] (the base's −log p of the token that
   followed, for its own perplexity).
 
@@ -79,7 +80,7 @@ class TopK:
 
     Attributes:
         ids: int32 [N, k] — token ids, most likely first (ties: the lower id first).
-        logprob: float32 [N, k] — their log-probabilities (nats).
+        logprob: float64 [N, k] — their log-probabilities (nats).
         rest_logprob: float64 [N] — log of the probability of all other tokens (−inf: none).
         nll: float64 [N] — −log p of the token that followed (nats).
     """
@@ -135,7 +136,7 @@ def top_k_rows(logp: np.ndarray, k: int, nll: np.ndarray) -> TopK:
     order = np.lexsort((idx, -vals), axis=1)  # most likely first, ties by the lower id (as argmax)
     idx = np.take_along_axis(idx, order, axis=1)
     vals = np.take_along_axis(vals, order, axis=1)
-    return TopK(idx.astype(np.int32), vals.astype(np.float32), _outside(logp, idx),
+    return TopK(idx.astype(np.int32), vals.astype(np.float64), _outside(logp, idx),
                 np.asarray(nll, dtype=np.float64).copy())
 
 
@@ -231,7 +232,7 @@ def check_fingerprint(header: dict, fp: Fingerprint, path: str) -> None:
 
 # ───────────────────────────── the file ─────────────────────────────
 
-_ARRAYS = (("ids", np.dtype("<i4"), 2), ("logprob", np.dtype("<f4"), 2), ("rest_logprob", np.dtype("<f8"), 1),
+_ARRAYS = (("ids", np.dtype("<i4"), 2), ("logprob", np.dtype("<f8"), 2), ("rest_logprob", np.dtype("<f8"), 1),
            ("nll", np.dtype("<f8"), 1))
 
 _HEADER_TYPES = {"format": str, "version": int, "model": str, "n_kv_heads": int, "cache_dtype": str, "ctx": int,
@@ -387,5 +388,5 @@ def load_kl_base(path: str | os.PathLike[str], fp: Fingerprint | None = None) ->
     if not (np.isfinite(logprob).all() and (logprob <= 0).all() and np.isfinite(nll).all()
             and (nll >= 0).all() and not np.isnan(rest).any() and (rest <= 0).all()):
         raise KLBaseError(f"KL base {path} is corrupt: log-probabilities out of range")
-    top = TopK(ids, logprob.astype(np.float32), rest.astype(np.float64), nll.astype(np.float64))
+    top = TopK(ids, logprob.astype(np.float64), rest.astype(np.float64), nll.astype(np.float64))
     return top, header

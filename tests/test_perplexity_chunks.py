@@ -58,7 +58,7 @@ def test_bad_plans_are_refused(args, fragments):
 # ───────────────────────────── against the transformers oracle ─────────────────────────────
 
 
-@pytest.mark.parametrize("model,ctx", [("smollm2", 256), ("smollm2", 424), ("gemma3", 128)])
+@pytest.mark.parametrize("model,ctx", [("smollm2", 424), ("gemma3", 128)])
 def test_first_chunk_equals_the_oracle_window(model, ctx, request):
     """Chunk 0 is the oracle's window cut at ctx (Gemma: BOS first in both), so its scored nll are
     the oracle's token_nll[ctx/2 : ctx-1]; later chunks start from an empty cache, which the
@@ -99,7 +99,7 @@ def _numpy_reference(model, plan: ChunkPlan):
 
 
 def test_chunked_perplexity_equals_numpy_from_full_logits(smollm2):
-    plan = plan_text(smollm2.tokenizer, EVAL_TEXT.read_text(encoding="utf-8"), 160, 3)
+    plan = plan_text(smollm2.tokenizer, EVAL_TEXT.read_text(encoding="utf-8"), 96, 3)
     got = chunked_perplexity(smollm2.model, plan)
     ppl, se, running, nll = _numpy_reference(smollm2.model, plan)
     np.testing.assert_allclose(got.token_nll.reshape(-1), nll, atol=1e-4)
@@ -132,7 +132,7 @@ def test_top_k_keeps_the_most_likely_tokens_and_the_rest_mass():
     for r in range(5):
         order = np.argsort(-logp[r], kind="stable")[:8]
         assert top.ids[r].tolist() == order.tolist()
-        np.testing.assert_allclose(top.logprob[r], logp[r, order], rtol=1e-6)
+        np.testing.assert_array_equal(top.logprob[r], logp[r, order])
         rest = np.delete(np.exp(logp[r]), order).sum()
         assert top.rest_logprob[r] == pytest.approx(np.log(rest), rel=1e-12)
 
@@ -142,12 +142,12 @@ def test_kl_with_the_whole_vocabulary_is_the_full_kl_and_top_k_is_a_lower_bound(
     p, q = _random_logp(rng, 6, 40), _random_logp(rng, 6, 40)
     full = (np.exp(p) * (p - q)).sum(1)  # KL(p || q), directly
     kl_all, same = klb.compare_rows(klb.top_k_rows(p, 40, np.zeros(6)), q)
-    np.testing.assert_allclose(kl_all, full, rtol=1e-5)  # base log-probs are stored as float32
+    np.testing.assert_allclose(kl_all, full, rtol=1e-9)
     kl_top, _ = klb.compare_rows(klb.top_k_rows(p, 5, np.zeros(6)), q)
     assert (kl_top <= full + 1e-9).all() and (kl_top > 0).all()
     assert same.tolist() == (p.argmax(1) == q.argmax(1)).tolist()
     self_kl, self_same = klb.compare_rows(klb.top_k_rows(p, 5, np.zeros(6)), p)
-    assert np.abs(self_kl).max() < 1e-6 and self_same.all()
+    assert np.abs(self_kl).max() < 1e-12 and self_same.all()
 
 
 # ───────────────────────────── the file ─────────────────────────────

@@ -54,6 +54,12 @@ def _check_output_path(path: str) -> None:
         raise KLBaseError(f"--save-kl-base {path}: folder {folder} does not exist")
 
 
+def _nats(x: float) -> str:
+    """A KL divergence: six decimals, or three significant digits when it is below 0.001 (f16 against
+    f32 is ~1e-7: "0.000000" would hide it)."""
+    return f"{x:.6f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
+
+
 def _echo(text: str, quiet: bool, nl: bool = True) -> None:
     if not quiet:
         click.echo(text, err=True, nl=nl)
@@ -132,7 +138,7 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
     _echo(f"perplexity: {plan.n_chunks} chunk{'s' if plan.n_chunks != 1 else ''} of {ctx:,} tokens from {label} "
           f"({plan.n_text_tokens:,} tokens{', BOS first in each chunk' if tokenizer.add_bos else ''}), each scored "
           f"on its last {plan.scored_per_chunk:,} ({plan.n_scored:,} in all); {loaded.name}, "
-          f"{net.config.n_kv_heads} KV heads, {dtype_name} cache", quiet)
+          f"{net.config.n_kv_heads} KV head{'s' if net.config.n_kv_heads != 1 else ''}, {dtype_name} cache", quiet)
     result = chunked_perplexity(net, plan, cache_dtype, top_k=top_k, base=base,
                                 on_chunk=lambda i, ppl: _echo(f"[{i}]{ppl:.4f},", quiet, nl=False))
     _echo("", quiet)
@@ -167,8 +173,9 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
     click.echo(f"Final estimate: PPL = {result.perplexity:.4f} +/- {result.stderr:.5f}")
     if result.kl is not None:
         k = result.kl
-        click.echo(f"KL divergence from {kl_base} (top-{k.top_k} + rest): mean {k.mean_kl:.6f} +/- {k.kl_stderr:.6f}")
+        click.echo(f"KL divergence from {kl_base} (top-{k.top_k} + rest): mean {_nats(k.mean_kl)} +/- "
+                   f"{_nats(k.kl_stderr)} nats")
         click.echo(f"Same top token: {100 * k.same_top:.3f} +/- {100 * k.same_top_stderr:.3f} %")
         click.echo(f"Base estimate: PPL = {k.base_perplexity:.4f} +/- {k.base_stderr:.5f} "
-                   f"({base_header['model']}, {base_header['n_kv_heads']} KV heads, "
+                   f"({base_header['model']}, {base_header['n_kv_heads']} KV head{'s' if base_header['n_kv_heads'] != 1 else ''}, "
                    f"{base_header['cache_dtype']} cache)")
