@@ -26,13 +26,14 @@ File format (version 1; little-endian; no pickle, nothing executable):
   ``n_kv_heads``, ``cache_dtype`` (the reference run, for the reader), ``ctx``, ``n_chunks``,
   ``first``, ``scored_per_chunk``, ``n_positions`` (N = n_chunks × scored_per_chunk), ``top_k``
   (k), ``vocab_size``, ``text_sha256``, ``tokenizer_sha256``, ``tokens_sha256`` (the
-  :class:`Fingerprint`), ``digest`` (SHA-256 of the four arrays' bytes, hex);
-* zero bytes up to a multiple of 8, then four arrays, C order, back to back:
-  ``ids`` int32 [N, k] (each row's top-k token ids, most likely first), ``logprob`` float64 [N, k]
-  (their log-probabilities, nats; float64 so that a model compared with its own base gives 0, not
-  float32's rounding, ~1e-7, which is the size of the KL an f16 cache causes), ``rest_logprob`` float64 [N] (log of the probability of every
-  other token; −inf when there is none), ``nll`` float64 [N] (the base's −log p of the token that
-  followed, for its own perplexity).
+  :class:`Fingerprint`), ``digest`` (SHA-256, hex, of the other header fields as canonical JSON —
+  sorted keys — and then the four arrays' bytes);
+* zero bytes up to a multiple of 8, then four arrays, C order, back to back: ``ids`` int32 [N, k]
+  (each row's top-k token ids, most likely first); ``logprob`` float64 [N, k] (their
+  log-probabilities, nats; float64 so that a model compared with its own base gives 0, not
+  float32's rounding, ~1e-7, which is the size of the KL an f16 cache causes); ``rest_logprob``
+  float64 [N] (log of the probability of every other token; −inf when there is none); ``nll``
+  float64 [N] (the base's −log p of the token that followed, for its own perplexity).
 
 The reader checks the file against itself before trusting it: a regular file (a FIFO would
 block), the magic and version, a header of sane size and types, a total size exactly what the
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
@@ -241,8 +243,10 @@ _HEADER_TYPES = {"format": str, "version": int, "model": str, "n_kv_heads": int,
                  "digest": str}
 
 
-def _digest(arrays: list[np.ndarray]) -> str:
-    h = hashlib.sha256(b"mqa-gen kl-base arrays v1\0")
+def _digest(arrays: list[np.ndarray], header: dict) -> str:
+    """SHA-256 (hex) of the header's other fields (canonical JSON) and the arrays' bytes."""
+    h = hashlib.sha256(b"mqa-gen kl-base v1\0")
+    h.update(json.dumps({k: v for k, v in header.items() if k != "digest"}, sort_keys=True).encode("utf-8"))
     for (name, dtype, _), a in zip(_ARRAYS, arrays):
         a = np.ascontiguousarray(a, dtype=dtype)
         h.update(f"{name}:{dtype.str}:{list(a.shape)}\0".encode())
@@ -273,8 +277,9 @@ def save_kl_base(path: str | os.PathLike[str], top: TopK, fp: Fingerprint, *, fi
         "cache_dtype": str(cache_dtype), "ctx": fp.ctx, "n_chunks": fp.n_chunks, "first": int(first),
         "scored_per_chunk": n_positions // max(fp.n_chunks, 1), "n_positions": n_positions, "top_k": top.k,
         "vocab_size": fp.vocab_size, "text_sha256": fp.text_sha256, "tokenizer_sha256": fp.tokenizer_sha256,
-        "tokens_sha256": fp.tokens_sha256, "digest": _digest(arrays),
+        "tokens_sha256": fp.tokens_sha256,
     }
+    header["digest"] = _digest(arrays, header)
     head = json.dumps(header).encode("utf-8")
     prefix = _PREFIX.pack(MAGIC, VERSION, len(head)) + head
     prefix += b"\0" * (_padded(len(prefix)) - len(prefix))
@@ -368,20 +373,23 @@ def load_kl_base(path: str | os.PathLike[str], fp: Fingerprint | None = None) ->
     path = os.fspath(path)
     with _open_regular(path) as f:
         header, offset = _read_prefix(f, path)
-        if fp is not None:
-            check_fingerprint(header, fp, path)
         n, k = header["n_positions"], header["top_k"]
         shapes = [(n, k), (n, k), (n,), (n,)]
-        sizes = [int(np.prod(s)) * dtype.itemsize for s, (_, dtype, _) in zip(shapes, _ARRAYS)]
+        # Python ints: a huge count in the header cannot overflow; checked against the file's size
+        sizes = [math.prod(s) * dtype.itemsize for s, (_, dtype, _) in zip(shapes, _ARRAYS)]
         size = os.fstat(f.fileno()).st_size
         if size != offset + sum(sizes):
             raise KLBaseError(f"KL base {path} is truncated or corrupt ({size:,} bytes; its header implies "
                               f"{offset + sum(sizes):,})")
-        _read_exact(f, offset - f.tell(), path, "padding")
+        if _read_exact(f, offset - f.tell(), path, "padding").strip(b"\0"):
+            raise KLBaseError(f"KL base {path} is corrupt (padding after the header)")
         arrays = [np.frombuffer(_read_exact(f, nbytes, path, name), dtype=dtype).reshape(shape)
                   for nbytes, shape, (name, dtype, _) in zip(sizes, shapes, _ARRAYS)]
-    if _digest(arrays) != header["digest"]:
-        raise KLBaseError(f"KL base {path} is corrupt: its arrays do not match the digest saved with them")
+    if _digest(arrays, header) != header["digest"]:
+        raise KLBaseError(f"KL base {path} is corrupt: its header and arrays do not match the digest "
+                          "saved with them")
+    if fp is not None:  # after the digest: a damaged header is "corrupt", not "another text"
+        check_fingerprint(header, fp, path)
     ids, logprob, rest, nll = arrays
     if ids.min() < 0 or ids.max() >= header["vocab_size"]:
         raise KLBaseError(f"KL base {path} is corrupt: token ids outside the vocabulary")

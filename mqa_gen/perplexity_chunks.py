@@ -121,7 +121,8 @@ def plan_chunks(ids: Sequence[int], ctx: int, n_chunks: int | None = None, bos_i
         PerplexityError: ``ctx`` < 3, ``n_chunks`` 0 or < -1, or fewer than 2 × ctx tokens.
     """
     if ctx < MIN_CTX:
-        raise PerplexityError(f"--ctx must be at least {MIN_CTX} (a chunk scores the tokens after its first half), got {ctx}")
+        raise PerplexityError(f"--ctx must be at least {MIN_CTX} (a chunk scores the tokens after its first half), "
+                              f"got {ctx}")
     if n_chunks is not None and (n_chunks == 0 or n_chunks < -1):
         raise PerplexityError(f"--chunks must be at least 1 (-1 = all), got {n_chunks}")
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)

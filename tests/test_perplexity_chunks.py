@@ -218,3 +218,18 @@ def test_damaged_bases_are_refused(tmp_path):
         klb.load_kl_base(tmp_path / "missing.klb")
     with pytest.raises(klb.KLBaseError, match="not a regular file"):
         klb.read_header(tmp_path)
+
+
+def test_every_flipped_bit_is_refused(tmp_path):
+    """Each byte of a small base with one bit flipped (the lowest, and a letter's case bit): the
+    magic, the header (parsing, types, or the digest that covers it), the padding or the arrays."""
+    path = tmp_path / "base.klb"
+    klb.save_kl_base(path, _small_base(np.random.default_rng(5)), _fp(), first=3, model="m", cache_dtype="float32")
+    good = path.read_bytes()
+    for i in range(len(good)):
+        for bit in (0, 5):
+            damaged = bytearray(good)
+            damaged[i] ^= 1 << bit
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(klb.KLBaseError):
+                klb.load_kl_base(path, _fp())

@@ -176,6 +176,7 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
         click.echo(f"KL divergence from {kl_base} (top-{k.top_k} + rest): mean {_nats(k.mean_kl)} +/- "
                    f"{_nats(k.kl_stderr)} nats")
         click.echo(f"Same top token: {100 * k.same_top:.3f} +/- {100 * k.same_top_stderr:.3f} %")
+        heads = base_header["n_kv_heads"]
         click.echo(f"Base estimate: PPL = {k.base_perplexity:.4f} +/- {k.base_stderr:.5f} "
-                   f"({base_header['model']}, {base_header['n_kv_heads']} KV head{'s' if base_header['n_kv_heads'] != 1 else ''}, "
+                   f"({base_header['model']}, {heads} KV head{'s' if heads != 1 else ''}, "
                    f"{base_header['cache_dtype']} cache)")
