@@ -165,6 +165,7 @@ def test_help_lists_every_command_and_an_unknown_one_exits_2():
     assert result.exit_code == 0
     for name in COMMANDS:  # verbs are imported on use; --help must still list them all
         assert name in result.output
-    assert set(COMMANDS) == {"generate", "batch", "chat", "convert", "info", "bench-cache", "list", "serve"}
+    assert set(COMMANDS) == {"generate", "batch", "chat", "convert", "info", "bench-cache", "perplexity", "list",
+                             "serve"}
     unknown = CliRunner().invoke(cli, ["frobnicate"])
     assert unknown.exit_code == 2 and len(unknown.stderr.strip().splitlines()) == 1

@@ -27,6 +27,7 @@ COMMANDS = {
     "convert": "convert",
     "info": "info",
     "bench-cache": "bench_cache",
+    "perplexity": "perplexity",
     "list": "list_models",
     "serve": "serve",
 }

@@ -207,6 +207,21 @@ _GENERATION_OPTIONS = [
                       "default) halves the cache and is faster at long contexts."),
 ]
 
+def generation_option(name: str):
+    """One of the :func:`generation_options` alone, by its parameter name (``"cache_dtype"``,
+    ``"kv_heads"``), for a command that takes it without the rest (``perplexity``): the same
+    spellings, choices, default and help as ``generate``, wherever those change.
+
+    Raises:
+        KeyError: no generation option has that name.
+    """
+    for option in _GENERATION_OPTIONS:
+        probe = option(lambda: None)  # each application makes a fresh click.Option
+        if probe.__click_params__[0].name == name:
+            return option
+    raise KeyError(name)
+
+
 #: The library's name of a setting (:attr:`~mqa_gen.errors.SamplingError.field`) → the option
 #: that sets it, so an error names what the user typed.
 OPTION_NAMES = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
