@@ -456,9 +456,12 @@ def measure_decode(model, context: int, decode_tokens: int = DEFAULT_DECODE_TOKE
 
 def measure_batched_decode_interleaved(models: Sequence, context: int, batch_sizes: Sequence[int],
                                        decode_tokens: int = DEFAULT_DECODE_TOKENS, repeats: int = DEFAULT_REPEATS,
-                                       cache_dtype: str = "f32", token_id: int = 1) -> list[dict[int, list[float]]]:
+                                       cache_dtype: str | Sequence[str] = "f32",
+                                       token_id: int = 1) -> list[dict[int, list[float]]]:
     """Aggregate decode speed of B sequences decoding together, each with ``context`` tokens of its
-    own in its cache, for every B of ``batch_sizes`` and every model.
+    own in its cache, for every B of ``batch_sizes`` and every model. ``cache_dtype``: the KV cache
+    type of every model, or a sequence giving each model's (the same model twice with f16 and q8_0
+    caches compares the cache types in one interleaved run).
 
     Per model, one :class:`~mqa_gen.cache.KVCachePool` of max(batch_sizes) slots, every slot
     filled directly (:func:`fill_direct`, distinct random rows per slot) to ``context −
@@ -473,17 +476,21 @@ def measure_batched_decode_interleaved(models: Sequence, context: int, batch_siz
         Per model, ``{B: [aggregate tokens/s (B · decode_tokens / seconds) of each timed run]}``.
 
     Raises:
-        ValueError: context < decode_tokens, repeats < 1 or a batch size < 1.
+        ValueError: context < decode_tokens, repeats < 1, a batch size < 1, or not one cache type
+            per model.
     """
     from .cache import KVCachePool
 
     if decode_tokens < 1 or repeats < 1 or context < decode_tokens or min(batch_sizes) < 1:
         raise ValueError("need decode_tokens ≥ 1, repeats ≥ 1, batch sizes ≥ 1 and context ≥ decode_tokens")
     start = context - decode_tokens
+    dtypes = [cache_dtype] * len(models) if isinstance(cache_dtype, str) else list(cache_dtype)
+    if len(dtypes) != len(models):
+        raise ValueError(f"{len(dtypes)} cache types for {len(models)} models")
     pools = []
-    for model in models:
+    for model, dtype in zip(models, dtypes):
         c = model.config
-        pool = KVCachePool(max(batch_sizes), c.n_layers, c.n_kv_heads, c.head_dim, context, cache_dtype,
+        pool = KVCachePool(max(batch_sizes), c.n_layers, c.n_kv_heads, c.head_dim, context, dtype,
                            c.layer_windows)
         for slot, cache in enumerate(pool.caches):
             fill_direct(cache, start, seed=slot)

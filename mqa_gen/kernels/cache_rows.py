@@ -107,7 +107,7 @@ def quantize_q4_0(x, out):
 
 
 def _vector_ptr(context, builder, array_type, array, index, vector):
-    """Pointer to element ``index`` of a 1-D array, as a pointer to ``vector``."""
+    """Pointer to element ``index`` of a 1-D array, as a pointer to ``vector`` (an LLVM type)."""
     data = context.make_array(array_type)(context, builder, array).data
     return builder.bitcast(cgutils.gep(builder, data, index), vector.as_pointer())
 
@@ -167,10 +167,26 @@ def _q4_0_codes_to_f32(typingctx, src, start, d, out, out_start):
     return types.void(src, start, d, out, out_start), codegen
 
 
+@intrinsic
+def _half_bits_at(typingctx, src, start):
+    """The uint16 stored little-endian at bytes start, start + 1 of a 1-D int8 / uint8 array (one
+    unaligned 16-bit load; x86 and Arm are little-endian). No bounds check, as above."""
+    if not (isinstance(src, types.Array) and src.dtype in (types.int8, types.uint8) and src.ndim == 1
+            and src.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        half_t = ir.IntType(16)
+        return builder.load(_vector_ptr(context, builder, signature.args[0], args[0], args[1], half_t), align=1,
+                            typ=half_t)
+
+    return types.uint16(src, start), codegen
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _block_scale(src, o):
     """The float16 scale stored little-endian at bytes o, o + 1 of a block row, as float32."""
-    return half_to_f32(np.uint16(np.uint16(np.uint8(src[o])) | (np.uint16(np.uint8(src[o + 1])) << np.uint16(8))))
+    return half_to_f32(_half_bits_at(src, o))
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
