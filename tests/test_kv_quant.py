@@ -282,6 +282,17 @@ def test_gemma3_with_a_q8_0_cache_past_its_sliding_window(gemma3):
     assert greedy(gemma3.model, case["prompt_ids"], 3, "q8_0") == greedy(gemma3.model, case["prompt_ids"], 3, "f16")
 
 
+@pytest.mark.parametrize("name", list(BLOCK_TYPES))
+def test_the_fused_decode_step_over_a_pool_of_blocks_gives_the_unfused_logits(monkeypatch, smollm2, name):
+    """Three sequences of different lengths decoding together over a q8_0 / q4_0 KVCachePool: the
+    fused layer step (mqa_gen.decode_layer) and the unfused blocks give the same logits, bit for bit."""
+    from test_decode_layer import _both_paths
+
+    prompts = [[2, 651, 6037, 314, 5384], [2, 1276, 314], [2, 9, 10, 11, 12, 13, 14]]
+    fused, unfused = _both_paths(monkeypatch, smollm2.model, prompts, steps=3, cache_dtype=name)
+    np.testing.assert_array_equal(fused, unfused)
+
+
 # ───────────────────────────── prompt-cache files ─────────────────────────────
 
 

@@ -179,6 +179,21 @@ def _canonical_cache_dtype(ctx, param, value):
     return canonical_name(value)
 
 
+def check_cache_dtype(cache_dtype: str, head_dim: int) -> None:
+    """Refuse a ``--cache-dtype`` whose rows cannot hold ``head_dim`` elements (q8_0 and q4_0 store
+    blocks of 32) before any cache is made.
+
+    Raises:
+        OptionError: one line naming the option, the type and the model's head_dim.
+    """
+    from ..kv_storage import storage_type
+
+    try:
+        storage_type(cache_dtype).check_head_dim(head_dim)
+    except ValueError as e:
+        raise OptionError(f"--cache-dtype {cache_dtype}: {e}") from None
+
+
 def cache_dtype_option():
     """``--cache-dtype f32|f16|q8_0|q4_0`` (llama.cpp's names for ``-ctk``/``-ctv``; ``float32`` and
     ``float16`` accepted as aliases), delivered as the canonical name. The one definition every
@@ -348,7 +363,6 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
     from ..chat import end_of_turn_ids
     from ..cache import check_cache_fits, kv_bytes
     from ..generate import validate_generation
-    from ..kv_storage import storage_type
     from ..regroup import regroup_model
     from ..sampling import SamplingParams, draw_seed as draw
 
@@ -375,10 +389,7 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
     if ignore_eos:
         params = replace(params, suppress_ids=frozenset(end_of_turn_ids(loaded.tokenizer)))
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
-    try:
-        storage_type(cache_dtype).check_head_dim(net.config.head_dim)
-    except ValueError as e:
-        raise OptionError(f"--cache-dtype {cache_dtype}: {e}") from None
+    check_cache_dtype(cache_dtype, net.config.head_dim)
     trained = loaded.config.context_length
     if ctx_size is not None and ctx_size > trained:
         c = net.config  # refuse a context that cannot fit this machine before warning about it
