@@ -368,7 +368,9 @@ def child_llamacpp(spec: dict) -> dict:
     threads = spec["threads"]
     ctx_len = max(len(p) for p in spec["depth_prompts"].values()) + spec["decode_tokens"] + 8
     ctx_len = max(ctx_len, max((len(ids) for ids in spec.get("prefill", {}).values()), default=0) + 8)
-    kv_type = {"float16": llama_cpp.GGML_TYPE_F16, "float32": llama_cpp.GGML_TYPE_F32}[spec["cache_dtype"]]
+    kv_type = {"float16": llama_cpp.GGML_TYPE_F16, "f16": llama_cpp.GGML_TYPE_F16, "float32": llama_cpp.GGML_TYPE_F32,
+               "f32": llama_cpp.GGML_TYPE_F32, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+               "q4_0": llama_cpp.GGML_TYPE_Q4_0}[spec["cache_dtype"]]
     llm = llama_cpp.Llama(model_path=spec["model_path"], n_threads=threads, n_threads_batch=threads,
                           n_ctx=ctx_len, n_batch=512, n_ubatch=512, type_k=kv_type, type_v=kv_type,
                           verbose=False)
@@ -924,9 +926,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=parse_ints, default=[128, 512], help="prefill prompt lengths (default 128,512)")
     p.add_argument("--depths", type=parse_ints, default=[0, 2048], help="decode depths (default 0,2048)")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy decode steps per run (default 128)")
-    p.add_argument("--cache-dtype", choices=("float16", "float32"), default="float16",
+    p.add_argument("--cache-dtype", choices=("float16", "float32", "f16", "f32", "q8_0", "q4_0"), default="float16",
                    help="KV cache element type for mqa-gen and llama.cpp (default float16, llama.cpp's "
-                        "default; transformers keeps the model's float32)")
+                        "default; q8_0/q4_0 need an mqa-gen with quantised caches, not an older @REV; "
+                        "transformers keeps the model's float32)")
     p.add_argument("--transformers-python", default=sys.executable,
                    help="interpreter with torch + transformers (default: this one)")
     p.add_argument("--llamacpp-python", default=sys.executable,

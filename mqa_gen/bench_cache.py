@@ -5,7 +5,8 @@ Write-Head is All You Need"), its native grouping and MHA (n_kv_heads = n_heads)
 :func:`mqa_gen.kv_heads.valid_kv_heads` allows — and each context length, this module gives:
 
 * **formula** columns, from the config alone:
-  bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × itemsize, bytes at a context
+  bytes per token = 2 (K and V) × n_layers × n_kv_heads × bytes per row of head_dim elements (×4
+  for f32, ×2 for f16, /32 × 34 for q8_0, /32 × 18 for q4_0), bytes at a context
   = context × bytes per token, and the ratio to MHA (n_kv_heads / n_heads);
 * **measured** columns, from the model:
   the bytes the cache's arrays actually hold once it is filled to the context (summed from the
@@ -50,7 +51,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .errors import MqaGenError
 from .kv_heads import check_kv_heads as _check_kv_heads
-from .kv_storage import STORAGE_TYPES
+from .kv_storage import storage_type
 from .regroup import regroup_model
 
 #: Defaults of ``mqa-gen bench-cache``. Models with sliding-window layers (Gemma 3)
@@ -310,33 +311,38 @@ def check_contexts(config: ModelConfig, contexts: Sequence[int], decode_tokens: 
     return sorted(set(contexts))
 
 
-def itemsize(cache_dtype: str) -> int:
-    """Bytes per cached element: 4 (float32) or 2 (float16).
+def check_cache_dtype(cache_dtype: str, config: ModelConfig) -> str:
+    """The canonical name of a cache type name or alias (``"float16"`` → ``"f16"``) whose rows can
+    hold the model's head_dim.
 
     Raises:
-        BenchError: an unknown dtype.
+        BenchError: an unknown type, or a block type (q8_0, q4_0) for a head_dim that is not a
+            multiple of 32.
     """
-    if cache_dtype not in STORAGE_TYPES:
-        raise BenchError(f"--cache-dtype must be one of {', '.join(STORAGE_TYPES)}, got {cache_dtype!r}")
-    return STORAGE_TYPES[cache_dtype].itemsize
+    try:
+        storage = storage_type(cache_dtype)
+        storage.check_head_dim(config.head_dim)
+    except ValueError as e:
+        raise BenchError(f"--cache-dtype: {e}") from None
+    return storage.name
 
 
 def formula_result(model_name: str, config: ModelConfig, kv_heads: Sequence[int], contexts: Sequence[int],
-                   cache_dtype: str = "float32", kv_budget_bytes: int | None = None,
+                   cache_dtype: str = "f32", kv_budget_bytes: int | None = None,
                    kv_budget_source: str | None = None) -> BenchResult:
     """The formula columns only (no weights needed): bytes per token, bytes per context, ratio to MHA
     and, given a budget (bytes), the sequences of each context that fit in it
     (:func:`mqa_gen.scheduler.kv_fit` of the context's bytes)."""
     from .scheduler import kv_fit
 
-    size = itemsize(cache_dtype)
-    mha_per_token = config.with_kv_heads(config.n_heads).kv_bytes_per_token(size)
+    cache_dtype = check_cache_dtype(cache_dtype, config)
+    mha_per_token = config.with_kv_heads(config.n_heads).kv_bytes_per_token(cache_dtype)
     variants = []
     for n in kv_heads:
         grouped = config.with_kv_heads(n)
-        per_token = grouped.kv_bytes_per_token(size)
+        per_token = grouped.kv_bytes_per_token(cache_dtype)
         # sliding-window layers (Gemma 3) hold at most their window, whatever the context
-        points = [Point(c, grouped.kv_bytes(c, size)) for c in contexts]
+        points = [Point(c, grouped.kv_bytes(c, cache_dtype)) for c in contexts]
         for p in points:
             p.fit_sequences = None if kv_budget_bytes is None else kv_fit(p.kv_bytes, kv_budget_bytes)
         variants.append(Variant(
@@ -391,7 +397,7 @@ def rewind_for_timing(cache: KVCache, n_tokens: int) -> None:
 
 
 def measure_decode_interleaved(models: Sequence, context: int, decode_tokens: int = DEFAULT_DECODE_TOKENS,
-                               repeats: int = DEFAULT_REPEATS, cache_dtype: str = "float32", fill: str = "direct",
+                               repeats: int = DEFAULT_REPEATS, cache_dtype: str = "f32", fill: str = "direct",
                                token_ids: Sequence[int] = (1,)) -> list[tuple[int, float, list[float]]]:
     """Fill one fresh cache of capacity ``context`` per model and time decode steps at their ends.
 
@@ -442,7 +448,7 @@ def measure_decode_interleaved(models: Sequence, context: int, decode_tokens: in
 
 
 def measure_decode(model, context: int, decode_tokens: int = DEFAULT_DECODE_TOKENS,
-                   repeats: int = DEFAULT_REPEATS, cache_dtype: str = "float32", fill: str = "direct",
+                   repeats: int = DEFAULT_REPEATS, cache_dtype: str = "f32", fill: str = "direct",
                    token_ids: Sequence[int] = (1,)) -> tuple[int, float, list[float]]:
     """:func:`measure_decode_interleaved` for one model: (measured_kv_bytes, median tokens/s, runs)."""
     return measure_decode_interleaved([model], context, decode_tokens, repeats, cache_dtype, fill, token_ids)[0]
@@ -450,9 +456,12 @@ def measure_decode(model, context: int, decode_tokens: int = DEFAULT_DECODE_TOKE
 
 def measure_batched_decode_interleaved(models: Sequence, context: int, batch_sizes: Sequence[int],
                                        decode_tokens: int = DEFAULT_DECODE_TOKENS, repeats: int = DEFAULT_REPEATS,
-                                       cache_dtype: str = "float32", token_id: int = 1) -> list[dict[int, list[float]]]:
+                                       cache_dtype: str | Sequence[str] = "f32",
+                                       token_id: int = 1) -> list[dict[int, list[float]]]:
     """Aggregate decode speed of B sequences decoding together, each with ``context`` tokens of its
-    own in its cache, for every B of ``batch_sizes`` and every model.
+    own in its cache, for every B of ``batch_sizes`` and every model. ``cache_dtype``: the KV cache
+    type of every model, or a sequence giving each model's (the same model twice with f16 and q8_0
+    caches compares the cache types in one interleaved run).
 
     Per model, one :class:`~mqa_gen.cache.KVCachePool` of max(batch_sizes) slots, every slot
     filled directly (:func:`fill_direct`, distinct random rows per slot) to ``context −
@@ -467,17 +476,21 @@ def measure_batched_decode_interleaved(models: Sequence, context: int, batch_siz
         Per model, ``{B: [aggregate tokens/s (B · decode_tokens / seconds) of each timed run]}``.
 
     Raises:
-        ValueError: context < decode_tokens, repeats < 1 or a batch size < 1.
+        ValueError: context < decode_tokens, repeats < 1, a batch size < 1, or not one cache type
+            per model.
     """
     from .cache import KVCachePool
 
     if decode_tokens < 1 or repeats < 1 or context < decode_tokens or min(batch_sizes) < 1:
         raise ValueError("need decode_tokens ≥ 1, repeats ≥ 1, batch sizes ≥ 1 and context ≥ decode_tokens")
     start = context - decode_tokens
+    dtypes = [cache_dtype] * len(models) if isinstance(cache_dtype, str) else list(cache_dtype)
+    if len(dtypes) != len(models):
+        raise ValueError(f"{len(dtypes)} cache types for {len(models)} models")
     pools = []
-    for model in models:
+    for model, dtype in zip(models, dtypes):
         c = model.config
-        pool = KVCachePool(max(batch_sizes), c.n_layers, c.n_kv_heads, c.head_dim, context, cache_dtype,
+        pool = KVCachePool(max(batch_sizes), c.n_layers, c.n_kv_heads, c.head_dim, context, dtype,
                            c.layer_windows)
         for slot, cache in enumerate(pool.caches):
             fill_direct(cache, start, seed=slot)
@@ -517,7 +530,7 @@ def batch_sizes_that_fit(batch_sizes: Sequence[int], bytes_per_sequence: Sequenc
 
 
 def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequence[int], *,
-              cache_dtype: str = "float32", decode_tokens: int = DEFAULT_DECODE_TOKENS,
+              cache_dtype: str = "f32", decode_tokens: int = DEFAULT_DECODE_TOKENS,
               repeats: int = DEFAULT_REPEATS, fill: str = "direct", ppl_ids: Sequence[int] | None = None,
               ppl_text_name: str | None = None, decode_ids: Sequence[int] | None = None,
               batch_sizes: Sequence[int] = (), kv_budget_bytes: int | None = None,

@@ -2,7 +2,7 @@
 
 Two layers of objects, as mlx-lm's ``models/cache.py`` keeps one class per storage policy:
 
-* a **layer cache** holds one layer's K and V arrays of shape [n_kv_heads, capacity, head_dim]
+* a **layer cache** holds one layer's K and V arrays of shape [n_kv_heads, capacity, row_width]
   (head-major, so the decode kernel reads a KV head's history as one contiguous block) and answers
   one call, :meth:`LayerCache.update_and_fetch`: store the new rows, return what the attention
   kernels read. :class:`LayerCache` keeps every position (row p holds position p);
@@ -15,10 +15,12 @@ Two layers of objects, as mlx-lm's ``models/cache.py`` keeps one class per stora
   labels them (:meth:`KVCache.label_tokens`, the generation loop does). A position nobody labelled
   is unknown (-1) and never matches, so an unlabelled cache is never silently reused.
 
-The element type is a storage object (:mod:`mqa_gen.kv_storage`): float32, or float16 kept as
-uint16 bits. Bytes per token = 2 (K and V) × n_layers × n_kv_heads × head_dim × itemsize — the
-quantity MQA shrinks by a factor n_heads relative to MHA (Shazeer 2019). Saving and loading a cache
-is :mod:`mqa_gen.prompt_cache`'s job.
+The element type is a storage object (:mod:`mqa_gen.kv_storage`): f32, f16 kept as uint16 bits,
+or llama.cpp's q8_0 / q4_0 blocks kept as their bytes; a stored row is ``row_width(head_dim)``
+array elements. Bytes per token = 2 (K and V) × n_layers × n_kv_heads × bytes per row (head_dim ×
+4 for f32, × 2 for f16, head_dim / 32 × 34 for q8_0, × 18 for q4_0) — the quantity MQA shrinks by a
+factor n_heads relative to MHA (Shazeer 2019). Saving and loading a cache is
+:mod:`mqa_gen.prompt_cache`'s job.
 """
 
 from __future__ import annotations
@@ -98,22 +100,31 @@ def _allocation_error(n_tokens: int, error: BaseException) -> SizeError:
                      f"{error}): lower --ctx-size")
 
 
-def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """Bytes of K and V one token occupies across all layers (int, bytes)."""
-    return 2 * n_layers * n_kv_heads * head_dim * itemsize
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, storage: str | CacheStorage = "f32") -> int:
+    """Bytes of K and V one token occupies across all layers (int, bytes): 2 × n_layers ×
+    n_kv_heads × the storage type's bytes per row of head_dim elements.
+
+    Raises:
+        ValueError: an unknown storage name, or a head_dim the block type cannot store.
+    """
+    return 2 * n_layers * n_kv_heads * storage_type(storage).bytes_per_row(head_dim)
 
 
-def kv_bytes(n_tokens: int, windows, n_kv_heads: int, head_dim: int, itemsize: int) -> int:
+def kv_bytes(n_tokens: int, windows, n_kv_heads: int, head_dim: int, storage: str | CacheStorage = "f32") -> int:
     """Bytes of K and V for ``n_tokens`` tokens (int, bytes) when layer i keeps at most
-    ``windows[i]`` positions (0 = all of them: a full-attention layer)."""
+    ``windows[i]`` positions (0 = all of them: a full-attention layer).
+
+    Raises:
+        ValueError: as :func:`kv_bytes_per_token`.
+    """
     rows = sum(min(n_tokens, w) if w else n_tokens for w in windows)
-    return 2 * rows * n_kv_heads * head_dim * itemsize
+    return 2 * rows * n_kv_heads * storage_type(storage).bytes_per_row(head_dim)
 
 
 def _cache_bytes(n_kv_heads: int, head_dim: int, max_seq_len: int, storage: CacheStorage, windows) -> int:
     """Bytes one sequence's cache maps for ``max_seq_len`` tokens: K and V of every layer (a
     sliding-window layer holds at most its window) and the int64 token id of each position."""
-    return kv_bytes(max_seq_len, windows, n_kv_heads, head_dim, storage.itemsize) + 8 * max_seq_len
+    return kv_bytes(max_seq_len, windows, n_kv_heads, head_dim, storage) + 8 * max_seq_len
 
 
 class LayerCache:
@@ -124,7 +135,8 @@ class LayerCache:
         storage: the element type (:class:`~mqa_gen.kv_storage.CacheStorage`).
 
     Attributes:
-        keys, values: [n_kv_heads, capacity, head_dim] arrays of ``storage.array_dtype``.
+        keys, values: [n_kv_heads, capacity, row_width] arrays of ``storage.array_dtype``
+            (row_width = ``storage.row_width(head_dim)``: head_dim, or a q8_0 / q4_0 row's bytes).
         window: 0 (every earlier position is attended to).
     """
 
@@ -134,7 +146,8 @@ class LayerCache:
                  arrays: tuple[np.ndarray, np.ndarray] | None = None):
         self.capacity, self.storage = capacity, storage
         if arrays is None:  # its own arrays; else views of a pool's (KVCachePool)
-            arrays = tuple(lazy_zeros((n_kv_heads, capacity, head_dim), storage.array_dtype) for _ in "kv")
+            width = storage.row_width(head_dim)
+            arrays = tuple(lazy_zeros((n_kv_heads, capacity, width), storage.array_dtype) for _ in "kv")
         self.keys, self.values = arrays
 
     @property
@@ -151,7 +164,7 @@ class LayerCache:
         the attention kernels read for them.
 
         k, v: float32 [T, n_kv_heads, head_dim]. Returns ``(keys, values, start)``: stored arrays
-        [n_kv_heads, S, head_dim] in which new token t sits at index start + t and may attend to
+        [n_kv_heads, S, row_width] in which new token t sits at index start + t and may attend to
         every index ≤ start + t (a sliding-window layer's kernel applies the window itself). For
         one new token that means all rows 0 .. start, in any order (softmax ignores order).
 
@@ -182,14 +195,14 @@ class LayerCache:
         self.values[:, slots, :] = encode(v[T - n:]).transpose(1, 0, 2)
 
     def rows(self, end: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stored K and V [n_kv_heads, m, head_dim] of positions end − m .. end − 1, in position
+        """Stored K and V [n_kv_heads, m, row_width] of positions end − m .. end − 1, in position
         order, m = min(n, end, capacity) (copies; for saving, tests and the ring prefill path)."""
         m = min(n, end, self.capacity)
         slots = np.arange(end - m, end) % self.capacity
         return self.keys[:, slots, :], self.values[:, slots, :]
 
     def load_rows(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
-        """Put stored rows k, v [n_kv_heads, m, head_dim] (``storage.array_dtype``) at ``positions``
+        """Put stored rows k, v [n_kv_heads, m, row_width] (``storage.array_dtype``) at ``positions``
         (int [m], each < the sequence capacity; a ring keeps those it holds): for loading a cache."""
         slots = positions % self.capacity
         self.keys[:, slots, :] = k
@@ -243,7 +256,8 @@ class KVCache:
     Args:
         n_layers, n_kv_heads, head_dim: model dimensions (ints > 0).
         max_seq_len: capacity in tokens (int > 0).
-        dtype: a storage name (``"float32"``, ``"float16"``) or :class:`~mqa_gen.kv_storage.CacheStorage`.
+        dtype: a storage name (``"f32"``, ``"f16"``, ``"q8_0"``, ``"q4_0"``, or the aliases
+            ``"float32"``, ``"float16"``) or a :class:`~mqa_gen.kv_storage.CacheStorage`.
         windows: per layer, the sliding window in tokens (0 = full attention); None = all full.
         pool, slot: set by :class:`KVCachePool` for a cache stored in its slot ``slot``.
 
@@ -254,17 +268,19 @@ class KVCache:
         token_ids: int64 [length] view of the id stored at each position (-1 = unknown).
 
     Raises:
-        ValueError: a dimension ≤ 0, an unknown dtype, or a windows list of the wrong length.
+        ValueError: a dimension ≤ 0, an unknown dtype, a head_dim the dtype's blocks cannot hold
+            (q8_0 and q4_0 need a multiple of 32), or a windows list of the wrong length.
         SizeError: a cache larger than this machine's memory and swap (:func:`check_cache_fits`),
             or one whose arrays cannot be mapped.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
-                 dtype: str | CacheStorage = "float32", windows=None, *, pool: "KVCachePool | None" = None,
+                 dtype: str | CacheStorage = "f32", windows=None, *, pool: "KVCachePool | None" = None,
                  slot: int = 0):
         if min(n_layers, n_kv_heads, head_dim, max_seq_len) <= 0:
             raise ValueError("KV cache dimensions must all be > 0")
         self.storage = storage_type(dtype)
+        self.storage.check_head_dim(head_dim)
         windows = tuple(int(w) for w in windows) if windows is not None else (0,) * n_layers
         if len(windows) != n_layers or min(windows) < 0:
             raise ValueError(f"windows must give one value >= 0 per layer ({n_layers}), got {windows!r}")
@@ -289,18 +305,13 @@ class KVCache:
 
     @property
     def dtype(self) -> str:
-        """The storage type's name: ``"float32"`` or ``"float16"``."""
+        """The storage type's canonical name: ``"f32"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``."""
         return self.storage.name
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per stored element: 4 (float32) or 2 (float16)."""
-        return self.storage.itemsize
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes one token's K and V occupy across all layers while no sliding window is full."""
-        return kv_bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, self.itemsize)
+        return kv_bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, self.storage)
 
     def capacity(self, layer: int) -> int:
         """Rows ``layer`` holds: max_seq_len, or its window for a sliding-window layer."""
@@ -308,7 +319,7 @@ class KVCache:
 
     def bytes_at(self, n_tokens: int) -> int:
         """Bytes the K/V of ``n_tokens`` tokens occupy (sliding-window layers count ≤ window rows)."""
-        return kv_bytes(n_tokens, self.windows, self.n_kv_heads, self.head_dim, self.itemsize)
+        return kv_bytes(n_tokens, self.windows, self.n_kv_heads, self.head_dim, self.storage)
 
     @property
     def nbytes(self) -> int:
@@ -420,7 +431,7 @@ class KVCache:
 
 class KVCachePool:
     """The KV caches of up to ``n_slots`` sequences decoding together, in one pair of arrays per
-    layer, [n_slots, n_kv_heads, capacity, head_dim], so a decode step hands every sequence's cache
+    layer, [n_slots, n_kv_heads, capacity, row_width], so a decode step hands every sequence's cache
     to the attention kernel in one call (llama.cpp's server slots share one KV buffer the same way).
 
     Each slot is an ordinary :class:`KVCache` (``caches[i]``, whose layer arrays are views of slot
@@ -432,23 +443,24 @@ class KVCachePool:
         n_slots: sequences (int > 0). The rest as :class:`KVCache` (one sequence's dimensions).
 
     Raises:
-        ValueError: a dimension ≤ 0, an unknown dtype, or a bad windows list.
+        ValueError: a dimension ≤ 0, an unknown dtype, a head_dim the dtype cannot store, or a bad
+            windows list.
         SizeError: the slots together need more than this machine's memory and swap.
     """
 
     def __init__(self, n_slots: int, n_layers: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
-                 dtype: str | CacheStorage = "float32", windows=None):
+                 dtype: str | CacheStorage = "f32", windows=None):
         if min(n_slots, n_layers, n_kv_heads, head_dim, max_seq_len) <= 0:
             raise ValueError("KV cache pool dimensions must all be > 0")
         storage = storage_type(dtype)
+        width = storage.row_width(head_dim)  # checks head_dim
         windows = tuple(int(w) for w in windows) if windows is not None else (0,) * n_layers
         capacities = [min(w, max_seq_len) if w else max_seq_len for w in windows]
         check_cache_fits(n_slots * _cache_bytes(n_kv_heads, head_dim, max_seq_len, storage, windows), max_seq_len,
                          n_slots)
         try:
-            self.keys = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype) for cap in capacities]
-            self.values = [lazy_zeros((n_slots, n_kv_heads, cap, head_dim), storage.array_dtype)
-                           for cap in capacities]
+            self.keys = [lazy_zeros((n_slots, n_kv_heads, cap, width), storage.array_dtype) for cap in capacities]
+            self.values = [lazy_zeros((n_slots, n_kv_heads, cap, width), storage.array_dtype) for cap in capacities]
         except (MemoryError, OverflowError, OSError, ValueError) as e:
             raise _allocation_error(max_seq_len, e) from None
         self.caches = [KVCache(n_layers, n_kv_heads, head_dim, max_seq_len, storage, windows, pool=self, slot=i)
@@ -465,7 +477,7 @@ class KVCachePool:
         head_dim]) is position ``positions[b]`` of the sequence in slot ``slots[b]`` (int64 [B]).
 
         Returns ``(keys, values, lengths)``: this layer's pool arrays [n_slots, n_kv_heads,
-        capacity, head_dim] and int64 [B], the rows each new token attends to — the positions
+        capacity, row_width] and int64 [B], the rows each new token attends to — the positions
         0 .. positions[b], or for a sliding-window ring every row it holds (in slot order; softmax
         ignores order), as :meth:`RingLayerCache.update_and_fetch` returns for one token.
         """

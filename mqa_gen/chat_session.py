@@ -61,7 +61,7 @@ class ChatSession:
         loaded: the :class:`~mqa_gen.loading.LoadedModel` (tokenizer, chat template, GGUF).
         net: the model to run (``loaded.model``, or a copy regrouped to other KV heads).
         ctx: context size in tokens (the cache's capacity).
-        cache_dtype: ``"float32"`` or ``"float16"``.
+        cache_dtype: the KV cache type (``"f32"``, ``"f16"``, ``"q8_0"``, ``"q4_0"``; aliases accepted).
         system: the system prompt, or None for the template's default.
         params, max_tokens, stop: as for :func:`~mqa_gen.generate.stream_generate`
             (``max_tokens`` caps each answer).
@@ -81,7 +81,7 @@ class ChatSession:
     loaded: object
     net: object
     ctx: int
-    cache_dtype: str = "float32"
+    cache_dtype: str = "f32"
     system: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 256

@@ -109,14 +109,23 @@ class ModelConfig:
         """``"MQA"``, ``"GQA"`` or ``"MHA"`` (:func:`mqa_gen.kv_heads.attention_kind`)."""
         return attention_kind(self.n_heads, self.n_kv_heads)
 
-    def kv_bytes_per_token(self, itemsize: int = 4) -> int:
+    def kv_bytes_per_token(self, cache_dtype="f32") -> int:
         """KV-cache bytes per token while no sliding window is full: 2 × n_layers × n_kv_heads ×
-        head_dim × itemsize."""
-        return kv_bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, itemsize)
+        the bytes of one row of head_dim elements in ``cache_dtype`` (a name such as ``"q8_0"`` or
+        a :class:`~mqa_gen.kv_storage.CacheStorage`; see :func:`mqa_gen.cache.kv_bytes_per_token`).
 
-    def kv_bytes(self, n_tokens: int, itemsize: int = 4) -> int:
-        """KV-cache bytes for ``n_tokens`` tokens; a sliding-window layer holds at most its window."""
-        return kv_bytes(n_tokens, self.layer_windows, self.n_kv_heads, self.head_dim, itemsize)
+        Raises:
+            ValueError: an unknown type, or a head_dim a block type cannot store.
+        """
+        return kv_bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, cache_dtype)
+
+    def kv_bytes(self, n_tokens: int, cache_dtype="f32") -> int:
+        """KV-cache bytes for ``n_tokens`` tokens; a sliding-window layer holds at most its window.
+
+        Raises:
+            ValueError: as :meth:`kv_bytes_per_token`.
+        """
+        return kv_bytes(n_tokens, self.layer_windows, self.n_kv_heads, self.head_dim, cache_dtype)
 
     def with_kv_heads(self, n_kv_heads: int) -> "ModelConfig":
         """The same model with ``n_kv_heads`` KV heads (validated)."""

@@ -459,7 +459,7 @@ def stream_generate(
     stop: Iterable[str] = (),
     eos_ids: Iterable[int] | None = None,
     ctx_size: int | None = None,
-    cache_dtype: str = "float32",
+    cache_dtype: str = "f32",
     cache: KVCache | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     top_logprobs: int = 0,
@@ -474,7 +474,7 @@ def stream_generate(
         stop: strings that end generation; no part of them is emitted.
         eos_ids: ids that end generation; default the tokenizer's EOS.
         ctx_size: context in tokens (prompt + generated, > 0); default the model's context length.
-        cache_dtype: ``"float32"`` or ``"float16"`` for a new cache.
+        cache_dtype: the type of a new cache (``"f32"``, ``"f16"``, ``"q8_0"``, ``"q4_0"``; aliases accepted).
         cache: a cache to use instead of a new one (its capacity is the context). If it holds
             tokens, the longest common prefix with the prompt is reused and the rest of it dropped
             (see the module docstring); it is updated in place as generation runs.

@@ -159,7 +159,8 @@ class LayerKVCache:
     in place — the cache type the model uses, unchanged.
 
     Args:
-        batch, n_kv_heads, head_dim, max_seq_len: ints > 0. dtype: ``"float32"`` or ``"float16"``.
+        batch, n_kv_heads, head_dim, max_seq_len: ints > 0. dtype: a cache type name (``"f32"``,
+            ``"f16"``, ``"q8_0"``, ``"q4_0"``, or the aliases ``"float32"``, ``"float16"``).
         growable: whether :meth:`make_room` may enlarge the caches (a cache the layer made for its
             caller grows as mlx-lm's does; one the caller sized stays as sized).
 
@@ -173,7 +174,7 @@ class LayerKVCache:
     #: Tokens a growable cache gains at a time, at least (as mlx-lm's KVCache grows by 256).
     GROWTH_STEP = 256
 
-    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: str = "float32",
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: str = "f32",
                  *, growable: bool = False):
         batch = _positive_int("batch", batch)
         self.items = [KVCache(1, n_kv_heads, head_dim, max_seq_len, dtype) for _ in range(batch)]
@@ -205,13 +206,13 @@ class LayerKVCache:
     n_kv_heads = property(lambda self: self.items[0].n_kv_heads, doc="KV heads per sequence.")
     head_dim = property(lambda self: self.items[0].head_dim, doc="Width of each KV head.")
     max_seq_len = property(lambda self: self.items[0].max_seq_len, doc="Capacity in tokens per sequence.")
-    dtype = property(lambda self: self.items[0].dtype, doc='"float32" or "float16".')
+    dtype = property(lambda self: self.items[0].dtype, doc='The cache type\'s canonical name, e.g. "f16".')
     length = property(lambda self: self.items[0].length, doc="Tokens stored per sequence.")
     nbytes = property(lambda self: sum(c.nbytes for c in self.items), doc="Bytes allocated, all sequences.")
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V bytes one token of one sequence occupies (2 × n_kv_heads × head_dim × itemsize)."""
+        """K and V bytes one token of one sequence occupies (2 × n_kv_heads × bytes per row)."""
         return self.items[0].bytes_per_token
 
     def make_room(self, n_tokens: int) -> None:
@@ -461,7 +462,7 @@ class MultiQueryAttention:
         return state.y
 
     def forward_with_cache(self, x, cache: "LayerKVCache | KVCache | None" = None, *,
-                           max_seq_len: int | None = None, cache_dtype: str = "float32"):
+                           max_seq_len: int | None = None, cache_dtype: str = "f32"):
         """Causal attention of new tokens over a KV cache: token t of ``x`` sits at position
         ``cache.length + t`` and attends to every cached position and to its own prefix.
 
@@ -491,7 +492,7 @@ class MultiQueryAttention:
             cache = self.new_cache(B, max(T, max_seq_len or T), cache_dtype, growable=True)
         return self._forward_cached(x, cache)
 
-    def new_cache(self, batch: int, max_seq_len: int, dtype: str = "float32", *,
+    def new_cache(self, batch: int, max_seq_len: int, dtype: str = "f32", *,
                   growable: bool = False) -> LayerKVCache:
         """An empty :class:`LayerKVCache` for ``batch`` sequences of up to ``max_seq_len`` tokens
         (``growable``: enlarged as needed beyond that)."""

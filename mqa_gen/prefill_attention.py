@@ -14,8 +14,9 @@ its last row's position ("causal masking by blocks": the upper-right triangle of
 computed), which also bounds the score matrix to G·ROW_BLOCK × L floats.
 
 The K/V rows a chunk reads are converted to float32 once per layer (a float16 cache stores bit
-patterns). Other cache element types, and chunks of fewer than :data:`MIN_ROWS` rows, where the
-products are too small to pay for their set-up, go to the Numba kernel
+patterns). Other cache element types — q8_0 and q4_0 blocks, whose whole point is not to hold
+the cache as floats — and chunks of fewer than :data:`MIN_ROWS` rows, where the products are too
+small to pay for their set-up, go to the Numba kernel
 (:func:`~mqa_gen.kernels.attention.attention_prefill`), which reads the cache in place. The two
 agree to float32 rounding (tests/test_prefill_attention.py); the decode step does not use this.
 """

@@ -11,14 +11,17 @@ Members:
 
 * ``meta``: uint8 [n] — UTF-8 JSON: ``format`` (``"mqa-gen-prompt-cache"``), ``version`` (2),
   ``model_id`` (see :func:`model_identity`), ``model_name``, ``n_layers``, ``n_kv_heads``,
-  ``head_dim``, ``dtype`` (``"float32"``/``"float16"``), ``length`` (tokens stored), ``extra``
+  ``head_dim``, ``dtype`` (the cache type's name: ``"f32"``, ``"f16"``, ``"q8_0"``, ``"q4_0"``;
+  files written before those names say ``"float32"``/``"float16"``, read as f32/f16), ``length`` (tokens stored), ``extra``
   (a JSON object for the caller, e.g. a chat's messages), ``windows`` (per layer, the sliding
   window, 0 = full attention; absent means all full), ``digest`` (:func:`arrays_digest` of the
   members below: a SHA-256 in hex);
 * ``tokens``: int64 [length] — the token id at each stored position (-1 = unknown);
-* ``k_0`` … ``k_{L-1}``, ``v_0`` … ``v_{L-1}``: [n_kv_heads, rows, head_dim], float32, or
-  uint16 holding float16 bit patterns — the rows the layer holds, in position order: ``length``
-  rows, or for a sliding-window layer the last min(length, window) positions.
+* ``k_0`` … ``k_{L-1}``, ``v_0`` … ``v_{L-1}``: [n_kv_heads, rows, row_width] as the cache
+  stores them (:mod:`mqa_gen.kv_storage`): float32; uint16 holding float16 bit patterns; int8
+  q8_0 or uint8 q4_0 blocks (row_width = head_dim / 32 × 34 or × 18 bytes) — the rows the layer
+  holds, in position order: ``length`` rows, or for a sliding-window layer the last
+  min(length, window) positions.
 
 Writes are atomic: the archive goes to a temporary file in the destination's folder, is flushed
 and fsynced, then ``os.replace``-d over the destination (and the folder is fsynced), so a crash or
@@ -56,7 +59,7 @@ import numpy as np
 from .atomic_file import atomic_write
 from .cache import KVCache
 from .errors import MqaGenError
-from .kv_storage import STORAGE_TYPES
+from .kv_storage import STORAGE_NAMES, storage_type
 
 FORMAT = "mqa-gen-prompt-cache"
 VERSION = 2
@@ -206,7 +209,8 @@ def load_prompt_cache(
         model_id: :func:`model_identity` of the model that will use the cache.
         config: object with ``n_layers``, ``n_kv_heads``, ``head_dim`` (the model's config, after
             any ``--kv-heads`` regrouping) that the file must match; None skips these checks.
-        dtype: ``"float32"``/``"float16"`` the caller uses; None accepts the file's.
+        dtype: the cache type the caller uses (a name or alias, e.g. ``"q8_0"``, ``"float16"``);
+            None accepts the file's.
         max_seq_len: capacity of the returned cache (default: the stored length, at least 1); when
             smaller than the stored length only the first ``max_seq_len`` positions are kept.
 
@@ -235,16 +239,17 @@ def load_prompt_cache(
                                        f"{meta['head_dim']}, the model {config.n_layers} of {config.head_dim}")
             if tuple(meta["windows"]) != tuple(config.layer_windows):
                 raise PromptCacheError(f"prompt cache {path} has other sliding windows than the model")
-        if dtype is not None and meta["dtype"] != dtype:
-            raise PromptCacheError(f"prompt cache {path} holds a {meta['dtype']} cache, "
-                                   f"this run uses --cache-dtype {dtype}")
+        storage = storage_type(meta["dtype"])  # checked by _meta; an old alias reads as its type
+        if dtype is not None and storage is not storage_type(dtype):
+            raise PromptCacheError(f"prompt cache {path} holds a KV cache of type {storage.name}, "
+                                   f"this run uses --cache-dtype {storage_type(dtype).name}")
         n = meta["length"]
         windows = meta["windows"]
-        storage = STORAGE_TYPES[meta["dtype"]].array_dtype
+        width = storage.row_width(meta["head_dim"])
         shapes = {"tokens": ((n,), np.dtype(np.int64))}
         for layer, window in enumerate(windows):
-            row_shape = (meta["n_kv_heads"], min(n, window) if window else n, meta["head_dim"])
-            shapes[f"k_{layer}"] = shapes[f"v_{layer}"] = (row_shape, storage)
+            row_shape = (meta["n_kv_heads"], min(n, window) if window else n, width)
+            shapes[f"k_{layer}"] = shapes[f"v_{layer}"] = (row_shape, storage.array_dtype)
         for name, (shape, array_dtype) in shapes.items():  # sizes first: nothing read or allocated yet
             archive.check_member(name, shape, array_dtype)
         arrays = {name: archive.read(name, shape, array_dtype) for name, (shape, array_dtype) in shapes.items()}
@@ -252,7 +257,7 @@ def load_prompt_cache(
         raise PromptCacheError(f"prompt cache {path} is corrupt: its K/V data does not match the digest "
                                "saved with it (changed after it was written); delete it or choose another file")
     for name, array in arrays.items():
-        if name != "tokens" and not _all_finite(array):
+        if name != "tokens" and not storage.all_finite(array):
             raise PromptCacheError(f"prompt cache {path} is corrupt: {name} holds NaN or infinite values")
     tokens = arrays["tokens"]
     keep = n if max_seq_len is None else min(n, max_seq_len)
@@ -260,7 +265,7 @@ def load_prompt_cache(
     if keep < n and any(w and n > w for w in windows):
         raise PromptCacheError(f"prompt cache {path} holds {n} tokens, more than this run's context "
                                f"{keep}, and its sliding-window layers cannot be cut back")
-    cache = KVCache(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], capacity, meta["dtype"], windows)
+    cache = KVCache(meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], capacity, storage, windows)
     for layer, window in enumerate(windows):
         k, v = arrays[f"k_{layer}"], arrays[f"v_{layer}"]
         positions = np.arange(n - k.shape[1], n)
@@ -408,15 +413,6 @@ class _Archive:
         return self.read("meta", shape, dtype).tobytes()
 
 
-def _all_finite(stored: np.ndarray) -> bool:
-    """Whether every stored K/V element is finite: float32 values, or float16 bit patterns in
-    uint16 (exponent bits all ones = inf or NaN). A NaN row would turn every later score of its
-    head into NaN; refused here rather than as NaN logits after the prefill."""
-    if stored.dtype == np.uint16:
-        return bool(((stored & np.uint16(0x7C00)) != np.uint16(0x7C00)).all())
-    return bool(np.isfinite(stored).all())
-
-
 _META_TYPES = {"format": str, "version": int, "model_id": str, "n_layers": int, "n_kv_heads": int,
                "head_dim": int, "dtype": str, "length": int, "digest": str}
 
@@ -442,8 +438,11 @@ def _meta(archive: _Archive, path: str) -> dict:
     if len(archive.members) != 2 + 2 * meta["n_layers"]:
         raise PromptCacheError(f"prompt cache {path} is corrupt: {len(archive.members)} arrays for "
                                f"{meta['n_layers']:,} layers")
-    if meta["dtype"] not in STORAGE_TYPES:
+    if meta["dtype"] not in STORAGE_NAMES:
         raise PromptCacheError(f"prompt cache {path} is corrupt: unknown cache dtype {meta['dtype']!r}")
+    if meta["head_dim"] % STORAGE_NAMES[meta["dtype"]].block_size:
+        raise PromptCacheError(f"prompt cache {path} is corrupt: a {meta['dtype']} cache cannot have head_dim "
+                               f"{meta['head_dim']}")
     windows = meta.setdefault("windows", [0] * meta["n_layers"])
     if (not isinstance(windows, list) or len(windows) != meta["n_layers"]
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows)):

@@ -159,7 +159,7 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 8, ctx_size: int | None = None,
-                 cache_dtype: str = "float32", prefill_chunk: int = PREFILL_CHUNK, reuse_prefix: bool = False):
+                 cache_dtype: str = "f32", prefill_chunk: int = PREFILL_CHUNK, reuse_prefix: bool = False):
         c = model.config
         self.ctx_size = ctx_size or c.context_length
         if batch_size < 1 or self.ctx_size < 1:

@@ -29,11 +29,10 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .cache import kv_bytes
+from .cache import kv_bytes, kv_bytes_per_token
 from .chat import render_prompt
 from .engine import Engine, EngineBusy, Event
 from .errors import MqaGenError, SamplingError
-from .kv_storage import storage_type
 from .logprobs import openai_logprobs
 from .sampling import draw_seed
 from .scheduler import Request
@@ -127,8 +126,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
     setup = config.setup
     tokenizer = setup.loaded.tokenizer
     c = setup.net.config
-    itemsize = storage_type(setup.cache_dtype).itemsize
-    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * itemsize
+    per_token = kv_bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, setup.cache_dtype)
     limit = config.max_tokens_limit or setup.ctx
 
     def check_key(request: HTTPRequest) -> None:
@@ -254,7 +252,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
     def extension(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"kv_bytes_per_token": per_token, "n_kv_heads": c.n_kv_heads,
                 "kv_cache_bytes": kv_bytes(prompt_tokens + completion_tokens, c.layer_windows, c.n_kv_heads,
-                                           c.head_dim, itemsize)}
+                                           c.head_dim, setup.cache_dtype)}
 
     def legacy_logprobs(entries) -> dict:
         """The completions API's logprobs shape: tokens, token_logprobs, top_logprobs, text_offset."""

@@ -100,14 +100,18 @@ def test_settings_are_checked(config):
 # --- measurement on the real model ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+#: Bytes of one K or V row of head_dim 64: f32, f16, and llama.cpp's q8_0 / q4_0 (two blocks of 34 / 18).
+ROW_BYTES = {"float32": 256, "float16": 128, "q8_0": 68, "q4_0": 36}
+
+
+@pytest.mark.parametrize("cache_dtype", list(ROW_BYTES))
 def test_measured_cache_bytes_equal_the_formula(smollm2, cache_dtype):
     ids = window_ids(smollm2.tokenizer, read_text(), 16)
     result = bench.run_bench("smollm2", smollm2.model, [1, 3, 9], [32, 96], cache_dtype=cache_dtype,
                              decode_tokens=2, repeats=2, decode_ids=ids)
     assert result.measured and result.method["fill"] == "direct" and result.method["repeats"] == 2
     for v in result.variants:
-        assert v.kv_bytes_per_token * (2 if cache_dtype == "float16" else 1) == SMOLLM2_BYTES_PER_TOKEN[v.n_kv_heads]
+        assert v.kv_bytes_per_token * 256 == SMOLLM2_BYTES_PER_TOKEN[v.n_kv_heads] * ROW_BYTES[cache_dtype]
         for p in v.points:
             assert p.measured_kv_bytes == p.kv_bytes == p.context * v.kv_bytes_per_token
             assert p.decode_tokens_per_s > 0 and len(p.decode_runs_tokens_per_s) == 2
@@ -292,7 +296,7 @@ def test_batch_sizes_and_budget_are_checked():
     assert bench.count_steps(3, 2, True) == 5 and bench.count_steps(3, 2, True, batched=True) == 7
 
 
-@pytest.mark.parametrize("cache_dtype, size", [("float32", 4), ("float16", 2)])
+@pytest.mark.parametrize("cache_dtype, size", [("float32", 4), ("float16", 2), ("q8_0", 34 / 32), ("q4_0", 18 / 32)])
 def test_fit_column_is_the_budget_over_one_sequences_bytes(config, cache_dtype, size):
     budget = 1000 * 2**20 + 12_345
     contexts = [64, 512, 8192]

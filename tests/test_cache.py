@@ -8,11 +8,18 @@ import pytest
 from mqa_gen.cache import KVCache, kv_bytes_per_token
 
 
-@pytest.mark.parametrize("dtype,itemsize", [("float32", 4), ("float16", 2)])
-def test_bytes_match_the_formula(dtype, itemsize):
+# Bytes of one row of head_dim = 64: 4 or 2 bytes an element, or llama.cpp's blocks of 32 (a 2-byte
+# float16 scale plus 32 one-byte codes for q8_0, plus 16 bytes of nibbles for q4_0) — ggml-common.h.
+ROW_BYTES_64 = {"f32": 64 * 4, "float32": 64 * 4, "f16": 64 * 2, "float16": 64 * 2,
+                "q8_0": 2 * (2 + 32), "q4_0": 2 * (2 + 16)}
+
+
+@pytest.mark.parametrize("dtype", list(ROW_BYTES_64))
+def test_bytes_match_the_formula(dtype):
     cache = KVCache(n_layers=30, n_kv_heads=3, head_dim=64, max_seq_len=512, dtype=dtype)
-    assert cache.bytes_per_token == 2 * 30 * 3 * 64 * itemsize == kv_bytes_per_token(30, 3, 64, itemsize)
+    assert cache.bytes_per_token == 2 * 30 * 3 * ROW_BYTES_64[dtype] == kv_bytes_per_token(30, 3, 64, dtype)
     assert cache.nbytes == 512 * cache.bytes_per_token
+    assert cache.dtype == {"float32": "f32", "float16": "f16"}.get(dtype, dtype)  # aliases report llama.cpp's name
 
 
 def test_rows_are_written_in_place_without_reallocation():

@@ -204,7 +204,7 @@ def test_json_echoes_settings_usage_and_the_stop_string(invoke):
     assert out["text"] == " 5," and out["finish_reason"] == "stop" and out["stop_string"] == " 6"  # the earlier one
     assert out["settings"] == {"temperature": 0.0, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1,
                                "repeat_last_n": 16, "seed": 11, "max_tokens": 20, "stop": [" 7", " 6"],
-                               "ignore_eos": False, "ctx_size": 200, "kv_heads": 9, "cache_dtype": "float16"}
+                               "ignore_eos": False, "ctx_size": 200, "kv_heads": 9, "cache_dtype": "f16"}  # llama.cpp's name
     usage = out["usage"]
     assert usage["prompt_tokens"] == out["prompt_tokens"]
     assert usage["completion_tokens"] == len(out["token_ids"])
@@ -317,8 +317,11 @@ def test_info_json(smollm2_path):
     assert (facts["architecture"], facts["n_layers"], facts["d_model"], facts["n_heads"], facts["n_kv_heads"],
             facts["head_dim"], facts["context_length"]) == ("llama", 30, 576, 9, 3, 64, 8192)
     assert facts["path"] == smollm2_path and facts["size_bytes"] == os.path.getsize(smollm2_path)
-    assert facts["kv_bytes_per_token"]["native"]["float32"] == 2 * 30 * 3 * 64 * 4
-    assert facts["kv_bytes_per_token"]["mqa"]["float16"] == 2 * 30 * 1 * 64 * 2
+    assert facts["kv_bytes_per_token"]["native"]["f32"] == 2 * 30 * 3 * 64 * 4
+    assert facts["kv_bytes_per_token"]["mqa"]["f16"] == 2 * 30 * 1 * 64 * 2
+    # llama.cpp's blocks of 32: 34 bytes (q8_0) and 18 bytes (q4_0) per 32 elements.
+    assert facts["kv_bytes_per_token"]["native"]["q8_0"] == 2 * 30 * 3 * 64 // 32 * 34
+    assert facts["kv_bytes_per_token"]["mha"]["q4_0"] == 2 * 30 * 9 * 64 // 32 * 18
     assert facts["tensor_types"]["Q4_1"] > 0 and facts["attention"] == "GQA"
 
 

@@ -43,7 +43,7 @@ def test_length_and_stats(smollm2):
     assert (s.prompt_tokens, s.generated_tokens) == (len(case["prompt_ids"]), 5)
     # The cache holds the prompt and every generated token but the last (never fed back).
     assert s.kv_cache_bytes == (len(case["prompt_ids"]) + 4) * s.kv_bytes_per_token
-    assert s.kv_bytes_per_token == smollm2.config.kv_bytes_per_token(4)
+    assert s.kv_bytes_per_token == smollm2.config.kv_bytes_per_token("f32")
     assert s.peak_rss_bytes > 0 and s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0
 
 

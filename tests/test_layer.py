@@ -130,7 +130,7 @@ def test_forward_with_cache_float32_and_float16_cache():
     y2, _ = layer.forward_with_cache(x[:, 4:], cache)
     np.testing.assert_allclose(np.concatenate([y1, y2], 1), whole, atol=1e-6, rtol=0)
     half, half_cache = layer.forward_with_cache(x, cache_dtype="float16")
-    assert half_cache.dtype == "float16" and half_cache.nbytes * 2 == cache.nbytes
+    assert half_cache.dtype == "f16" and half_cache.nbytes * 2 == cache.nbytes
     np.testing.assert_allclose(half, whole, atol=5e-3, rtol=0)
 
 

@@ -427,9 +427,11 @@ def test_info_real_model_kv_bytes(smollm2_path):
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
             for line in proc.stdout.splitlines() if line.count("│") >= 3}
     assert rows["n_kv_heads"] == str(n_kv) == "3"
-    assert rows["KV bytes/token native (GQA)"].startswith(f"{per_token:,} (float32)")
+    assert rows["KV bytes/token native (GQA)"].startswith(f"{per_token:,} (f32)")
     assert f"{per_token:,}" == "46,080"
-    assert rows["KV bytes/token MQA"].startswith(f"{per_token // n_kv:,} (float32)")
+    assert rows["KV bytes/token MQA"].startswith(f"{per_token // n_kv:,} (f32)")
+    # llama.cpp's q8_0 blocks: 34 bytes per 32 elements instead of 128 (float32).
+    assert f"{per_token * 34 // 128:,} (q8_0)" in rows["KV bytes/token native (GQA)"]
 
 
 # -- the fast metadata reader ---------------------------------------------------------------------

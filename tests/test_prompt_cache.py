@@ -81,24 +81,33 @@ def test_token_ids_follow_advance_truncate_and_labels():
 # ───────────────────────────── file format ─────────────────────────────
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+# dtype given → (name the file records, stored array dtype, head_dim, stored row width): llama.cpp's
+# q8_0 / q4_0 rows are head_dim / 32 blocks of 34 / 18 bytes.
+STORED = {"float32": ("f32", np.float32, 4, 4), "f16": ("f16", np.uint16, 4, 4),
+          "q8_0": ("q8_0", np.int8, 64, 68), "q4_0": ("q4_0", np.uint8, 32, 18)}
+
+
+@pytest.mark.parametrize("dtype", list(STORED))
 def test_round_trip_saves_only_the_stored_rows(tmp_path, dtype):
-    cache = filled_cache(length=7, capacity=64, dtype=dtype)
+    name, storage, head_dim, width = STORED[dtype]
+    cache = filled_cache(length=7, capacity=64, dtype=dtype, head_dim=head_dim)
     path = tmp_path / "c.npz"
     size = save_prompt_cache(path, cache, MODEL_ID, extra={"note": "hi"})
     assert size == path.stat().st_size
     with np.load(path, allow_pickle=False) as npz:
-        storage = np.float32 if dtype == "float32" else np.uint16
-        assert npz["k_0"].shape == npz["v_1"].shape == (3, 7, 4)  # [n_kv_heads, length, head_dim]
+        assert npz["k_0"].shape == npz["v_1"].shape == (3, 7, width)  # [n_kv_heads, length, row width]
         assert npz["k_0"].dtype == storage
         assert npz["tokens"].tolist() == list(range(100, 107))
     meta = read_prompt_cache_meta(path)
     assert (meta["format"], meta["version"], meta["length"]) == (FORMAT, VERSION, 7)
-    assert (meta["dtype"], meta["n_kv_heads"], meta["n_layers"], meta["head_dim"]) == (dtype, 3, 2, 4)
+    assert (meta["dtype"], meta["n_kv_heads"], meta["n_layers"], meta["head_dim"]) == (name, 3, 2, head_dim)
 
     back, extra = load_prompt_cache(path, MODEL_ID, max_seq_len=20)
     assert extra == {"note": "hi"}
-    assert (back.length, back.max_seq_len, back.dtype) == (7, 20, dtype)
+    assert (back.length, back.max_seq_len, back.dtype) == (7, 20, name)
+    for layer in range(2):  # the stored bytes themselves, not only what they decode to
+        for a, b in zip(back.layers[layer].rows(7, 7), cache.layers[layer].rows(7, 7), strict=True):
+            np.testing.assert_array_equal(a, b)
     assert back.token_ids.tolist() == cache.token_ids.tolist()
     for layer in range(2):
         for a, b in zip(back.layer_view(layer), cache.layer_view(layer), strict=True):
@@ -154,7 +163,7 @@ def bad_files(tmp_path):
     add("other_model", data, "different model", model_id="f" * 64)
     add("other_kv_heads", data, "KV heads", config=Config(n_kv_heads=1))
     add("other_layers", data, "layers", config=Config(n_layers=3))
-    add("other_dtype", data, "float32", dtype="float16")
+    add("other_dtype", data, "holds a KV cache of type f32, this run uses --cache-dtype f16", dtype="float16")
     for cut in (len(data) // 2, len(data) - 10, 30, 0):
         add(f"truncated_{cut}", data[:cut], "empty" if cut == 0 else "truncated")
     add("random_bytes", np.random.default_rng(1).bytes(5000), "not a prompt-cache file")
@@ -380,7 +389,8 @@ def test_cli_refuses_a_file_of_another_model(invoke, tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--kv-heads", "1"], "made with 3 KV heads, this run uses 1"),
-    (["--cache-dtype", "float16"], "holds a float32 cache"),
+    (["--cache-dtype", "float16"], "holds a KV cache of type f32, this run uses --cache-dtype f16"),
+    (["--cache-dtype", "q8_0"], "holds a KV cache of type f32, this run uses --cache-dtype q8_0"),
 ])
 def test_cli_refuses_other_kv_heads_or_dtype(invoke, tmp_path, args, fragment):
     path = str(tmp_path / "p.cache")

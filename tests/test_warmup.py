@@ -38,7 +38,7 @@ compile_kernels()
 warm = specialisations()
 long_prompt = "Count with me: " + ", ".join(str(i) for i in range(1, 16))
 for model in sys.argv[1:]:
-    for dtype in ("float32", "float16"):
+    for dtype in ("f32", "f16", "q8_0", "q4_0"):
         for prompt in ("Hi there", long_prompt):
             args = ["generate", "-m", model, "--prompt", prompt, "--no-chat", "-n", "2", "--temp", "0",
                     "--cache-dtype", dtype, "--quiet"]
@@ -51,7 +51,7 @@ print(json.dumps({name: sigs for name, sigs in added.items() if sigs}))
 
 def test_models_compile_nothing_after_warm_up(smollm2_path, gemma3_path):
     """SmolLM2 (Q4_1 blocks, Q8_0 embeddings and head) and Gemma 3 (Q4_K, Q6_K, Q5_0, Q8_0 and
-    sliding-window layers), with float32 and float16 caches, run only warmed specialisations."""
+    sliding-window layers), with f32, f16, q8_0 and q4_0 caches, run only warmed specialisations."""
     proc = subprocess.run([sys.executable, "-c", GENERATE_AFTER_WARM_UP, smollm2_path, gemma3_path],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr

@@ -155,21 +155,18 @@ def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib
     Raises:
         BatchRunError: not even one sequence fits.
     """
-    from ..cache import kv_bytes
-    from ..kv_storage import storage_type
-    from ..cache import available_memory_bytes, kv_bytes_per_token
+    from ..cache import available_memory_bytes, kv_bytes, kv_bytes_per_token
     from ..scheduler import kv_fit
 
     c = net.config
-    itemsize = storage_type(cache_dtype).itemsize
-    per_sequence = kv_bytes(ctx, c.layer_windows, c.n_kv_heads, c.head_dim, itemsize)
+    per_sequence = kv_bytes(ctx, c.layer_windows, c.n_kv_heads, c.head_dim, cache_dtype)
     if budget_mib is not None:
         budget = budget_mib * 2**20
     else:
         available = available_memory_bytes()
         budget = 0.9 * available if available is not None else batch_size * per_sequence
     fit = kv_fit(per_sequence, budget)
-    per_token = kv_bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, itemsize)
+    per_token = kv_bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, cache_dtype)
     if fit < 1:
         raise BatchRunError(f"one sequence of {ctx} tokens needs {mib(per_sequence)} of KV cache, more than the "
                             f"budget of {mib(budget)} (lower --ctx-size, or raise --kv-budget)")

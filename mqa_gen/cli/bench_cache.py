@@ -15,6 +15,7 @@ from fractions import Fraction
 import click
 
 from .common import (
+    cache_dtype_option,
     ensure_kernels,
     load_model,
     model_option,
@@ -109,7 +110,8 @@ def print_table(result) -> None:
             table.caption += ". "
         table.caption += f"{ppl}. Measured in {m['seconds']:.0f} s"
     else:
-        table.caption = "formulas only (--no-measure): bytes/token = 2 × n_layers × n_kv_heads × head_dim × itemsize"
+        table.caption = ("formulas only (--no-measure): bytes/token = 2 × n_layers × n_kv_heads × head_dim × bytes per "
+                         "element (4 f32, 2 f16, 34/32 q8_0, 18/32 q4_0)")
     sliding = [w for w in cfg.layer_windows if w]
     if sliding:
         table.caption += (f". Sliding-window layers: {len(sliding)} of {cfg.n_layers} keep at most {max(sliding):,} "
@@ -167,8 +169,7 @@ def check_plot_path(path: str) -> None:
                    "Default 512,2048,8192; 512,4096,16384 for a model with sliding-window layers (Gemma 3).")
 @click.option("--kv-heads", default=None, metavar="N,N,…",
               help="KV-head counts to compare (default: 1 = MQA, the native count, n_heads = MHA).")
-@click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="KV-cache element type (float16 halves every byte count).")
+@cache_dtype_option()
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=8, show_default=True,
               help="Decode steps per timed run.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -220,6 +221,7 @@ def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, 
     if context_list is None:
         context_list = list(bench.default_contexts(config))
     context_list = bench.check_contexts(config, context_list, None if no_measure else decode_tokens)
+    cache_dtype = bench.check_cache_dtype(cache_dtype, config)  # before loading weights
 
     if no_measure:
         result = bench.formula_result(model, config, kv_list, context_list, cache_dtype, *_budget(bench, budget_bytes))

@@ -172,6 +172,42 @@ def mib(n_bytes: float) -> str:
 # ───────────────────────────── generate and chat ─────────────────────────────
 
 
+def _canonical_cache_dtype(ctx, param, value):
+    """--cache-dtype's callback: an accepted name or alias → the canonical name (``float16`` → ``f16``)."""
+    from ..kv_storage import canonical_name
+
+    return canonical_name(value)
+
+
+def check_cache_dtype(cache_dtype: str, head_dim: int) -> None:
+    """Refuse a ``--cache-dtype`` whose rows cannot hold ``head_dim`` elements (q8_0 and q4_0 store
+    blocks of 32) before any cache is made.
+
+    Raises:
+        OptionError: one line naming the option, the type and the model's head_dim.
+    """
+    from ..kv_storage import storage_type
+
+    try:
+        storage_type(cache_dtype).check_head_dim(head_dim)
+    except ValueError as e:
+        raise OptionError(f"--cache-dtype {cache_dtype}: {e}") from None
+
+
+def cache_dtype_option():
+    """``--cache-dtype f32|f16|q8_0|q4_0`` (llama.cpp's names for ``-ctk``/``-ctv``; ``float32`` and
+    ``float16`` accepted as aliases), delivered as the canonical name. The one definition every
+    command with a KV cache uses."""
+    from ..kv_storage import STORAGE_NAMES
+
+    return click.option(
+        "--cache-dtype", type=click.Choice(list(STORAGE_NAMES)), default="f32", show_default=True,
+        callback=_canonical_cache_dtype,
+        help="KV-cache element type (llama.cpp's -ctk/-ctv names): f32 keeps transformers' logits; f16 "
+             "(llama.cpp's default) halves the cache; q8_0 and q4_0 store blocks of 32 with one float16 scale "
+             "(34 and 18 bytes per 32 values; head_dim a multiple of 32). float32/float16 are aliases.")
+
+
 def generation_options(f):
     """The options ``generate``, ``batch`` and ``chat`` share, in --help order: -n, the sampling
     flags (--temp … --seed), --stop, --ignore-eos, --ctx-size, --kv-heads, --cache-dtype, each
@@ -202,9 +238,7 @@ _GENERATION_OPTIONS = [
                  help="Never end at end-of-text or end-of-turn tokens (they are not sampled); -n or the context ends."),
     click.option("-c", "--ctx-size", type=int, default=None, help="Context in tokens (default: the model's)."),
     click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA."),
-    click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-                 help="KV-cache element type: float32 keeps transformers' logits; float16 (llama.cpp's "
-                      "default) halves the cache and is faster at long contexts."),
+    cache_dtype_option(),
 ]
 
 def generation_option(name: str):
@@ -247,7 +281,7 @@ class GenerationSetup:
         max_tokens: ``-n`` (> 0, or -1: until end of text or a full context).
         stop: the ``--stop`` strings.
         ctx: the context in tokens: ``--ctx-size``, or the model's.
-        cache_dtype: ``--cache-dtype``.
+        cache_dtype: ``--cache-dtype``'s canonical name (``"f32"``, ``"f16"``, ``"q8_0"``, ``"q4_0"``).
         ignore_eos: ``--ignore-eos`` (``params.suppress_ids`` then holds the end-of-generation ids).
 
     ``params.seed`` is the seed the run uses: ``--seed``, or one drawn at random (reported, so
@@ -318,8 +352,9 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
     was trained on gets a one-line warning on stderr (even with ``quiet``: it changes the text).
 
     Raises:
-        OptionError: a sampling value out of range, ``-n`` 0 or < -1, ``--ctx-size`` ≤ 0, or
-            ``--seed`` < -1.
+        OptionError: a sampling value out of range, ``-n`` 0 or < -1, ``--ctx-size`` ≤ 0,
+            ``--seed`` < -1, or a block ``--cache-dtype`` (q8_0, q4_0) for a head_dim that is not a
+            multiple of 32.
         MqaGenError: a model that cannot be loaded (:func:`~mqa_gen.loading.load`);
             ``ConfigError``, a ``--kv-heads`` that does not divide the query heads.
     """
@@ -328,7 +363,6 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
     from ..chat import end_of_turn_ids
     from ..cache import check_cache_fits, kv_bytes
     from ..generate import validate_generation
-    from ..kv_storage import storage_type
     from ..regroup import regroup_model
     from ..sampling import SamplingParams, draw_seed as draw
 
@@ -355,11 +389,11 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
     if ignore_eos:
         params = replace(params, suppress_ids=frozenset(end_of_turn_ids(loaded.tokenizer)))
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
+    check_cache_dtype(cache_dtype, net.config.head_dim)
     trained = loaded.config.context_length
     if ctx_size is not None and ctx_size > trained:
         c = net.config  # refuse a context that cannot fit this machine before warning about it
-        check_cache_fits(kv_bytes(ctx_size, c.layer_windows, c.n_kv_heads, c.head_dim,
-                                  storage_type(cache_dtype).itemsize), ctx_size)
+        check_cache_fits(kv_bytes(ctx_size, c.layer_windows, c.n_kv_heads, c.head_dim, cache_dtype), ctx_size)
         stderr.print(f"[yellow]warning: --ctx-size {ctx_size:,} is above the {trained:,}-token context the model was "
                      "trained on; text past it may degrade[/yellow]", soft_wrap=True)
     ensure_kernels(quiet)

@@ -17,16 +17,27 @@ CONFIG_FIELDS = ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",
                  "vocab_size", "context_length", "rope_theta", "norm_eps", "tie_embeddings")
 
 
+def _bytes_or_none(per_token, cache_dtype: str) -> int | None:
+    """``per_token(cache_dtype)``, or None where the type cannot store this head_dim."""
+    try:
+        return per_token(cache_dtype)
+    except ValueError:
+        return None
+
+
 def model_info(model: str) -> dict:
     """What ``info --json`` prints: the model's name and file, its config (:data:`CONFIG_FIELDS`),
     attention kind, sliding windows, parameter count, tensor types (type → count) and KV-cache
-    bytes per token as MQA, as shipped and as MHA, for float32 and float16.
+    bytes per token as MQA, as shipped and as MHA, for each cache type (``f32``, ``f16``, ``q8_0``,
+    ``q4_0``; None for a block type when head_dim is not a multiple of 32), and the f32 bytes at the
+    model's context.
 
     Raises:
         ModelFileError, UnsupportedModelError: the file cannot be read or run
             (:func:`~mqa_gen.gguf_file.read_gguf`, :func:`~mqa_gen.models.check_tensors`).
     """
     from ..gguf_file import read_gguf
+    from ..kv_storage import STORAGE_TYPES
     from ..models import check_tensors, config_from_gguf
     from ..registry import resolve_model
 
@@ -36,9 +47,9 @@ def model_info(model: str) -> dict:
     kv = {}
     for label, n_kv in (("mqa", 1), ("native", config.n_kv_heads), ("mha", config.n_heads)):
         grouped = config.with_kv_heads(n_kv)
-        kv[label] = {"n_kv_heads": n_kv, "float32": grouped.kv_bytes_per_token(4),
-                     "float16": grouped.kv_bytes_per_token(2),
-                     "float32_bytes_at_context": grouped.kv_bytes(config.context_length, 4)}
+        kv[label] = {"n_kv_heads": n_kv, **{name: _bytes_or_none(grouped.kv_bytes_per_token, name)
+                                             for name in STORAGE_TYPES},
+                     "f32_bytes_at_context": grouped.kv_bytes(config.context_length, "f32")}
     n_sliding = sum(1 for w in config.layer_windows if w)
     return {
         "model": config.name or model,
@@ -86,6 +97,8 @@ def info(model: str, as_json: bool) -> None:
     ctx = f["context_length"]
     for key, label in (("mqa", "MQA"), ("native", f"native ({f['attention']})"), ("mha", "MHA")):
         kv = f["kv_bytes_per_token"][key]
-        table.add_row(f"KV bytes/token {label}", f"{kv['float32']:,} (float32), {kv['float16']:,} (float16); "
-                      f"{kv['float32_bytes_at_context'] / 2**20:,.0f} MiB at {ctx} tokens")
+        sizes = ", ".join(f"{n:,} ({name})" for name, n in kv.items()
+                          if name not in ("n_kv_heads", "f32_bytes_at_context") and n is not None)
+        table.add_row(f"KV bytes/token {label}", f"{sizes}; {kv['f32_bytes_at_context'] / 2**20:,.0f} MiB at "
+                      f"{ctx} tokens (f32)")
     console.print(table)

@@ -124,6 +124,7 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
     if ctx > trained:
         raise PerplexityError(f"--ctx {ctx:,} is above the model's context of {trained:,} tokens")
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
+    common.check_cache_dtype(cache_dtype, net.config.head_dim)
     common.ensure_kernels(quiet)
     tokenizer = loaded.tokenizer
     plan = plan_text(tokenizer, text, ctx, chunks)

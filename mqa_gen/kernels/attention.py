@@ -8,8 +8,9 @@ Both kernels loop over KV heads on the outside and over the G query heads that s
 the inside, so every K and V row is read from memory once per group rather than once per query
 head: that is where MQA's decode speed comes from.
 
-Cache arrays are [n_kv_heads, max_seq_len, head_dim], float32, or uint16 holding float16 bits
-(each row decoded as it is read, see :func:`mqa_gen.kernels.halfprec.cache_row`).
+Cache arrays are [n_kv_heads, max_seq_len, row_width]: float32 rows, or rows stored as float16
+bits (uint16) or llama.cpp's q8_0 (int8) / q4_0 (uint8) blocks, each row decoded into float32 as
+it is read (:func:`mqa_gen.kernels.cache_rows.cache_row`); head_dim is always q's last axis.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from numba import njit, prange
 from .bits import exp32
 from .rowwise import softmax_inplace
 from .flags import FASTMATH
-from .halfprec import cache_row
+from .cache_rows import cache_row, check_cache_rows
 
 #: Cache positions handled by one decode task; several blocks keep both cores busy even for MQA.
 DECODE_BLOCK = 128
@@ -40,6 +41,8 @@ def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
     T, H, D = q.shape
     KV = k_cache.shape[0]
     G = H // KV
+    check_cache_rows(k_cache, D)
+    check_cache_rows(v_cache, D)
     for task in prange(KV * T):
         g = task % KV
         i = task // KV
@@ -50,7 +53,7 @@ def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
         first = max(0, end - window) if window > 0 else 0
         n = end - first
         scores = np.empty((G, n), dtype=np.float32)
-        row = np.empty(D, np.float32)  # a float16 cache row, decoded
+        row = np.empty(D, np.float32)  # an f16 / q8_0 / q4_0 cache row, decoded
         for s in range(n):
             k = cache_row(k_cache, g, first + s, row)
             for j in range(G):
@@ -75,7 +78,7 @@ def attention_prefill(q, k_cache, v_cache, start, scale, window, out):
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _four_rows(cache, g, s, rows):
     """Cache rows s .. s+3 of KV head g as four float32 [head_dim] arrays (views of a float32
-    cache, or float16 rows decoded into rows[0..3], float32 [4, head_dim])."""
+    cache, or f16 / q8_0 / q4_0 rows decoded into rows[0..3], float32 [4, head_dim])."""
     return (cache_row(cache, g, s, rows[0]), cache_row(cache, g, s + 1, rows[1]),
             cache_row(cache, g, s + 2, rows[2]), cache_row(cache, g, s + 3, rows[3]))
 
@@ -85,7 +88,7 @@ def _block_scores(q_group, k_cache, g, s0, s1, scores, m, rows):
     """scores[j, s − s0] = q_group[j] · k_cache[g, s] for s in [s0, s1), and m[j] = max(m[j], those).
 
     Four K rows at a time: each q element loaded once serves four dot products, whose four
-    accumulators keep the FMA units busy. rows: float32 [4, head_dim] scratch (float16 decoding).
+    accumulators keep the FMA units busy. rows: float32 [4, head_dim] scratch (decoded rows).
     """
     G, D = q_group.shape
     s = s0
@@ -161,6 +164,8 @@ def attention_decode(q, k_caches, v_caches, slots, lengths, scale, partial, out)
     B, H, D = q.shape
     KV = k_caches.shape[1]
     G = H // KV
+    check_cache_rows(k_caches, D)
+    check_cache_rows(v_caches, D)
     first_task = np.empty(B + 1, np.int64)  # sequence b owns tasks first_task[b] .. first_task[b+1] − 1
     first_task[0] = 0
     for b in range(B):
@@ -176,7 +181,7 @@ def attention_decode(q, k_caches, v_caches, slots, lengths, scale, partial, out)
         k_cache, v_cache = k_caches[slots[b]], v_caches[slots[b]]
         h0 = g * G  # the group's first query head
         # Small task-local arrays (the group's scaled queries, scores, running maxima, output sums,
-        # decoded float16 rows) keep the inner loops on unit-stride 1-D data, which LLVM vectorises.
+        # decoded cache rows) keep the inner loops on unit-stride 1-D data, which LLVM vectorises.
         rows = np.empty((4, D), np.float32)
         q_group = np.empty((G, D), np.float32)
         for j in range(G):
@@ -228,13 +233,17 @@ def decode_partial_shape(batch_size: int, max_length: int, n_heads: int, head_di
 
 
 def warm_up() -> None:
-    """Call both kernels once on tiny inputs, for a float32 cache and a float16 one (uint16 bits),
-    so Numba compiles (or loads from its disk cache) each specialisation before the first token."""
+    """Call both kernels once on tiny inputs for every cache storage type — float32, float16
+    (uint16 bits), q8_0 (int8 blocks), q4_0 (uint8 blocks) — so Numba compiles (or loads from its
+    disk cache) each specialisation before the first token."""
+    from .cache_rows import Q4_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK
+
     f32 = np.float32
-    q = np.ones((2, 2, 4), f32)
-    for storage in (np.float32, np.uint16):
-        k = np.zeros((1, 4, 4), storage)
+    D = QK  # one block per row
+    q = np.ones((2, 2, D), f32)
+    for storage, width in ((np.float32, D), (np.uint16, D), (np.int8, Q8_0_BLOCK_BYTES), (np.uint8, Q4_0_BLOCK_BYTES)):
+        k = np.zeros((1, 4, width), storage)
         attention_prefill(q, k, k, 0, f32(0.5), 0, np.empty_like(q))
-        partial = np.empty(decode_partial_shape(1, 4, 2, 4), f32)
+        partial = np.empty(decode_partial_shape(1, 4, 2, D), f32)
         one = np.ones(1, np.int64)
-        attention_decode(q[:1], k[None], k[None], one * 0, one * 3, f32(0.5), partial, np.empty((1, 2, 4), f32))
+        attention_decode(q[:1], k[None], k[None], one * 0, one * 3, f32(0.5), partial, np.empty((1, 2, D), f32))

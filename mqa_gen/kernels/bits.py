@@ -56,6 +56,19 @@ def float32_from_bits(typingctx, bits):
 
 
 @intrinsic
+def bits_from_float32(typingctx, value):
+    """The IEEE-754 bit pattern of float32 ``value`` as a uint32 (the inverse of
+    :func:`float32_from_bits`)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(value), codegen
+
+
+@intrinsic
 def float32_from_half_bits(typingctx, bits):
     """float16 bit pattern (uint16) → float32, exact (NaNs come back quiet). Needs :data:`HAS_F16C`."""
     if bits != types.uint16:

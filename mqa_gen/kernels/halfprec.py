@@ -1,11 +1,12 @@
 """float16 support for Numba, which has no float16 type on the CPU: KV-cache rows and
 quantisation scales are stored as their raw uint16 bit patterns and converted as they are read
-(:func:`half_to_f32`; :func:`as_float32` accepts float32 or such bits).
+(:func:`half_to_f32`; :func:`as_float32` accepts float32 or such bits), and written with
+:func:`f32_to_half_bits` (the scales of quantised KV-cache blocks).
 
-A float16 cache is stored as its raw uint16 bit patterns. Kernels read a cache row through
-:func:`cache_row`: a view for a float32 cache; for a uint16 one, the row decoded into float32 by
-:func:`half_row_to_f32` — with the CPU's conversion instruction where it has one (F16C), else with
-integer bit operations; both vectorise and equal NumPy's float16→float32 cast exactly.
+A float16 cache row is decoded into float32 by :func:`half_row_to_f32` (kernels call it through
+:func:`mqa_gen.kernels.cache_rows.cache_row`) — with the CPU's conversion instruction where it has
+one (F16C), else with integer bit operations; both vectorise and equal NumPy's float16→float32
+cast exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .bits import HAS_F16C, float32_from_bits, float32_from_half_bits
+from .bits import HAS_F16C, bits_from_float32, float32_from_bits, float32_from_half_bits
 from .flags import FASTMATH
 
 #: 2^112 = 2^(127 − 15): moves a float16 exponent, placed in a float32's exponent field, to its value.
@@ -53,6 +54,43 @@ def half_row_to_f32(src, out):
         out[i] = half_to_f32(src[i])
 
 
+@njit(cache=True, inline="always")
+def f32_to_half_bits(f):
+    """float32 f → the uint16 bits of the nearest float16, ties to even: NumPy's
+    ``astype(np.float16)`` and ggml's ``GGML_FP32_TO_FP16``, bit for bit (for the float16 scales of
+    quantised KV-cache blocks). Integer operations only, so it needs no F16C and no fast-math.
+
+    Magnitudes ≥ 65520 become ±inf; NaNs stay NaN (their payload's top 10 bits kept, never 0, as
+    NumPy does); below 2⁻¹⁴ the result is a subnormal half, rounded to a multiple of 2⁻²⁴.
+    """
+    x = np.int64(bits_from_float32(f))
+    sign = (x >> 16) & 0x8000
+    a = x & 0x7FFFFFFF
+    if a >= 0x7F800000:  # inf or NaN
+        mantissa = (a & 0x7FFFFF) >> 13
+        if a > 0x7F800000 and mantissa == 0:
+            mantissa = 1  # a NaN whose payload sits in the dropped bits must not become inf
+        return np.uint16(sign | 0x7C00 | mantissa)
+    if a >= 0x477FF000:  # rounds to 2^16 or more: beyond float16's largest finite value 65504
+        return np.uint16(sign | 0x7C00)
+    if a < 0x38800000:  # below float16's smallest normal 2^-14: a multiple of 2^-24 (or zero)
+        if a <= 0x33000000:  # at most 2^-25, half the smallest subnormal: ties to even = 0
+            return np.uint16(sign)
+        m = (a & 0x7FFFFF) | 0x800000  # value = m · 2^(e − 150), e = a >> 23 in 102 .. 112
+        shift = 126 - (a >> 23)  # value / 2^-24 = m >> shift, plus the rounding below
+        q = m >> shift
+        rest = m & ((np.int64(1) << shift) - 1)
+        half = np.int64(1) << (shift - 1)
+        if rest > half or (rest == half and (q & 1) == 1):
+            q += 1  # may carry into 0x400: the smallest normal, encoded correctly
+        return np.uint16(sign | q)
+    # Normal: rebias the exponent (127 → 15, i.e. − 112 · 2^23), then round the 23-bit mantissa to
+    # 10 bits, ties to even (add 0xFFF plus the lowest kept bit, then drop 13 bits).
+    r = a - 0x38000000
+    r += 0xFFF + ((r >> 13) & 1)
+    return np.uint16(sign | (r >> 13))
+
+
 def as_float32(value):  # pragma: no cover - replaced by the overload inside jitted code
     """A quantisation scale as float32: float32 as it is, uint16 as the float16 it holds."""
     raise NotImplementedError("as_float32 is only callable from Numba-jitted code")
@@ -64,22 +102,4 @@ def _as_float32_overload(value):
         return lambda value: value
     if value == types.uint16:
         return lambda value: half_to_f32(value)
-    return None
-
-
-def cache_row(cache, g, s, out):  # pragma: no cover - replaced by the overload inside jitted code
-    """Row ``cache[g, s]`` as float32 [head_dim]: a view for a float32 cache; for a uint16 (float16)
-    cache, decoded into ``out`` (float32 [head_dim]) and returned."""
-    raise NotImplementedError("cache_row is only callable from Numba-jitted code")
-
-
-@overload(cache_row, inline="always")
-def _cache_row_overload(cache, g, s, out):
-    if isinstance(cache.dtype, types.Float):
-        return lambda cache, g, s, out: cache[g, s]
-    if isinstance(cache.dtype, types.Integer):
-        def decode(cache, g, s, out):
-            half_row_to_f32(cache[g, s], out)
-            return out
-        return decode
     return None

@@ -59,7 +59,7 @@ class Decoder:
                          self.final_norm, self.output, self.embed_scale)
         return new
 
-    def new_cache(self, max_seq_len: int | None = None, dtype="float32") -> KVCache:
+    def new_cache(self, max_seq_len: int | None = None, dtype="f32") -> KVCache:
         """An empty KV cache for one sequence of this model (ring buffers for sliding-window
         layers); ``max_seq_len`` defaults to the context length, ``dtype`` is a storage name."""
         c = self.config
