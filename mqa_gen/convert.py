@@ -1,10 +1,12 @@
-"""Write a model with regrouped (and optionally calibrated) K/V projections as a new GGUF file.
+"""Write a model with regrouped (and optionally calibrated) attention projections as a new GGUF file.
 
 The output is the source file with exactly these changes, so every reader of the source —
 ``mqa-gen generate``, ``mqa-gen bench-cache``, llama.cpp — reads it as an ordinary model:
 
 * each layer's ``blk.N.attn_k.weight`` and ``blk.N.attn_v.weight`` replaced by the new
-  [n_kv_heads·head_dim, d_model] matrices, stored as F32 or F16;
+  [n_kv_heads·head_dim, d_model] matrices, stored as F32 or F16 — and, when a merge folded maps
+  into them (:mod:`mqa_gen.head_merge`) or a fit changed them, ``blk.N.attn_q.weight`` and
+  ``blk.N.attn_output.weight`` too, in the same type;
 * ``{arch}.attention.head_count_kv`` set to the new KV-head count.
 
 Every other tensor is copied byte for byte (quantised ones stay quantised) and every other
@@ -26,6 +28,7 @@ from .atomic_file import atomic_write
 from .config import ModelConfig
 from .errors import ConfigError, ModelFileError
 from .gguf_file import GGUFFile
+from .head_transforms import AttentionWeights
 from .kv_heads import check_kv_heads
 from .models.llama import tensor_name
 
@@ -55,15 +58,17 @@ def mean_pooled_kv(gguf: GGUFFile, config: ModelConfig, n_kv_heads: int) -> dict
 
 
 def write_regrouped_gguf(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], config: ModelConfig,
-                         n_kv_heads: int, kv_weights: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                         n_kv_heads: int,
+                         kv_weights: Mapping[int, tuple[np.ndarray, np.ndarray] | AttentionWeights],
                          kv_type: str = "F32") -> int:
-    """Copy the GGUF at ``src_path`` to ``out_path`` with new K/V projections (see the module doc).
+    """Copy the GGUF at ``src_path`` to ``out_path`` with new projections (see the module doc).
 
     Args:
-        config: the source model's config (n_layers, head_dim, d_model).
+        config: the source model's config (n_layers, n_heads, head_dim, d_model).
         n_kv_heads: the new KV-head count written to ``{arch}.attention.head_count_kv``.
-        kv_weights: layer → (W_k, W_v), each [n_kv_heads·head_dim, d_model] (GGUF/PyTorch layout),
-            for every layer.
+        kv_weights: for every layer, either (W_k, W_v), each [n_kv_heads·head_dim, d_model]
+            (GGUF/PyTorch layout; W_q and W_o stay as they are), or an
+            :class:`~mqa_gen.head_transforms.AttentionWeights` (all four are written).
         kv_type: ``"F32"`` or ``"F16"``, the stored type of the new matrices.
 
     Returns:
@@ -81,15 +86,22 @@ def write_regrouped_gguf(src_path: str | os.PathLike[str], out_path: str | os.Pa
     if os.path.exists(out_path) and os.path.samefile(src_path, out_path):
         raise ModelFileError(f"the output {out_path} is the source model; choose another path")
     c = config
-    shape = (n_kv_heads * c.head_dim, c.d_model)
+    kv_shape = (n_kv_heads * c.head_dim, c.d_model)
+    shapes = {"attn_q": (c.n_heads * c.head_dim, c.d_model), "attn_k": kv_shape, "attn_v": kv_shape,
+              "attn_output": (c.d_model, c.n_heads * c.head_dim)}
     replacements: dict[str, np.ndarray] = {}
     for i in range(c.n_layers):
         if i not in kv_weights:
             raise ConfigError(f"no new K/V weights for layer {i}")
-        for name, w in zip(("attn_k", "attn_v"), kv_weights[i]):
-            if np.shape(w) != shape:
-                raise ConfigError(f"{tensor_name(i, name)} has shape {np.shape(w)}, expected {shape}")
-            replacements[tensor_name(i, name)] = np.ascontiguousarray(w, dtype=KV_TYPES[kv_type])
+        w = kv_weights[i]
+        if isinstance(w, AttentionWeights):
+            new = {"attn_q": w.wq, "attn_k": w.wk, "attn_v": w.wv, "attn_output": w.wo}
+        else:
+            new = dict(zip(("attn_k", "attn_v"), w))
+        for name, array in new.items():
+            if np.shape(array) != shapes[name]:
+                raise ConfigError(f"{tensor_name(i, name)} has shape {np.shape(array)}, expected {shapes[name]}")
+            replacements[tensor_name(i, name)] = np.ascontiguousarray(array, dtype=KV_TYPES[kv_type])
 
     reader = GGUFReader(src_path, "r")
     arch = reader.fields["general.architecture"].contents()

@@ -68,3 +68,31 @@ def regroup_model(model, n_kv_heads: int):
                                                    n_kv_heads)
         blocks.append(block)
     return model.replace(config=config.with_kv_heads(n_kv_heads), blocks=blocks)
+
+
+def with_attention_weights(model, layers) -> "object":
+    """A copy of ``model`` whose attention blocks hold new projections (other weights shared).
+
+    layers: layer index → :class:`~mqa_gen.head_transforms.AttentionWeights` (float64, GGUF layout),
+    one per layer, all with the same KV-head count; they are stored as float32 dense matrices.
+
+    Raises:
+        ConfigError: a missing layer, or layers that disagree on the KV-head count.
+    """
+    from .errors import ConfigError
+
+    config = model.config
+    counts = {w.n_kv_heads for w in layers.values()}
+    if set(layers) != set(range(config.n_layers)) or len(counts) != 1:
+        raise ConfigError(f"need weights for all {config.n_layers} layers with one KV-head count")
+    n_kv_heads = counts.pop()
+    blocks = []
+    for i, block in enumerate(model.blocks):
+        w = layers[i]
+        block = copy.copy(block)  # norms and MLP shared; only the attention's projections change
+        attn = copy.copy(block.attention)
+        attn.wq, attn.wo = DenseLinear(w.wq.astype(np.float32)), DenseLinear(w.wo.astype(np.float32))
+        block.attention = attn.with_kv_projections(DenseLinear(w.wk.astype(np.float32)),
+                                                   DenseLinear(w.wv.astype(np.float32)), n_kv_heads)
+        blocks.append(block)
+    return model.replace(config=config.with_kv_heads(n_kv_heads), blocks=blocks)

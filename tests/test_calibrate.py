@@ -177,8 +177,10 @@ def test_convert_cli_then_generate_and_bench_cache_accept_the_file(tiny, tmp_pat
     assert report["n_kv_heads"] == 1 and report["native_kv_heads"] == 2
     assert set(report["perplexity"]) >= {"native", "mean_pooled", "calibrated", "text", "tokens"}
     assert report["perplexity"]["text"] == str(HELD_OUT_TEXT)
+    assert report["method"] == "pca" and report["fit"] is True
+    assert report["calibration"]["fit_weights"] == ["w_q", "w_k", "w_v", "w_o"]
     for layer in report["calibration"]["layers"]:
-        assert layer["rel_error_calibrated"] < layer["rel_error_mean_pooled"]
+        assert layer["rel_error_calibrated"] < layer["rel_error_merged"]
 
     gen = runner.invoke(cli, ["generate", "-m", str(out), "--prompt", "the cat", "--no-chat", "-n", "5",
                               "--json", "-q"])
@@ -193,8 +195,8 @@ def test_convert_cli_then_generate_and_bench_cache_accept_the_file(tiny, tmp_pat
 
 def test_convert_cli_text_output_and_mean_pooled_only(tiny, tmp_path):
     out = tmp_path / "pooled.gguf"
-    result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "--ppl-text",
-                                      str(HELD_OUT_TEXT), "--ppl-tokens", "64", "-o", str(out), "-q"])
+    result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "--method", "mean", "--no-fit",
+                                      "--ppl-text", str(HELD_OUT_TEXT), "--ppl-tokens", "64", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
     assert "mean-pooled MQA (1 KV head)" in result.stdout and "calibrated" not in result.stdout
     assert "native GQA (2 KV heads)" in result.stdout
@@ -206,6 +208,8 @@ def test_convert_cli_text_output_and_mean_pooled_only(tiny, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--kv-heads", "3"], "valid: 1, 2, 4"),
     (["--kv-heads", "1", "--calibrate", "/no/such/file"], "does not exist"),
+    (["--kv-heads", "1", "--fit-weights", "qx"], "letters q, k, v, o"),
+    (["--kv-heads", "1", "--method", "median"], "'median' is not one of"),
 ])
 def test_convert_cli_errors(tiny, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, *args, "-o", str(tmp_path / "x.gguf"), "-q"])
