@@ -59,9 +59,25 @@ def test_models_compile_nothing_after_warm_up(smollm2_path, gemma3_path):
 
 
 def test_marker_file_follows_compile(tmp_path, monkeypatch):
-    from mqa_gen.kernels import compile_kernels, kernels_are_compiled
+    from mqa_gen.kernels import compile_kernels, kernels_are_compiled, warmup
+
+    monkeypatch.setattr(warmup, "_forget_cached_kernels", lambda: None)  # keep this session's cache
 
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))  # the marker sits beside it
     assert not kernels_are_compiled()
     compile_kernels()
     assert kernels_are_compiled()
+
+
+def test_a_new_kernel_source_forgets_every_cached_kernel(tmp_path):
+    """Numba would reload a caller compiled against an older callee: when the sources' digest
+    changes, compile_kernels first deletes this package's cached kernels (and nothing else)."""
+    from mqa_gen.kernels.warmup import _forget_cached_kernels
+
+    ours = ["decode_layer.before_attention-160.py311.nbi", "decode_layer.before_attention-160.py311.1.nbc",
+            "quant.q4_1_matvec-191.py311.nbi", "rowwise.rmsnorm-19.py311.2.nbc"]
+    others = ["somebody_else.kernel-3.py311.nbi", "decode_layer.txt", "README"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    _forget_cached_kernels(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)

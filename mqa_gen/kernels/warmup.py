@@ -42,12 +42,38 @@ def kernels_are_compiled() -> bool:
     return _marker_path().exists()
 
 
+def _forget_cached_kernels(folder: str | None = None) -> None:
+    """Delete this package's kernels from Numba's disk cache.
+
+    Numba checks a cached function against its own source file only, so a kernel whose file did
+    not change but which calls a kernel from a file that did (the fused decode step calls the
+    quantised products and the row-wise kernels; attention calls the cache-row readers) would load
+    its old machine code — with the old callee inside, giving other bits than the fresh callee
+    alone (seen: logits 1e-4 apart after a change to the float16 reader). The marker's digest
+    covers every kernel source, so when it is missing every kernel starts over. ``folder``: the
+    cache folder (default: where Numba keeps this package's kernels)."""
+    folder = folder or getattr(getattr(rowwise.rmsnorm, "_cache", None), "_cache_path", None)
+    if not folder or not os.path.isdir(folder):
+        return
+    here = Path(__file__).resolve().parent
+    stems = {source.stem for source in here.glob("*.py")}
+    for name in os.listdir(folder):
+        if name.endswith((".nbi", ".nbc")) and name.split(".", 1)[0] in stems:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass  # another process's file, or a read-only cache: it compiles again at worst
+
+
 def compile_kernels(progress: Callable[[int, int], None] | None = None) -> None:
     """Run each kernel module's ``warm_up()`` (:data:`WARMED_MODULES`: every kernel called once on
     tiny inputs with every argument type the model uses), so Numba compiles and caches them; then
-    write the marker file. A marker that cannot be written only costs compiling being announced
+    write the marker file. Without the marker for these sources, kernels cached from other
+    sources are deleted first (:func:`_forget_cached_kernels`). A marker that cannot be written only costs compiling being announced
     again next run. ``progress(done, total)`` is called before the first module and after each
     (modules warmed, of all), for a progress bar."""
+    if not kernels_are_compiled():  # a kernel source changed (or a first run): no old machine code
+        _forget_cached_kernels()
     total = len(WARMED_MODULES)
     for done, module in enumerate(WARMED_MODULES):
         if progress is not None:
