@@ -124,19 +124,21 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
         result["perplexity"]["mean_pooled"] = perplexity(regroup_model(loaded.model, kv_heads), ppl_ids).perplexity
         timings["eval_seconds"] = time.perf_counter() - t
 
-    merged = None  # the merge before any fit, when it differs from the written weights
-    if not needs_text:
-        t = time.perf_counter()
-        layers = merged_weights(loaded.gguf, c, kv_heads, method if reducing else "mean")
-        timings["merge_seconds"] = time.perf_counter() - t
-    else:
-        text_path = calibration_text or str(DEFAULT_TEXT)
+    text_path = calibration_text or str(DEFAULT_TEXT)
+    if needs_text or calibration_text is not None:  # a text given is checked even when not needed
         try:
             with open(text_path, encoding="utf-8") as f:
                 ids = loaded.tokenizer.encode(f.read())
         except (OSError, UnicodeDecodeError) as e:  # a text that is not UTF-8: one line, exit 2
             raise PromptError(f"cannot read calibration text {text_path}: "
                               f"{getattr(e, 'strerror', None) or e}") from None
+
+    merged = None  # the merge before any fit, when it differs from the written weights
+    if not needs_text:
+        t = time.perf_counter()
+        layers = merged_weights(loaded.gguf, c, kv_heads, method if reducing else "mean")
+        timings["merge_seconds"] = time.perf_counter() - t
+    else:
         n_steps = steps if fit else 0
         t0 = time.perf_counter()
 
