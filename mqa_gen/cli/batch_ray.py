@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -326,6 +327,8 @@ class RayBatch:
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.ERROR if self.quiet else logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": by us
+        # A failed run's stack trace: our error line gives its cause (Ray's session logs keep the rest).
+        logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_task)))
         with warnings.catch_warnings():
             # Ray Data 2.60 names no parameter for the actors' retry options and warns about passing
@@ -370,13 +373,26 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+#: The last line of a Python traceback as Ray quotes it: ``package.module.SomeError: message``.
+_RAISED = re.compile(r"^(?P<name>[\w.]*(?:Error|Exception|Interrupt|Exit)): (?P<message>.+)$")
+
+
 def _root_cause(e: BaseException) -> str:
-    """The message of the error an actor raised, through Ray's wrappers (a RayTaskError carries the
-    original as ``cause``; our own errors are one line already)."""
+    """The message of the error an actor raised, through Ray's wrappers: a RayTaskError carries the
+    original as ``cause``; an actor that died in its constructor (a model missing on its node)
+    comes back as an ActorDiedError that only quotes the traceback, whose last ``Name: message``
+    line is the original. Ours (``mqa_gen.…``) are one line of their own; anything else keeps its
+    name; a death with no traceback (killed, out of memory) keeps Ray's last line."""
     seen, link = set(), e
     while link is not None and id(link) not in seen:
         seen.add(id(link))
         if isinstance(link, MqaGenError):
             return str(link)
         link = getattr(link, "cause", None) or link.__cause__
-    return _first_line(e)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in reversed(lines):
+        raised = _RAISED.match(line)
+        if raised:
+            ours = raised["name"].startswith("mqa_gen.")
+            return raised["message"] if ours else f"{raised['name'].rsplit('.', 1)[-1]}: {raised['message']}"
+    return lines[-1] if lines else type(e).__name__
