@@ -222,3 +222,13 @@ def test_a_request_travels_as_json_unchanged():
     request = Request([1, 2, 3], params, 17, ("\n", "END"), frozenset({2, 49152}), 3, id=5)
     back, item_id = decode_request(encode_request(request, "q7"), 5)
     assert back == request and item_id == "q7"
+
+
+@needs_ray
+def test_an_address_nothing_listens_on_is_refused_at_once(tmp_path):
+    """ray.init would retry it for minutes; a TCP check says so first, before the model loads."""
+    with deadline(60):
+        result = run("batch", twenty_prompts(tmp_path / "in.jsonl"), "--ray", "127.0.0.1:1", "-n", "2")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused "
+                                          "(is `ray start` running there?)"]

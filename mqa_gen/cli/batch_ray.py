@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
 import warnings
@@ -55,6 +56,9 @@ MAX_TASK_RETRIES = 3
 #: Object store of a runtime we start: the rows are short JSON strings (a few KiB per prompt), and
 #: Ray Data streams them with backpressure, spilling to disk beyond this.
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+
+#: Seconds to wait for a TCP connection to a cluster's address before saying it is not there.
+CONNECT_TIMEOUT_S = 10
 
 #: Most prompts in one Ray task, in multiples of the slots: a task's prompts fill the slots in
 #: waves, so a multiple of them leaves no wave half empty; a task lost with its actor costs at
@@ -177,6 +181,32 @@ def recorded_local_cluster() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def check_reachable(address: str | None) -> None:
+    """Refuse, within :data:`CONNECT_TIMEOUT_S`, a cluster address nothing listens on: ``ray.init``
+    itself retries such an address for minutes. ``address``: ``--ray``'s value (None or ``auto``:
+    ``RAY_ADDRESS``, else the recorded local cluster). An address without a port is left to Ray.
+
+    Raises:
+        RayBatchError: no connection to HOST:PORT.
+    """
+    if address in (None, "auto"):
+        address = os.environ.get("RAY_ADDRESS")
+        recorded = recorded_local_cluster()
+        if not address and recorded:
+            with open(recorded, encoding="utf-8") as f:
+                address = f.read().strip()
+    if not address:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise RayBatchError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} (is `ray start` "
+                            "running there?)") from None
+
+
 def import_ray(start_local: bool):
     """Import Ray (and Ray Data), or say how to install it.
 
@@ -248,7 +278,7 @@ class RayBatch:
         quiet: ``-q``: no Ray warnings on stderr.
 
     Raises:
-        RayBatchError: Ray is not installed.
+        RayBatchError: Ray is not installed, or nothing listens at the cluster's address.
     """
 
     def __init__(self, address: str | None, actors: int | None, threads: int, quiet: bool):
@@ -256,6 +286,8 @@ class RayBatch:
         self.start_local = not already and address is None and not os.environ.get("RAY_ADDRESS") \
             and recorded_local_cluster() is None
         self.ray = import_ray(self.start_local)
+        if not already and not self.start_local:
+            check_reachable(address)
         self.address, self.requested_actors, self.threads, self.quiet = address, actors, threads, quiet
         self.owned = False  # whether close() disconnects (we connected) and stops the runtime (we started it)
         self.actors = 0
@@ -280,8 +312,8 @@ class RayBatch:
                 else:
                     ray.init(address=self.address or "auto", log_to_driver=False, logging_level=level)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                where = self.address or os.environ.get("RAY_ADDRESS") or recorded_local_cluster()
-                raise RayBatchError(f"cannot join the Ray cluster at {where}: {_first_line(e)}") from None
+                where = self.address or os.environ.get("RAY_ADDRESS") or recorded_local_cluster() or "auto"
+                raise RayBatchError(f"cannot join the Ray cluster ({where}): {_first_line(e)}") from None
             self.owned = True
         self.stats.connect_seconds = time.perf_counter() - t0
         self.cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -299,7 +331,8 @@ class RayBatch:
         """The runtime in words, for stderr."""
         if self.start_local:
             return "a local Ray runtime on 127.0.0.1"
-        return f"the Ray cluster at {self.address or os.environ.get('RAY_ADDRESS') or 'this machine'}"
+        where = self.address or os.environ.get("RAY_ADDRESS")
+        return f"the Ray cluster at {where}" if where else "the Ray cluster `ray start` runs here"
 
     def results(self, requests: list[tuple[Request, object]], *, model: str, options: dict, slots: int
                 ) -> Iterator[tuple[int, dict]]:
