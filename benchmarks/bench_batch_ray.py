@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def run_way(exe: str, source: Path, out: Path, extra: list[str], common: list[st
     return {"wall": wall, "ids": ids, **{k: number(v) for k, v in stats.groupdict().items()}}
 
 
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every ``every`` seconds while the runs go on (its maximum is
+    reported: one reading per run would miss a burst of other work in the middle of one)."""
+
+    def __init__(self, every: float = 5.0):
+        super().__init__(daemon=True)
+        self.every, self.samples, self.stop = every, [loadavg()[0]], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.samples.append(loadavg()[0])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=64)
@@ -80,7 +94,8 @@ def main() -> None:
         "Ray, 2 actors × 1 thread": ["--ray", "--actors", "2", "--threads-per-actor", "1"],
     }
     env = {**os.environ, "NUMBA_NUM_THREADS": "2", "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "400"}
-    loads = [loadavg()[0]]
+    loads = LoadSampler()
+    loads.start()
     runs: dict[str, list[dict]] = {name: [] for name in ways}
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "prompts.jsonl"
@@ -90,7 +105,7 @@ def main() -> None:
             for name, extra in ways.items():
                 print(f"[bench] round {round_ + 1}: {name}", file=sys.stderr)
                 runs[name].append(run_way(exe, source, Path(tmp) / "out.jsonl", extra, common, env))
-                loads.append(loadavg()[0])
+    loads.stop.set()
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
@@ -98,15 +113,15 @@ def main() -> None:
     local, one, two = ways
     reference = runs[local][0]["ids"]
     same = all(r["ids"] == reference for rs in runs.values() for r in rs)
-    rows = ["| way | wall time | prompts/s | tok/s while generating, per process or actor | runtime ready | "
-            "first results | model load per actor |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| way | wall time (each round) | prompts/s | tok/s while generating, per process or actor | "
+            "runtime ready | first results | model load per actor |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ways:
         wall = med(name, "wall")
-        if name == local:
-            rows.append(f"| {name} | {wall:.1f} s | {args.prompts / wall:.2f} | {med(name, 'busy'):,.1f} | – | – | – |")
-        else:
-            rows.append(f"| {name} | {wall:.1f} s | {args.prompts / wall:.2f} | {med(name, 'busy'):,.1f} | "
-                        f"{med(name, 'connect'):.1f} s | {med(name, 'first'):.1f} s | {med(name, 'load'):.1f} s |")
+        each = " / ".join(f"{r['wall']:.0f}" for r in runs[name])
+        start = (f"{med(name, 'connect'):.1f} s | {med(name, 'first'):.1f} s | {med(name, 'load'):.1f} s"
+                 if name != local else "– | – | –")
+        rows.append(f"| {name} | {wall:.1f} s ({each}) | {args.prompts / wall:.2f} | {med(name, 'busy'):,.1f} | "
+                    f"{start} |")
     overhead = {name: med(name, "wall") - med(local, "wall") for name in (one, two)}
     per_prompt = {name: 1000 * o / args.prompts for name, o in overhead.items()}
     body = "\n".join([
@@ -114,12 +129,14 @@ def main() -> None:
         f"{_dt.datetime.now().isoformat(timespec='seconds')}, {args.model}, {args.prompts} prompts (8-word runs of "
         f"the held-out text), greedy, {args.max_tokens} tokens each, --batch-size {args.batch_size} per process or "
         f"actor, each way a fresh `mqa-gen batch` process (Ray: a fresh local runtime on 127.0.0.1), median of "
-        f"{args.rounds} round(s); 2 cores; load average 1 min {loads[0]:.2f} at start, max {max(loads):.2f}.", "",
+        f"{args.rounds} round(s); {os.cpu_count()} cores; load average 1 min {loads.samples[0]:.2f} at start, max "
+        f"{max(loads.samples):.2f}, median {statistics.median(loads.samples):.2f} (every 5 s).", "",
         *rows, "",
-        f"What Ray adds, against the local process with the same 2 threads: {overhead[one]:+.1f} s in all for 1 "
-        f"actor × 2 threads ({per_prompt[one]:+,.0f} ms per prompt), {overhead[two]:+.1f} s for 2 actors × 1 thread "
-        f"({per_prompt[two]:+,.0f} ms per prompt) — mostly start-up: the runtime, then each actor loading the "
-        f"model, once per run whatever the number of prompts. Token ids identical in every run: "
+        f"Wall time against the local process with the same 2 threads: {overhead[one]:+.1f} s for 1 actor × 2 "
+        f"threads ({per_prompt[one]:+,.0f} ms per prompt), {overhead[two]:+.1f} s for 2 actors × 1 thread "
+        f"({per_prompt[two]:+,.0f} ms per prompt). Of Ray's start-up, paid once per run whatever the number of "
+        f"prompts: the runtime {med(one, 'connect'):.1f} s, then each actor's model load {med(one, 'load'):.1f} s "
+        f"(1 actor) / {med(two, 'load'):.1f} s (2 actors loading at once). Token ids identical in every run: "
         f"{'yes' if same else 'NO'}.", "",
         f"Command: `nice -n 19 python benchmarks/bench_batch_ray.py --prompts {args.prompts} -n {args.max_tokens} "
         f"--batch-size {args.batch_size} --rounds {args.rounds}`",
