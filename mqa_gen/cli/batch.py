@@ -16,6 +16,7 @@ import time
 
 import click
 
+from ..batch_output import error_line, result_line
 from ..errors import MqaGenError
 from .common import (
     MAX_BATCH_INPUT_BYTES,
@@ -30,6 +31,10 @@ from .common import (
     stderr,
     threads_option,
 )
+
+
+#: ``--ray``'s value when no ADDRESS follows it.
+LOCAL_RAY = ""
 
 
 class BatchRunError(MqaGenError):
@@ -147,10 +152,14 @@ class ResultWriter:
         self.written += 1
 
 
-def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib: float | None, quiet: bool) -> int:
+def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib: float | None, quiet: bool,
+                    actors: int = 1) -> int:
     """Sequences that run together: ``batch_size``, capped by what fits in the KV budget
     (``--kv-budget`` MiB, default 90 % of the memory available now, the model already loaded).
     Says on stderr how many sequences of ``ctx`` tokens fit, as vLLM does.
+
+    ``actors`` > 1 (``--ray``): the budget is each actor's; by default 90 % of this machine's
+    available memory shared among them, as if they all ran here (a local runtime does).
 
     Raises:
         BatchRunError: not even one sequence fits.
@@ -164,14 +173,15 @@ def kv_budget_batch(net, ctx: int, cache_dtype: str, batch_size: int, budget_mib
         budget = budget_mib * 2**20
     else:
         available = available_memory_bytes()
-        budget = 0.9 * available if available is not None else batch_size * per_sequence
+        budget = 0.9 * available / actors if available is not None else batch_size * per_sequence
     fit = kv_fit(per_sequence, budget)
     per_token = kv_bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, cache_dtype)
     if fit < 1:
         raise BatchRunError(f"one sequence of {ctx} tokens needs {mib(per_sequence)} of KV cache, more than the "
                             f"budget of {mib(budget)} (lower --ctx-size, or raise --kv-budget)")
     if not quiet:
-        stderr.print(f"{fit:,} sequences of {ctx:,} tokens fit in {mib(budget)} of KV cache "
+        each = " per actor" if actors > 1 else ""
+        stderr.print(f"{fit:,} sequences of {ctx:,} tokens fit in {mib(budget)} of KV cache{each} "
                      f"({per_token:,} B/token, {c.n_kv_heads} KV heads); batch size {min(batch_size, fit)}")
     return min(batch_size, fit)
 
@@ -226,22 +236,6 @@ def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None
     return out
 
 
-def result_line(completion, item, tokenizer) -> dict:
-    """The output object of one finished prompt (``item``: its :class:`~mqa_gen.batch_input.BatchItem`)."""
-    from ..logprobs import openai_logprobs
-
-    obj = {"id": item.id, "prompt_tokens": len(completion.request.prompt_ids), "token_ids": completion.token_ids,
-           "text": completion.text, "finish_reason": completion.finish_reason, "seed": completion.request.params.seed}
-    if completion.logprobs is not None:
-        obj["logprobs"] = openai_logprobs(tokenizer, completion.logprobs)
-    return obj
-
-
-def error_line(bad) -> dict:
-    """The output object of a line that could not run (``--skip-bad``)."""
-    return {"id": bad.id, "error": {"line": bad.line, "message": bad.message}}
-
-
 @click.command()
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", default="-", metavar="OUTPUT", help="Write the JSONL results here (default: stdout).")
@@ -264,8 +258,17 @@ def error_line(bad) -> dict:
 @click.option("--skip-bad", is_flag=True, help="Write an error object for a bad line and go on (default: stop).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or stats on stderr.")
 @threads_option
+@click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None, metavar="[ADDRESS]",
+              help="Run the prompts on a Ray cluster (needs mqa-gen[ray]): ADDRESS (auto, HOST:PORT, "
+                   "ray://HOST:PORT) joins it; without one, join the cluster `ray start` runs here, else start "
+                   "a local runtime for this run.")
+@click.option("--actors", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --ray: actors, each with the model loaded (default: the cluster's CPUs / "
+                   "--threads-per-actor).")
+@click.option("--threads-per-actor", type=click.IntRange(min=1), default=None, metavar="T",
+              help="With --ray: each actor's kernel threads and CPUs (default 1).")
 def batch(input_path, output, model, chat, chat_template_file, input_format, batch_size, kv_budget, logprobs,
-          unordered, resume, overwrite, skip_bad, quiet, threads, **options):
+          unordered, resume, overwrite, skip_bad, quiet, threads, ray_address, actors, threads_per_actor, **options):
     """Generate for every prompt of INPUT (JSONL or text, - = stdin), many at once.
 
     JSONL lines: {"prompt": ...} or {"messages": [...]}, optionally with id, max_tokens,
@@ -273,9 +276,9 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
     output line: id, prompt_tokens, token_ids, text, finish_reason, seed (and logprobs). Each
     result equals `mqa-gen generate` on that prompt alone with the same settings. A line without
     a seed (and no --seed, or --seed -1) gets its own random seed, reported in its output line.
+    With --ray the prompts run on a pool of Ray actors and the output is the same.
     """
     from ..batch_input import BadLine, read_items
-    from ..scheduler import Scheduler
 
     to_file = output != "-"
     if kv_budget is not None and not math.isfinite(kv_budget):
@@ -288,6 +291,7 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
         raise BatchRunError(f"{output} exists: pass --resume to continue it or --overwrite to replace it")
     if to_file and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise BatchRunError(f"cannot write {output}: its folder does not exist")
+    on_ray = _ray_run(ray_address, actors, threads_per_actor, threads, quiet)
     text_format = input_format == "text" or (input_format is None and input_path.endswith(".txt"))
     all_items = read_items(read_input_lines(input_path), text_format)
     input_keys = [result_key(it.id) for it in all_items]
@@ -310,23 +314,81 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
     work = build_requests(items, setup.loaded, setup, chat, logprobs, template)
     _refuse_bad_lines(work, skip_bad)
     requests = [w for w in work if not isinstance(w, BadLine)]
-    slots = kv_budget_batch(setup.net, setup.ctx, setup.cache_dtype, batch_size, kv_budget, quiet)
-    slots = max(1, min(slots, len(requests)))
+    try:
+        if on_ray is not None:
+            on_ray.connect()
+            if not quiet:
+                stderr.print(f"Ray: {on_ray.describe()} on {on_ray.where()} ({on_ray.cluster_cpus} CPUs)",
+                             soft_wrap=True)
+        slots = kv_budget_batch(setup.net, setup.ctx, setup.cache_dtype, batch_size, kv_budget, quiet,
+                                actors=on_ray.actors if on_ray is not None else 1)
+        slots = max(1, min(slots, len(requests)))
+        _run_and_write(setup, model, options, items, work, requests, slots, output, resume, unordered, input_keys,
+                       quiet, on_ray)
+    finally:
+        if on_ray is not None:
+            on_ray.close()
 
+
+def _ray_run(ray_address, actors, threads_per_actor, threads, quiet):
+    """The :class:`~mqa_gen.cli.batch_ray.RayBatch` of a ``--ray`` run (Ray imported, nothing started
+    yet), or None without ``--ray``.
+
+    Raises:
+        BatchRunError: ``--actors`` or ``--threads-per-actor`` without ``--ray``, or ``-t`` with it.
+        RayBatchError: Ray is not installed.
+    """
+    if ray_address is None:
+        for flag, value in (("--actors", actors), ("--threads-per-actor", threads_per_actor)):
+            if value is not None:
+                raise BatchRunError(f"{flag} needs --ray")
+        return None
+    if threads is not None:
+        raise BatchRunError("-t/--threads sets this process's threads; with --ray give --threads-per-actor")
+    from .batch_ray import RayBatch
+
+    return RayBatch(None if ray_address == LOCAL_RAY else ray_address, actors, threads_per_actor or 1, quiet)
+
+
+def _run_and_write(setup, model, options, items, work, requests, slots, output, resume, unordered, input_keys, quiet,
+                   on_ray) -> None:
+    """Run the requests — in this process, or on Ray (``on_ray``, a connected
+    :class:`~mqa_gen.cli.batch_ray.RayBatch`) — and write each line as it comes; Ctrl-C keeps the
+    lines finished (exit 130)."""
+    from ..batch_input import BadLine
+    from ..scheduler import Scheduler
+
+    to_file = output != "-"
     out = open(output, "a" if resume else "w", encoding="utf-8") if to_file else sys.stdout
     writer = ResultWriter(out, ordered=not unordered)
     for position, w in enumerate(work):
         if isinstance(w, BadLine):
             writer.add(position, error_line(w))
-    scheduler = Scheduler(setup.net, setup.loaded.tokenizer, batch_size=slots, ctx_size=setup.ctx,
-                          cache_dtype=setup.cache_dtype)
     t0 = time.perf_counter()
     interrupted = False
     try:
-        with _progress(quiet, len(requests)) as on_step:
-            for completion in scheduler.run(requests, on_step=on_step):
-                position = completion.request.id
-                writer.add(position, result_line(completion, items[position], setup.loaded.tokenizer))
+        if on_ray is None:
+            scheduler = Scheduler(setup.net, setup.loaded.tokenizer, batch_size=slots, ctx_size=setup.ctx,
+                                  cache_dtype=setup.cache_dtype)
+            with _progress(quiet, len(requests)) as progress:
+                for completion in scheduler.run(requests, on_step=progress and progress.update):
+                    position = completion.request.id
+                    writer.add(position, result_line(completion, items[position].id, setup.loaded.tokenizer))
+        else:
+            from .batch_ray import RayBatchError
+
+            with _progress(quiet, len(requests)) as progress:
+                results = on_ray.results([(r, items[r.id].id) for r in requests], model=model, options=options,
+                                         slots=slots)
+                try:
+                    for done, (position, obj) in enumerate(results, start=1):
+                        writer.add(position, obj)
+                        if progress is not None:
+                            speed = on_ray.stats.generated_tokens / (time.perf_counter() - t0)
+                            progress.show(done, speed, f"{on_ray.actors} actors")
+                except RayBatchError as e:
+                    keep = f" (the {writer.written} lines written are kept: run again with --resume)" if to_file else ""
+                    raise RayBatchError(f"{e}{keep}") from None
     except KeyboardInterrupt:
         interrupted = True
         writer.flush_all()
@@ -340,7 +402,11 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
     if resume and not unordered and not interrupted:
         reorder_output(output, input_keys)  # the earlier run's lines and this run's, in input order
     if not quiet:
-        _print_stats(scheduler, wall, writer.written, len(work), output if to_file else "stdout", interrupted)
+        where = output if to_file else "stdout"
+        if on_ray is None:
+            _print_stats(scheduler, wall, writer.written, len(work), where, interrupted)
+        else:
+            _print_ray_stats(on_ray, wall, writer.written, len(work), where, interrupted)
     if interrupted:
         sys.exit(130)
 
@@ -356,7 +422,9 @@ def _refuse_bad_lines(items, skip_bad: bool) -> None:
 
 
 class _progress:
-    """A rich progress bar on stderr (prompts done / total, tokens/s, active slots), or nothing."""
+    """A rich progress bar on stderr (prompts done / total, tokens/s, active slots or actors); the
+    context gives the bar (:meth:`update` from a scheduler, :meth:`show` from anything), or None
+    when quiet."""
 
     def __init__(self, quiet: bool, total: int):
         self.quiet, self.total = quiet, total
@@ -368,21 +436,26 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("prompts"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[speed]} tok/s  {task.fields[active]} active"),
+                            TextColumn("{task.fields[speed]} tok/s  {task.fields[note]}"),
                             TimeElapsedColumn(), console=stderr, transient=False)
-        self.task = self.bar.add_task("batch", total=self.total, speed="-", active=0)
+        self.task = self.bar.add_task("batch", total=self.total, speed="-", note="")
         self.t0 = time.perf_counter()
         self.bar.__enter__()
-        return self.update
+        return self
 
     def update(self, scheduler) -> None:
+        """A scheduler's state after a step (its ``on_step``): decode tok/s, active slots."""
+        s = scheduler.stats
+        self.show(s.finished, s.decode_rows / s.decode_seconds if s.decode_seconds else 0.0,
+                  f"{scheduler.active} active")
+
+    def show(self, finished: int, speed: float, note: str) -> None:
+        """Prompts finished, tokens/s, and a note (at most 5 redraws a second, and the last one)."""
         now = time.perf_counter()
-        if now - self.last < 0.2 and scheduler.stats.finished < self.total:
+        if now - self.last < 0.2 and finished < self.total:
             return
         self.last = now
-        s = scheduler.stats
-        speed = s.decode_rows / s.decode_seconds if s.decode_seconds else 0.0
-        self.bar.update(self.task, completed=s.finished, speed=f"{speed:,.1f}", active=scheduler.active)
+        self.bar.update(self.task, completed=finished, speed=f"{speed:,.1f}", note=note)
 
     def __exit__(self, *exc):
         if not self.quiet:
@@ -400,5 +473,25 @@ def _print_stats(scheduler, wall: float, written: int, total: int, where: str, i
         soft_wrap=True,
     )
     if interrupted:
-        stderr.print(f"[yellow]interrupted: {written} of {total} lines written to {where}; "
-                     "run again with --resume to finish[/yellow]")
+        _print_interrupted(written, total, where)
+
+
+def _print_ray_stats(on_ray, wall: float, written: int, total: int, where: str, interrupted: bool) -> None:
+    """The totals of a ``--ray`` run, and what its start-up cost (the figures of README's estimate
+    for N nodes: tokens/s per busy actor, an actor's model load, the runtime's start)."""
+    s = on_ray.stats
+    first = f"{s.first_result_seconds:.1f} s" if s.first_result_seconds is not None else "-"
+    stderr.print(
+        f"[bold]batch[/bold] {s.prompts} prompts on Ray, {s.prompt_tokens:,} prompt + "
+        f"{s.generated_tokens:,} generated tokens in {wall:.1f} s: {s.generated_tokens / wall if wall else 0:,.1f} "
+        f"tok/s overall, {s.tokens_per_actor_second:,.1f} tok/s per busy actor ({on_ray.describe()}; {len(s.tasks)} tasks on {len(s.actors)} actor processes); runtime ready in {s.connect_seconds:.1f} s, first "
+        f"results after {first}, model loaded in {s.mean_load_seconds:.1f} s per actor",
+        soft_wrap=True,
+    )
+    if interrupted:
+        _print_interrupted(written, total, where)
+
+
+def _print_interrupted(written: int, total: int, where: str) -> None:
+    stderr.print(f"[yellow]interrupted: {written} of {total} lines written to {where}; "
+                 "run again with --resume to finish[/yellow]")
