@@ -116,6 +116,11 @@ class Variant:
     label: ``"MQA"``, ``"GQA"`` or ``"MHA"``. n_kv_heads: KV heads. native: the model's own count.
     kv_bytes_per_token: bytes. ratio_to_mha: kv bytes / MHA's kv bytes (= n_kv_heads / n_heads).
     perplexity: on the perplexity text (None when not measured). points: one per context.
+    cache_dtype: the KV-cache element type of this variant (canonical name: f32, f16, q8_0, q4_0).
+    kl_vs_native_f32: mean KL(native model with an f32 cache ‖ this variant) over the perplexity
+    window's positions, nats, full vocabulary (:mod:`mqa_gen.window_compare`); None when not measured.
+    top1_agreement_vs_native_f32: fraction of those positions whose most likely next token is the
+    native f32 model's (None when not measured).
     """
 
     label: str
@@ -125,6 +130,9 @@ class Variant:
     ratio_to_mha: float
     perplexity: float | None = None
     points: list[Point] = field(default_factory=list)
+    cache_dtype: str = "f32"
+    kl_vs_native_f32: float | None = None
+    top1_agreement_vs_native_f32: float | None = None
 
     @property
     def display_label(self) -> str:
@@ -154,6 +162,16 @@ class BenchResult:
     batch_sizes: list[int] = field(default_factory=list)
     kv_budget_bytes: int | None = None
     kv_budget_source: str | None = None
+    cache_types: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.cache_types:
+            self.cache_types = [self.cache_dtype]
+
+    def variant_name(self, v: Variant) -> str:
+        """The variant's row label: :attr:`Variant.display_label`, with its cache type when several
+        cache types are compared (``"MQA, q8_0"``)."""
+        return v.display_label if len(self.cache_types) == 1 else f"{v.display_label}, {v.cache_dtype}"
 
     def as_dict(self) -> dict:
         """The JSON object of ``bench-cache --json`` (plus ``cache_dtype``, ``measured``, ``method``, the
@@ -168,6 +186,9 @@ class BenchResult:
                 "kv_bytes_per_token": v.kv_bytes_per_token,
                 "ratio_to_mha": v.ratio_to_mha,
                 "perplexity": v.perplexity,
+                "cache_dtype": v.cache_dtype,
+                "kl_vs_native_f32": v.kl_vs_native_f32,
+                "top1_agreement_vs_native_f32": v.top1_agreement_vs_native_f32,
                 "points": [{
                     "context": p.context,
                     "kv_bytes": p.kv_bytes,
@@ -180,6 +201,7 @@ class BenchResult:
                 } for p in v.points],
             })
         return {"model": self.model, "config": dataclasses.asdict(self.config), "cache_dtype": self.cache_dtype,
+                "cache_types": self.cache_types,
                 "measured": self.measured, "method": self.method, "batch_sizes": self.batch_sizes,
                 "kv_budget_bytes": self.kv_budget_bytes, "kv_budget_source": self.kv_budget_source,
                 "variants": variants}
@@ -187,15 +209,17 @@ class BenchResult:
     def rows(self) -> list[dict]:
         """One flat dict per variant × context (the table's and the CSV's rows): the keys of
         :data:`ROW_KEYS`, then :func:`batch_column` (B) for every B of ``batch_sizes``."""
-        mha = {p.context: p.decode_tokens_per_s for v in self.variants if v.label == "MHA" for p in v.points}
+        # the speed ratio compares with MHA of the same cache type
+        mha = {(p.context, v.cache_dtype): p.decode_tokens_per_s
+               for v in self.variants if v.label == "MHA" for p in v.points}
         out = []
         for v in self.variants:
             for p in v.points:
-                speed_ratio = (p.decode_tokens_per_s / mha[p.context]
-                               if p.decode_tokens_per_s and mha.get(p.context) else None)
+                base = mha.get((p.context, v.cache_dtype))
+                speed_ratio = p.decode_tokens_per_s / base if p.decode_tokens_per_s and base else None
                 out.append({
-                    "variant": v.display_label, "label": v.label, "n_kv_heads": v.n_kv_heads, "native": v.native,
-                    "cache_dtype": self.cache_dtype, "context": p.context,
+                    "variant": self.variant_name(v), "label": v.label, "n_kv_heads": v.n_kv_heads,
+                    "native": v.native, "cache_dtype": v.cache_dtype, "context": p.context,
                     "kv_bytes_per_token": v.kv_bytes_per_token, "kv_bytes": p.kv_bytes,
                     "kv_mib": p.kv_bytes / 2**20, "ratio_to_mha": v.ratio_to_mha,
                     "measured_kv_bytes": p.measured_kv_bytes,
@@ -203,7 +227,8 @@ class BenchResult:
                                                 else p.measured_kv_bytes == p.kv_bytes),
                     "decode_tokens_per_s": p.decode_tokens_per_s, "decode_speed_ratio_to_mha": speed_ratio,
                     "perplexity": v.perplexity, "kv_budget_bytes": self.kv_budget_bytes,
-                    "fit_sequences": p.fit_sequences,
+                    "fit_sequences": p.fit_sequences, "kl_vs_native_f32": v.kl_vs_native_f32,
+                    "top1_agreement_vs_native_f32": v.top1_agreement_vs_native_f32,
                     **{batch_column(b): p.batch_decode_tokens_per_s.get(b) for b in self.batch_sizes},
                 })
         return out
@@ -212,7 +237,8 @@ class BenchResult:
 #: The keys of every :meth:`BenchResult.rows` row, in order (batch columns follow them).
 ROW_KEYS = ("variant", "label", "n_kv_heads", "native", "cache_dtype", "context", "kv_bytes_per_token", "kv_bytes",
             "kv_mib", "ratio_to_mha", "measured_kv_bytes", "measured_equals_formula", "decode_tokens_per_s",
-            "decode_speed_ratio_to_mha", "perplexity", "kv_budget_bytes", "fit_sequences")
+            "decode_speed_ratio_to_mha", "perplexity", "kv_budget_bytes", "fit_sequences", "kl_vs_native_f32",
+            "top1_agreement_vs_native_f32")
 
 
 def batch_column(batch_size: int) -> str:
@@ -327,30 +353,62 @@ def check_cache_dtype(cache_dtype: str, config: ModelConfig) -> str:
     return storage.name
 
 
+def check_cache_types(cache_types: Sequence[str], config: ModelConfig) -> list[str]:
+    """``--cache-types``: canonical names (:func:`check_cache_dtype` each), in the order given
+    without repeats.
+
+    Raises:
+        BenchError: an empty list, an unknown type or a block type the head_dim cannot hold.
+    """
+    names: list[str] = []
+    for t in cache_types:
+        if not t.strip():
+            continue
+        try:
+            name = check_cache_dtype(t.strip(), config)
+        except BenchError as e:
+            raise BenchError(str(e).replace("--cache-dtype", "--cache-types", 1)) from None
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise BenchError("--cache-types needs at least one type, e.g. --cache-types f32,f16,q8_0,q4_0")
+    return names
+
+
 def formula_result(model_name: str, config: ModelConfig, kv_heads: Sequence[int], contexts: Sequence[int],
                    cache_dtype: str = "f32", kv_budget_bytes: int | None = None,
-                   kv_budget_source: str | None = None) -> BenchResult:
+                   kv_budget_source: str | None = None, cache_types: Sequence[str] | None = None) -> BenchResult:
     """The formula columns only (no weights needed): bytes per token, bytes per context, ratio to MHA
     and, given a budget (bytes), the sequences of each context that fit in it
-    (:func:`mqa_gen.scheduler.kv_fit` of the context's bytes)."""
+    (:func:`mqa_gen.scheduler.kv_fit` of the context's bytes).
+
+    cache_types: compare these KV-cache element types (variants = KV heads × types, KV heads
+    outermost); None = just ``cache_dtype``. ``ratio_to_mha`` divides by MHA with an f32 cache when
+    several types are compared (so it is the whole shrink factor), else by MHA of ``cache_dtype``.
+    """
     from .scheduler import kv_fit
 
     cache_dtype = check_cache_dtype(cache_dtype, config)
-    mha_per_token = config.with_kv_heads(config.n_heads).kv_bytes_per_token(cache_dtype)
+    types = [cache_dtype] if cache_types is None else check_cache_types(cache_types, config)
+    reference_type = cache_dtype if len(types) == 1 else "f32"
+    mha_per_token = config.with_kv_heads(config.n_heads).kv_bytes_per_token(reference_type)
     variants = []
     for n in kv_heads:
         grouped = config.with_kv_heads(n)
-        per_token = grouped.kv_bytes_per_token(cache_dtype)
-        # sliding-window layers (Gemma 3) hold at most their window, whatever the context
-        points = [Point(c, grouped.kv_bytes(c, cache_dtype)) for c in contexts]
-        for p in points:
-            p.fit_sequences = None if kv_budget_bytes is None else kv_fit(p.kv_bytes, kv_budget_bytes)
-        variants.append(Variant(
-            label=grouped.attention_kind, n_kv_heads=n, native=n == config.n_kv_heads,
-            kv_bytes_per_token=per_token, ratio_to_mha=per_token / mha_per_token, points=points,
-        ))
-    return BenchResult(model_name, config, cache_dtype, list(contexts), variants, kv_budget_bytes=kv_budget_bytes,
-                       kv_budget_source=None if kv_budget_bytes is None else kv_budget_source)
+        for dtype in types:
+            per_token = grouped.kv_bytes_per_token(dtype)
+            # sliding-window layers (Gemma 3) hold at most their window, whatever the context
+            points = [Point(c, grouped.kv_bytes(c, dtype)) for c in contexts]
+            for p in points:
+                p.fit_sequences = None if kv_budget_bytes is None else kv_fit(p.kv_bytes, kv_budget_bytes)
+            variants.append(Variant(
+                label=grouped.attention_kind, n_kv_heads=n, native=n == config.n_kv_heads,
+                kv_bytes_per_token=per_token, ratio_to_mha=per_token / mha_per_token, points=points,
+                cache_dtype=dtype,
+            ))
+    return BenchResult(model_name, config, types[0] if len(types) > 1 else cache_dtype, list(contexts), variants,
+                       kv_budget_bytes=kv_budget_bytes,
+                       kv_budget_source=None if kv_budget_bytes is None else kv_budget_source, cache_types=types)
 
 
 # --- measurement ---------------------------------------------------------------------------------
@@ -397,9 +455,12 @@ def rewind_for_timing(cache: KVCache, n_tokens: int) -> None:
 
 
 def measure_decode_interleaved(models: Sequence, context: int, decode_tokens: int = DEFAULT_DECODE_TOKENS,
-                               repeats: int = DEFAULT_REPEATS, cache_dtype: str = "f32", fill: str = "direct",
+                               repeats: int = DEFAULT_REPEATS, cache_dtype: str | Sequence[str] = "f32",
+                               fill: str = "direct",
                                token_ids: Sequence[int] = (1,)) -> list[tuple[int, float, list[float]]]:
     """Fill one fresh cache of capacity ``context`` per model and time decode steps at their ends.
+    ``cache_dtype``: every model's KV cache type, or a sequence giving each model's (one model may
+    appear several times, with different cache types).
 
     Each cache is filled to ``context − decode_tokens`` rows (``fill``: ``"direct"`` or
     ``"prefill"``, see the module docstring). Then ``repeats + 1`` rounds each run every model in
@@ -413,16 +474,20 @@ def measure_decode_interleaved(models: Sequence, context: int, decode_tokens: in
         held by its cache's arrays once it holds ``context`` tokens, and decode speeds.
 
     Raises:
-        ValueError: context < decode_tokens, repeats < 1, or an unknown fill method.
+        ValueError: context < decode_tokens, repeats < 1, an unknown fill method, or not one cache
+            type per model.
     """
+    dtypes = [cache_dtype] * len(models) if isinstance(cache_dtype, str) else list(cache_dtype)
+    if len(dtypes) != len(models):
+        raise ValueError(f"{len(dtypes)} cache types for {len(models)} models")
     if decode_tokens < 1 or repeats < 1 or context < decode_tokens:
         raise ValueError("need decode_tokens ≥ 1, repeats ≥ 1 and context ≥ decode_tokens")
     if fill not in FILL_METHODS:
         raise ValueError(f"fill must be one of {', '.join(FILL_METHODS)}, got {fill!r}")
     start = context - decode_tokens
     caches = []
-    for model in models:
-        cache = model.new_cache(context, cache_dtype)
+    for model, dtype in zip(models, dtypes):
+        cache = model.new_cache(context, dtype)
         if fill == "direct":
             fill_direct(cache, start)
         else:
@@ -513,9 +578,9 @@ def measure_batched_decode_interleaved(models: Sequence, context: int, batch_siz
 
 
 def count_steps(n_variants: int, n_contexts: int, with_perplexity: bool, batched: bool = False) -> int:
-    """Progress steps :func:`run_bench` reports: one per variant for perplexity, one per context,
-    and one more per context for batched decode."""
-    return (n_variants if with_perplexity else 0) + n_contexts * (2 if batched else 1)
+    """Progress steps :func:`run_bench` reports: with perplexity, one for the native f32 reference
+    and one per variant; one per context, and one more per context for batched decode."""
+    return (n_variants + 1 if with_perplexity else 0) + n_contexts * (2 if batched else 1)
 
 
 def batch_sizes_that_fit(batch_sizes: Sequence[int], bytes_per_sequence: Sequence[int],
@@ -534,7 +599,7 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
               repeats: int = DEFAULT_REPEATS, fill: str = "direct", ppl_ids: Sequence[int] | None = None,
               ppl_text_name: str | None = None, decode_ids: Sequence[int] | None = None,
               batch_sizes: Sequence[int] = (), kv_budget_bytes: int | None = None,
-              kv_budget_source: str | None = None,
+              kv_budget_source: str | None = None, cache_types: Sequence[str] | None = None,
               on_step: Callable[[str], None] | None = None, on_done: Callable[[], None] | None = None) -> BenchResult:
     """Measure every variant at every context (see the module docstring).
 
@@ -550,7 +615,11 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
         model_name: shown in the result. model: the native model (``config``, ``new_cache``,
             ``forward``); each variant is :func:`~mqa_gen.regroup.regroup_model` of it.
         kv_heads, contexts: already checked (:func:`check_kv_heads`, :func:`check_contexts`).
-        ppl_ids: the perplexity window's token ids (None = no perplexity).
+        cache_types: KV-cache element types to compare (variants = KV heads × types); None = just
+            ``cache_dtype``.
+        ppl_ids: the perplexity window's token ids (None = no perplexity). With them, each variant
+            also gets its KL divergence from, and top-1 agreement with, the native model with an f32
+            cache on the same window (:mod:`mqa_gen.window_compare`).
         decode_ids: token ids fed to the decode steps (and to ``fill="prefill"``); default
             ``ppl_ids``, else token id 1. The speed does not depend on them.
         ppl_text_name: what to call the text in ``method``.
@@ -566,29 +635,38 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
     Raises:
         RuntimeError: a measured byte count that differs from the formula (a broken cache).
     """
-    from .perplexity import perplexity
+    from .window_compare import score_window, window_logits
 
     config = model.config
-    result = formula_result(model_name, config, kv_heads, contexts, cache_dtype, kv_budget_bytes, kv_budget_source)
+    result = formula_result(model_name, config, kv_heads, contexts, cache_dtype, kv_budget_bytes, kv_budget_source,
+                            cache_types)
     result.batch_sizes = list(batch_sizes)
     batch_skipped: dict[str, list[int]] = {}
     token_ids = list(decode_ids or ppl_ids or [1])
     on_step = on_step or (lambda _: None)
     on_done = on_done or (lambda: None)
     t_start = time.perf_counter()
-    nets = [regroup_model(model, v.n_kv_heads) for v in result.variants]
+    by_heads = {n: regroup_model(model, n) for n in sorted({v.n_kv_heads for v in result.variants})}
+    nets = [by_heads[v.n_kv_heads] for v in result.variants]  # one regrouped model per count, shared
+    dtypes = [v.cache_dtype for v in result.variants]
     if ppl_ids:
+        on_step(f"native f32 reference: logits on {len(ppl_ids)} tokens")
+        reference = window_logits(model, ppl_ids, "f32")
+        on_done()
         for variant, net in zip(result.variants, nets):
-            on_step(f"{variant.display_label}: perplexity on {len(ppl_ids)} tokens")
-            variant.perplexity = perplexity(net, ppl_ids, cache_dtype).perplexity
+            on_step(f"{result.variant_name(variant)}: perplexity and KL on {len(ppl_ids)} tokens")
+            score = score_window(window_logits(net, ppl_ids, variant.cache_dtype), ppl_ids, reference)
+            variant.perplexity = score.perplexity
+            variant.kl_vs_native_f32, variant.top1_agreement_vs_native_f32 = score.kl_mean, score.top1_agreement
             on_done()
+        del reference
     for i, context in enumerate(result.contexts):
         on_step(f"decode at {context:,} tokens ({len(nets)} variant{'s' if len(nets) != 1 else ''} interleaved)")
-        measured = measure_decode_interleaved(nets, context, decode_tokens, repeats, cache_dtype, fill, token_ids)
+        measured = measure_decode_interleaved(nets, context, decode_tokens, repeats, dtypes, fill, token_ids)
         for variant, (held, speed, runs) in zip(result.variants, measured):
             point = variant.points[i]
             if held != point.kv_bytes:
-                raise RuntimeError(f"{variant.display_label} at {context} tokens: cache holds {held} bytes, "
+                raise RuntimeError(f"{result.variant_name(variant)} at {context} tokens: cache holds {held} bytes, "
                                    f"formula says {point.kv_bytes}")
             point.measured_kv_bytes, point.decode_tokens_per_s, point.decode_runs_tokens_per_s = held, speed, runs
         del measured
@@ -598,7 +676,7 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
             fit = batch_sizes_that_fit(batch_sizes, [p.kv_bytes for p in points], kv_budget_bytes)
             skipped = [b for b in batch_sizes if b not in fit]
             on_step(f"batched decode at {context:,} tokens, B = {', '.join(map(str, fit)) or 'none that fit'}")
-            runs = (measure_batched_decode_interleaved(nets, context, fit, decode_tokens, repeats, cache_dtype,
+            runs = (measure_batched_decode_interleaved(nets, context, fit, decode_tokens, repeats, dtypes,
                                                        token_ids[0]) if fit else [{} for _ in nets])
             for point, by_size in zip(points, runs):
                 for b in batch_sizes:
@@ -677,7 +755,7 @@ def batch_plot_context(result: BenchResult) -> int | None:
 
 
 def plot(result: BenchResult, path: str) -> None:
-    """Write a PNG with two panels: KV-cache MiB vs context and decode tokens/s vs context, one line
+    """With several cache types (``--cache-types``), :func:`plot_pareto`. Otherwise a PNG with two panels: KV-cache MiB vs context and decode tokens/s vs context, one line
     per variant (the decode panel says so when nothing was measured); with batch sizes measured, a
     third panel: aggregate decode tokens/s vs batch size at the largest context measured at every
     batch size (:func:`batch_plot_context`), one line per variant.
@@ -686,6 +764,9 @@ def plot(result: BenchResult, path: str) -> None:
         BenchError: matplotlib is missing.
     """
     require_matplotlib()
+    if len(result.cache_types) > 1:
+        plot_pareto(result, path)
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -700,14 +781,14 @@ def plot(result: BenchResult, path: str) -> None:
     for v in result.variants:
         xs = [p.context for p in v.points]
         mib = [(p.measured_kv_bytes if p.measured_kv_bytes is not None else p.kv_bytes) / 2**20 for p in v.points]
-        ax_mem.plot(xs, mib, marker="o", label=f"{v.display_label}, {v.kv_bytes_per_token:,} B/token")
+        ax_mem.plot(xs, mib, marker="o", label=f"{result.variant_name(v)}, {v.kv_bytes_per_token:,} B/token")
         if result.measured:
-            ax_speed.plot(xs, [p.decode_tokens_per_s for p in v.points], marker="o", label=v.display_label)
+            ax_speed.plot(xs, [p.decode_tokens_per_s for p in v.points], marker="o", label=result.variant_name(v))
         if ax_batch is not None:
             point = v.points[result.contexts.index(batch_context)]
             measured = [(b, s) for b, s in sorted(point.batch_decode_tokens_per_s.items()) if s is not None]
             if measured:
-                ax_batch.plot(*zip(*measured), marker="o", label=v.display_label)
+                ax_batch.plot(*zip(*measured), marker="o", label=result.variant_name(v))
     ax_mem.set_title(f"KV cache ({result.cache_dtype}){' — measured = formula' if result.measured else ''}")
     ax_mem.set_ylabel("MiB")
     ax_speed.set_title("decode speed with the cache filled to the context")
@@ -741,5 +822,62 @@ def plot(result: BenchResult, path: str) -> None:
         sub = (f" — median of {m['repeats']} × {m['decode_tokens']} decode steps, "
                f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}, fill: {m['fill']}")
     fig.suptitle(f"{name}: MQA vs GQA vs MHA{sub}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: Marker per KV-head kind and fill per cache type in :func:`plot_pareto`.
+_PARETO_MARKERS = {"MQA": "v", "GQA": "o", "MHA": "s"}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (x, y) no other point beats on both — smaller or equal x and y, one of
+    them strictly smaller — in ascending x. Lower is better on both axes (bytes, perplexity)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def plot_pareto(result: BenchResult, path: str) -> None:
+    """Write a PNG of the KV-cache shrinking study: KV bytes per token (x, log) against perplexity
+    (y, log), one marker per variant (shape: MQA / GQA / MHA; label: KV heads and cache type), the
+    Pareto front (no variant both smaller and better) joined by a line. Without perplexity
+    (``--no-measure``, ``--ppl-tokens 0``) the markers sit on the x axis' bytes alone, and the
+    figure says so.
+
+    Raises:
+        BenchError: matplotlib is missing.
+    """
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    measured = [v for v in result.variants if v.perplexity is not None]
+    if measured:
+        xy = [(float(v.kv_bytes_per_token), float(v.perplexity)) for v in measured]
+        for v, (x, y) in zip(measured, xy):
+            ax.scatter([x], [y], marker=_PARETO_MARKERS.get(v.label, "o"), s=55, zorder=3)
+            ax.annotate(result.variant_name(v), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        front = pareto_front(xy)
+        ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="grey", alpha=0.6, zorder=2,
+                label="Pareto front")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"perplexity (first {result.method.get('perplexity_tokens', '?')} tokens)")
+        ax.legend(loc="upper right")
+    else:
+        for v in result.variants:
+            ax.axvline(v.kv_bytes_per_token, color="grey", alpha=0.4)
+        ax.text(0.5, 0.5, "perplexity not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylabel("perplexity")
+    ax.set_xscale("log")
+    ax.set_xlabel("KV cache bytes per token (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    name = result.config.name or result.model
+    ax.set_title(f"{name}: KV heads (MQA / GQA / MHA) x cache type ({', '.join(result.cache_types)})", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)

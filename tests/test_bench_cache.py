@@ -293,7 +293,7 @@ def test_batch_sizes_and_budget_are_checked():
     for bad in ("0", "-1", "nan", "inf", "half"):
         with pytest.raises(bench.BenchError, match="--kv-budget"):
             bench.parse_kv_budget(bad)
-    assert bench.count_steps(3, 2, True) == 5 and bench.count_steps(3, 2, True, batched=True) == 7
+    assert bench.count_steps(3, 2, True) == 6 and bench.count_steps(3, 2, True, batched=True) == 8  # + the f32 reference
 
 
 @pytest.mark.parametrize("cache_dtype, size", [("float32", 4), ("float16", 2), ("q8_0", 34 / 32), ("q4_0", 18 / 32)])

@@ -26,7 +26,8 @@ from .common import (
 
 CSV_COLUMNS = ["model", "variant", "label", "n_kv_heads", "native", "cache_dtype", "context", "kv_bytes_per_token",
                "kv_bytes", "kv_mib", "ratio_to_mha", "measured_kv_bytes", "measured_equals_formula",
-               "decode_tokens_per_s", "decode_speed_ratio_to_mha", "perplexity", "kv_budget_bytes", "fit_sequences"]
+               "decode_tokens_per_s", "decode_speed_ratio_to_mha", "perplexity", "kv_budget_bytes", "fit_sequences",
+               "kl_vs_native_f32", "top1_agreement_vs_native_f32"]
 
 
 def csv_columns(result) -> list[str]:
@@ -55,9 +56,10 @@ def print_table(result) -> None:
     if not console.is_terminal:
         console = StdoutConsole(width=190 + 14 * len(result.batch_sizes))
     fits = result.kv_budget_bytes is not None
+    study = len(result.cache_types) > 1  # KV heads x cache types: KL columns (the run always has them)
     cfg = result.config
     table = Table(title=f"KV cache of {cfg.name or result.model} ({cfg.n_layers} layers, {cfg.n_heads} query "
-                        f"heads, head_dim {cfg.head_dim}), {result.cache_dtype} cache")
+                        f"heads, head_dim {cfg.head_dim}), {', '.join(result.cache_types)} cache")
     table.add_column("variant")
     table.add_column("KV heads", justify="right")
     table.add_column("bytes/token", justify="right")
@@ -74,6 +76,9 @@ def print_table(result) -> None:
         for b in result.batch_sizes:
             table.add_column(f"decode tok/s B={b}", justify="right")
         table.add_column("perplexity", justify="right")
+        if study:
+            table.add_column("KL vs f32 native", justify="right")
+            table.add_column("top-1 = f32 native", justify="right")
     previous = None
     for row in result.rows():
         first = row["variant"] != previous
@@ -83,7 +88,8 @@ def print_table(result) -> None:
         ratio = Fraction(row["n_kv_heads"], cfg.n_heads)
         cells = [row["variant"] if first else "", str(row["n_kv_heads"]) if first else "",
                  f"{row['kv_bytes_per_token']:,}" if first else "", f"{row['context']:,}",
-                 f"{row['kv_mib']:,.1f} MiB", f"{row['ratio_to_mha']:.3f} ({ratio})"]
+                 f"{row['kv_mib']:,.1f} MiB",
+                 f"{row['ratio_to_mha']:.3f}" if study else f"{row['ratio_to_mha']:.3f} ({ratio})"]
         if fits:
             cells.append(f"{row['fit_sequences']:,}")
         if result.measured:
@@ -92,6 +98,10 @@ def print_table(result) -> None:
                       _num(row["decode_tokens_per_s"], ",.1f"), _num(row["decode_speed_ratio_to_mha"], ".2f")]
             cells += [_num(row[batch_column(b)], ",.1f") for b in result.batch_sizes]
             cells.append(_num(row["perplexity"], ",.3f") if first else "")
+            if study:
+                cells.append(_num(row["kl_vs_native_f32"], ".5f") if first else "")
+                top1 = row["top1_agreement_vs_native_f32"]
+                cells.append(("—" if top1 is None else f"{100 * top1:.1f} %") if first else "")
         table.add_row(*cells)
     if result.measured:
         m = result.method
@@ -112,6 +122,12 @@ def print_table(result) -> None:
     else:
         table.caption = ("formulas only (--no-measure): bytes/token = 2 × n_layers × n_kv_heads × head_dim × bytes per "
                          "element (4 f32, 2 f16, 34/32 q8_0, 18/32 q4_0)")
+    if study:
+        table.caption += (". ÷ MHA: bytes over MHA's with an f32 cache; tok/s ÷ MHA: over MHA with the same cache "
+                          "type")
+        if result.measured and result.method["perplexity_tokens"]:
+            table.caption += ("; KL vs f32 native: mean KL(native KV heads, f32 cache ‖ variant) over the perplexity "
+                              "window, nats, whole vocabulary; top-1: positions whose most likely token is the same")
     sliding = [w for w in cfg.layer_windows if w]
     if sliding:
         table.caption += (f". Sliding-window layers: {len(sliding)} of {cfg.n_layers} keep at most {max(sliding):,} "
@@ -170,6 +186,10 @@ def check_plot_path(path: str) -> None:
 @click.option("--kv-heads", default=None, metavar="N,N,…",
               help="KV-head counts to compare (default: 1 = MQA, the native count, n_heads = MHA).")
 @cache_dtype_option()
+@click.option("--cache-types", default=None, metavar="T,T,…",
+              help="Compare KV-cache element types too: variants = KV heads × these types (f32, f16, q8_0, "
+                   "q4_0), each with its KL divergence and top-1 agreement against the native model with an "
+                   "f32 cache; --plot then draws KV bytes/token against perplexity. Default: --cache-dtype alone.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=8, show_default=True,
               help="Decode steps per timed run.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -196,7 +216,7 @@ def check_plot_path(path: str) -> None:
                    "aggregate decode tok/s against batch size (needs matplotlib: pip install 'mqa-gen[plot]').")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @threads_option
-def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, fill, ppl_text, ppl_tokens,
+def bench_cache(model, contexts, kv_heads, cache_dtype, cache_types, decode_tokens, repeats, fill, ppl_text, ppl_tokens,
                 batch_sizes, kv_budget, no_measure, as_json, as_csv, plot_path, quiet, threads):
     """Compare MQA, GQA and MHA on a real model: KV bytes per token and per context (formula and
     measured), sequences that fit a KV budget, decode tokens/s as the cache fills (one sequence,
@@ -222,12 +242,14 @@ def bench_cache(model, contexts, kv_heads, cache_dtype, decode_tokens, repeats, 
         context_list = list(bench.default_contexts(config))
     context_list = bench.check_contexts(config, context_list, None if no_measure else decode_tokens)
     cache_dtype = bench.check_cache_dtype(cache_dtype, config)  # before loading weights
+    type_list = bench.check_cache_types(cache_types.split(","), config) if cache_types is not None else None
 
     if no_measure:
-        result = bench.formula_result(model, config, kv_list, context_list, cache_dtype, *_budget(bench, budget_bytes))
+        result = bench.formula_result(model, config, kv_list, context_list, cache_dtype, *_budget(bench, budget_bytes),
+                                      cache_types=type_list)
     else:
         result = _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, repeats, fill,
-                          ppl_text, ppl_tokens, quiet, threads, batch_list, budget_bytes)
+                          ppl_text, ppl_tokens, quiet, threads, batch_list, budget_bytes, type_list)
 
     if as_json:
         json.dump(result.as_dict(), sys.stdout)
@@ -249,7 +271,7 @@ def _budget(bench, budget_bytes: int | None) -> tuple[int | None, str | None]:
 
 
 def _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, repeats, fill, ppl_text,
-             ppl_tokens, quiet, threads, batch_list, budget_bytes):
+             ppl_tokens, quiet, threads, batch_list, budget_bytes, type_list=None):
     """Load the model and run every measurement, with a progress bar on stderr. The default KV
     budget is taken once the model is loaded (the memory still available for caches)."""
     from rich.progress import (
@@ -272,7 +294,7 @@ def _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, re
 
     budget, budget_source = _budget(bench, budget_bytes)
 
-    total = bench.count_steps(len(kv_list), len(context_list), ppl_ids is not None, bool(batch_list))
+    total = bench.count_steps(len(kv_list) * len(type_list or [cache_dtype]), len(context_list), ppl_ids is not None, bool(batch_list))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=stderr, disable=quiet, transient=stderr.is_terminal)
     with progress:
@@ -283,6 +305,7 @@ def _measure(bench, model, kv_list, context_list, cache_dtype, decode_tokens, re
             on_step=lambda d: progress.update(task, description=d),
             on_done=lambda: progress.advance(task),
             decode_ids=decode_ids, batch_sizes=batch_list, kv_budget_bytes=budget, kv_budget_source=budget_source,
+            cache_types=type_list,
         )
         progress.update(task, description=f"bench-cache: measured in {result.method['seconds']:.0f} s")
     return result
