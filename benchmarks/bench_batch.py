@@ -251,7 +251,7 @@ def quant_markdown(report: dict, batch_sizes: list[int], args) -> str:
              + (" --llama-batched-bench PATH" if args.llama_batched_bench else "")
              + f" --models {args.models} --contexts {args.contexts} --batch-sizes {args.batch_sizes}"
              + f" --cache-types {args.cache_types}" + (" --native-only" if args.native_only else "")
-             + f" --rounds {args.rounds}`", ""]
+             + f" --rounds {args.rounds} --decode-tokens {args.decode_tokens} --threads {args.threads}`", ""]
     for name, per_model in report["models"].items():
         for context, r in per_model.items():
             parts += [quant_table(name, context, r, batch_sizes, report["cache_types"]), ""]

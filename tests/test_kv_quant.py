@@ -160,6 +160,21 @@ def test_kernels_attend_over_blocks_as_numpy_over_their_values(name, H, KV, D, T
         np.testing.assert_allclose(decode_one(q[-1], k_blocks, v_blocks, start + T, scale), expected[-1], atol=3e-5)
 
 
+@pytest.mark.parametrize("name", list(BLOCK_TYPES))
+def test_kernels_read_strided_views_of_block_caches(name):
+    """A view that is not C-contiguous (every other position of a larger cache) takes the element
+    by element reader and gives NumPy's attention over the same rows."""
+    rng = np.random.default_rng(2)
+    H, KV, D, S = 4, 2, 64, 24
+    K, V, q = random_rows(rng, KV, 2 * S, D), random_rows(rng, KV, 2 * S, D), random_rows(rng, 3, H, D)
+    k_view, v_view = storage_type(name).encode(K)[:, ::2], storage_type(name).encode(V)[:, ::2]
+    assert not k_view.flags.c_contiguous
+    expected = reference_attention(q, ggml_values(K[:, ::2], name), ggml_values(V[:, ::2], name), S - 3)
+    out = np.empty_like(q)
+    attention_prefill(q, k_view, v_view, S - 3, np.float32(1 / np.sqrt(D)), 0, out)
+    np.testing.assert_allclose(out, expected, atol=3e-5)
+
+
 def test_kernels_refuse_rows_of_the_wrong_width():
     """The block readers have no bounds checks, so the kernels check the row width once per call."""
     q = np.ones((1, 2, 64), np.float32)
@@ -238,6 +253,25 @@ def test_batched_decode_over_a_pool_of_blocks(name):
                 np.testing.assert_array_equal(out[b], alone[0])
         for cache in pool.caches:
             cache.advance(1)
+
+
+def test_the_trainable_layer_caches_in_blocks_too():
+    """MultiQueryAttention.forward_with_cache runs the models' kernels over a q8_0 cache: close to
+    the uncached float32 forward, and a cache grown across calls (its block rows copied) gives what
+    one call gives."""
+    from mqa_gen.layer import MultiQueryAttention, MultiQueryAttentionConfig
+
+    config = MultiQueryAttentionConfig(num_heads=4, head_dim=32, num_kv_heads=2, rope_theta=10000.0)
+    layer = MultiQueryAttention(128, config, np.random.default_rng(1), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 9, 128)).astype(np.float32)
+    whole = layer.forward(x)
+    blocks, cache = layer.forward_with_cache(x, cache_dtype="q8_0")
+    assert cache.dtype == "q8_0" and cache.bytes_per_token == 2 * 2 * 34
+    np.testing.assert_allclose(blocks, whole, atol=2e-2 * np.abs(whole).max())
+    first, grown = layer.forward_with_cache(x[:, :4], cache_dtype="q8_0", max_seq_len=4)
+    rest, grown = layer.forward_with_cache(x[:, 4:], grown)  # grows: the stored blocks are copied
+    assert grown.max_seq_len > 4
+    np.testing.assert_allclose(np.concatenate([first, rest], 1), blocks, atol=1e-5)
 
 
 # ───────────────────────────── the real models ─────────────────────────────

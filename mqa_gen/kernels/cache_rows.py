@@ -207,6 +207,30 @@ def q4_0_row_to_f32(src, out):
         _q4_0_codes_to_f32(src, o + 2, _block_scale(src, o), out, b * QK)
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _strided_q8_0_row_to_f32(src, out):
+    """:func:`q8_0_row_to_f32` for a row that is not C-contiguous (a strided view of a cache): one
+    element at a time, the same values."""
+    for b in range(out.shape[0] // QK):
+        o = b * Q8_0_BLOCK_BYTES
+        d = half_to_f32(np.uint16(np.uint16(np.uint8(src[o])) | (np.uint16(np.uint8(src[o + 1])) << np.uint16(8))))
+        for j in range(QK):
+            out[b * QK + j] = d * np.float32(src[o + 2 + j])
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _strided_q4_0_row_to_f32(src, out):
+    """:func:`q4_0_row_to_f32` for a row that is not C-contiguous, one element at a time."""
+    half = QK // 2
+    for b in range(out.shape[0] // QK):
+        o = b * Q4_0_BLOCK_BYTES
+        d = half_to_f32(np.uint16(np.uint16(src[o]) | (np.uint16(src[o + 1]) << np.uint16(8))))
+        for j in range(half):
+            byte = np.int64(src[o + 2 + j])
+            out[b * QK + j] = d * np.float32((byte & 15) - 8)
+            out[b * QK + half + j] = d * np.float32((byte >> 4) - 8)
+
+
 def row_width(cache, head_dim):  # pragma: no cover - replaced by the overload inside jitted code
     """The last-axis length a cache array of this dtype needs for rows of ``head_dim`` elements
     (-1 where the dtype's blocks cannot hold head_dim)."""
@@ -249,6 +273,8 @@ def _cache_row_overload(cache, g, s, out):
     if isinstance(dtype, types.Float):
         return lambda cache, g, s, out: cache[g, s]
     decoders = {types.uint16: half_row_to_f32, types.int8: q8_0_row_to_f32, types.uint8: q4_0_row_to_f32}
+    if cache.layout != "C":  # a strided view: the vector block readers need contiguous rows
+        decoders.update({types.int8: _strided_q8_0_row_to_f32, types.uint8: _strided_q4_0_row_to_f32})
     decoder = decoders.get(dtype)
     if decoder is None:
         return None
