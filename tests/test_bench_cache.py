@@ -384,7 +384,7 @@ def test_batched_decode_columns_on_the_real_model(smollm2, one_thread):
     out = io.StringIO()
     write_csv(result, out)
     csv_rows = list(csv.DictReader(io.StringIO(out.getvalue())))
-    assert out.getvalue().splitlines()[0].endswith(",fit_sequences,decode_tokens_per_s_b1,decode_tokens_per_s_b2")
+    assert out.getvalue().splitlines()[0].endswith(",fit_sequences,kl_vs_native_f32,top1_agreement_vs_native_f32,decode_tokens_per_s_b1,decode_tokens_per_s_b2")
     assert [r["decode_tokens_per_s_b2"] == "" for r in csv_rows] == [False, True] * 3
     assert all(int(r["kv_budget_bytes"]) == budget for r in csv_rows)
 
