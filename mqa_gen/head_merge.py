@@ -26,10 +26,12 @@ with target KV heads; W_q and W_o change too where the method folds a per-head m
     much their readers use it: the squared error that is minimised is that of each key pair
     times the energy of the query pairs reading it (the expected squared error of the score when
     query and key come from different tokens), and that of each value head seen through the W_o
-    slices that read it. Key pairs that turn by less than one radian over ``rope_span`` tokens
-    (the lowest RoPE frequencies, where SmolLM2's queries and keys keep most of their energy) are
-    merged jointly, as if RoPE left them alone: within that span the error this adds is small
-    against what the per-pair constraint costs.
+    slices that read it. Key pairs that turn by at most one radian over ``rope_span`` tokens (the
+    model's context length: the lowest RoPE frequencies, where SmolLM2's queries and keys keep
+    most of their energy) are merged jointly, one real rank-(2·pairs) approximation across them,
+    as if RoPE left them alone: the error this adds is small against what the per-pair
+    constraint costs (on SmolLM2, 3 → 1 KV heads, held-out perplexity 100 with the 6 slowest
+    pairs joint, 124 with none, 148 with 10).
 
 The statistics the data-driven methods need are the second moment of the layer's input,
 C = E[x xᵀ] over the calibration tokens (x = the normed hidden state entering attention): every
@@ -45,8 +47,9 @@ from .head_transforms import AttentionWeights, from_pairs, rope_pairs, transform
 
 METHODS = ("mean", "aligned", "svd", "pca")
 
-#: Tokens over which ``pca`` treats the slowest RoPE pairs as unrotated (turning < 1 radian).
-DEFAULT_ROPE_SPAN = 2048
+#: Tokens over which ``pca`` treats the slowest RoPE pairs as unrotated (turning ≤ 1 radian):
+#: SmolLM2's context length; :mod:`mqa_gen.calibrate` passes the model's own.
+DEFAULT_ROPE_SPAN = 8192
 
 #: Generalised Procrustes sweeps (each aligns every head to the sum of the others; a few suffice
 #: for 2–8 heads per group).

@@ -222,3 +222,73 @@ def test_convert_cli_errors(tiny, tmp_path, args, message):
 def test_convert_cli_refuses_to_overwrite_its_source(tiny):
     result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "-o", tiny.path, "-q"])
     assert result.exit_code == 2 and "is the source model" in result.stderr
+
+
+@pytest.mark.parametrize("inputs", ["native", "converted"])
+def test_conversion_to_the_native_head_count_is_exact_in_both_input_modes(tiny, inputs):
+    """Same KV-head count: every merge is the identity, and the streams the calibration carries
+    through the layers (run block by block over all chunks at once) give the original attention's
+    output back exactly, so every layer's error is ~0."""
+    from mqa_gen.calibrate import calibrate_attention
+
+    result = calibrate_attention(tiny.model, tiny.gguf, tiny.config, 2, calibration_ids(tiny), method="pca", steps=0,
+                                 chunk_tokens=32, max_tokens=96, inputs=inputs)
+    assert result.tokens == (3, 32)
+    for fit in result.fits:
+        assert fit.before < 1e-10 and fit.after == fit.before
+
+
+def test_converted_inputs_fit_layer_0_like_native_inputs(tiny):
+    """Layer 0's input is the embedding in both modes, so its merge and target agree; later layers
+    see the converted stream and a target that closes the residual gap."""
+    from mqa_gen.calibrate import calibrate_attention
+
+    kw = dict(method="aligned", steps=5, lr=1e-2, chunk_tokens=32, max_tokens=96)
+    native = calibrate_attention(tiny.model, tiny.gguf, tiny.config, 1, calibration_ids(tiny), inputs="native", **kw)
+    converted = calibrate_attention(tiny.model, tiny.gguf, tiny.config, 1, calibration_ids(tiny), inputs="converted", **kw)
+    assert converted.fits[0].before == pytest.approx(native.fits[0].before, rel=1e-6)
+    np.testing.assert_allclose(converted.layers[0].wk, native.layers[0].wk, rtol=1e-5, atol=1e-6)
+    assert converted.fits[1].before != pytest.approx(native.fits[1].before, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["aligned", "svd", "pca"])
+def test_convert_cli_merge_without_fit_writes_all_four_projections(tiny, tmp_path, method):
+    from mqa_gen.calibrate import attention_weights, merged_weights
+    from mqa_gen.head_merge import merge_heads
+
+    out = tmp_path / f"{method}.gguf"
+    result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "--method", method, "--no-fit",
+                                      "--calib-tokens", "96", "--chunk-tokens", "32", "--ppl-text",
+                                      str(HELD_OUT_TEXT), "--ppl-tokens", "64", "-o", str(out), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == method and report["fit"] is False
+    assert set(report["perplexity"]) >= {"native", "mean_pooled", "merged"} and "calibrated" not in report["perplexity"]
+    written = load(str(out))
+    assert written.config.n_kv_heads == 1
+    if method == "svd":  # needs no text: the file holds exactly the library's merge (as float32)
+        expected = merged_weights(tiny.gguf, tiny.config, 1, "svd")
+        for layer in range(tiny.config.n_layers):
+            got = attention_weights(written.gguf, written.config, layer)
+            for a, b in ((got.wq, expected[layer].wq), (got.wk, expected[layer].wk), (got.wo, expected[layer].wo)):
+                np.testing.assert_array_equal(a, b.astype(np.float32))
+    else:  # W_q and W_o changed (maps folded in), W_k is not the mean-pooled one
+        got = attention_weights(written.gguf, written.config, 0)
+        native = attention_weights(tiny.gguf, tiny.config, 0)
+        assert not np.allclose(got.wq, native.wq)
+        assert not np.allclose(got.wk, merge_heads(native, 1, "mean").wk)
+
+
+def test_models_the_conversion_cannot_reproduce_are_refused(tiny):
+    """A block with QK-norm (Gemma 3) or without an attention gain is refused in one line."""
+    import copy as copy_
+
+    from mqa_gen.calibrate import calibrate_attention, check_convertible
+
+    check_convertible(tiny.model)
+    blocks = [copy_.copy(b) for b in tiny.model.blocks]
+    blocks[1].attention = copy_.copy(blocks[1].attention)
+    blocks[1].attention.q_norm = np.ones(tiny.config.head_dim, np.float32)
+    odd = tiny.model.replace(blocks=blocks)
+    with pytest.raises(ConfigError, match="supports llama-architecture models"):
+        calibrate_attention(odd, tiny.gguf, tiny.config, 1, calibration_ids(tiny), steps=0)

@@ -58,8 +58,9 @@ def _fit_weights(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--fit-weights", default="qkvo", show_default=True, callback=_fit_weights,
               help="Projections the fit changes: letters of q, k, v, o.")
 @click.option("--inputs", type=click.Choice(INPUTS), default=DEFAULT_INPUTS, show_default=True,
-              help="Fit each layer on the original model's hidden states, or on those the converted "
-                   "layers below it produce.")
+              help="Fit each layer on the hidden states the converted layers below it produce, to "
+                   "bring the residual stream back to the original's (converted), or on the original "
+                   "model's states, to the original attention's output (native).")
 @click.option("--steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True,
               help="Adam steps per layer.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LR, show_default=True,
