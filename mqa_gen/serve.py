@@ -68,6 +68,21 @@ def error_response(status: int, message: str, param=None, code=None, kind="inval
                         status_code=status, headers=headers)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its body generator as soon as the response ends.
+
+    When the client goes away, Starlette stops iterating the generator where it waits at a ``yield``
+    and leaves it suspended; its ``finally`` (which frees the request's slot) would run only when the
+    garbage collector finds it, maybe never while the server is idle. ``aclose`` runs it now.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 @dataclass
 class ServerConfig:
     """What the app needs besides the engine.
@@ -283,7 +298,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
             return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
 
         if opts["stream"]:
-            return StreamingResponse(stream_events(http, handle, queue, chat, rid, created, usage, body),
+            return ClosingStreamingResponse(stream_events(http, handle, queue, chat, rid, created, usage, body),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             while True:

@@ -284,8 +284,6 @@ def test_without_the_extra_serve_says_how_to_install_it(tmp_path):
                                                "pip install 'mqa-gen[serve]'"]
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, open: in the whole suite (not alone) the slot of a client "
-                   "that leaves before its first token stays busy since this session's merges; see the closing note")
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
     base, _ = server
     host, port = base.removeprefix("http://").split(":")
