@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--no-write", dest="write", action="store_false")
     args = p.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("MQA_GEN_FIXED_THREADS", "1")  # the count asked for, every step (thread_governor.py)
     import mqa_gen  # noqa: F401  (sets BLAS threads before NumPy loads)
     import numpy as np
 

@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--cache-dtype", default="float32")
     args = p.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("MQA_GEN_FIXED_THREADS", "1")  # the count asked for, every step (thread_governor.py)
     import mqa_gen  # noqa: F401  (configures OpenBLAS threads before NumPy loads)
     import numpy as np
 

@@ -15,6 +15,7 @@ shapes, its block — lives in its own module (:mod:`mqa_gen.models.llama`,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from ..batch import Batch
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..kernels import rmsnorm
+from ..thread_governor import governor
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -119,15 +121,17 @@ class Decoder:
         if batch.decode:
             batch.scratch = self._decode_scratch(max(cache.max_seq_len for cache in caches), batch.size)
 
-        x = self.embeddings.rows(tokens)  # (N, d_model)
-        if self.embed_scale != 1.0:
-            x *= np.float32(self.embed_scale)
-        for block in self.blocks:
-            x = block(x, batch)  # (N, d_model)
-        batch.advance()
-        if not all_logits and not batch.decode:
-            x = x[batch.offsets[1:] - 1]  # (B, d_model): each sequence's last row
-        logits = self.output(rms_norm(x, self.final_norm, c.norm_eps))  # (B or N, vocab)
+        gov = governor() if batch.decode else None  # decode steps pick their thread count by timing
+        with gov.step(batch.size) if gov is not None else nullcontext():
+            x = self.embeddings.rows(tokens)  # (N, d_model)
+            if self.embed_scale != 1.0:
+                x *= np.float32(self.embed_scale)
+            for block in self.blocks:
+                x = block(x, batch)  # (N, d_model)
+            batch.advance()
+            if not all_logits and not batch.decode:
+                x = x[batch.offsets[1:] - 1]  # (B, d_model): each sequence's last row
+            logits = self.output(rms_norm(x, self.final_norm, c.norm_eps))  # (B or N, vocab)
         if all_logits:
             return [logits[batch.rows(b)] for b in range(batch.size)]
         return logits

@@ -1,0 +1,180 @@
+"""Decode on as many threads as pay off right now: ``--threads`` is a ceiling, not an order.
+
+Every decode step launches a few dozen parallel regions (one per weight product and attention
+call), and each region ends when its slowest thread does. When another process holds one of the
+cores, the thread that shares it waits for a time slice in every region: measured on this 2-core
+machine, decode fell from 38 tok/s on 1 thread to under 1 tok/s on 2 (cli/common.py's
+``idle_cores`` note). The load average, read once at start-up, cannot see a job that starts
+later, nor one that ends.
+
+So the decode steps measure themselves. :class:`ThreadGovernor` runs each step at its current
+thread count c, and now and then runs a few *probe* steps at a neighbour (c − 1 or c + 1, within
+1 .. the ceiling, alternately). It moves there when the probe steps' median time is clearly
+below that of the steps just before at c with the same number of rows (the step's cost depends
+on the rows and, slowly, on the depth, which a few neighbouring steps share), or at once when a
+probe step takes less than half as long. A probe step that is much slower than c's steps ends
+the probe at once, so probing toward a contended count costs one slow step, not several. The
+probe interval doubles after each probe that loses, and grows further when that probe was
+costly (:data:`PROBE_SHARE`), up to :data:`MAX_INTERVAL` steps; it drops back after a move. On a
+quiet machine probing costs about 1 % of the steps; under contention, at most a few %.
+
+The thread count never changes what is computed: every kernel splits its work by rows or
+tiles, not by the number of threads, so the logits are the same bits at any count
+(tests/test_thread_governor.py). Numba's thread count belongs to the calling OS thread, and so
+does the governor (:func:`governor` keeps one per thread). ``MQA_GEN_FIXED_THREADS=1`` turns it
+off (benchmarks that pin a count).
+
+This is a measurement-driven policy of our own; llama.cpp and mlx-lm run the count they are given.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
+
+#: Steps before the first probe, between a move and the next probe, and the most the interval
+#: grows to.
+FIRST_INTERVAL = 1
+AFTER_MOVE_INTERVAL = 8
+MAX_INTERVAL = 1024
+#: After a probe that lost, wait long enough that its cost is at most this share of the time
+#: decoding in between: a probe step k times slower than usual waits ≥ k / PROBE_SHARE steps.
+PROBE_SHARE = 0.05
+#: Probe steps at the neighbour count (their median is compared).
+PROBE_STEPS = 3
+#: Steps at the current count that the probe is compared with (median of the latest, same rows).
+REFERENCE_STEPS = 2
+#: Move only when the probe's median is below this fraction of the reference median (no flapping
+#: on noise); move at once when one probe step is below MOVE_AT_ONCE_BELOW × the reference (a
+#: contended count is 10–20× slower, and each of its steps costs a tenth of a second or more);
+#: end a probe at once when one of its steps exceeds ABORT × the reference.
+MOVE_BELOW = 0.9
+MOVE_AT_ONCE_BELOW = 0.5
+ABORT_ABOVE = 1.5
+
+
+class ThreadGovernor:
+    """Chooses the thread count of each decode step, between 1 and a ceiling, by timing the steps.
+
+    Use :meth:`step` around each decode step::
+
+        with governor.step(rows):      # sets the thread count for this step
+            logits = run_decode_step()
+
+    Args:
+        get_threads, set_threads: read and set the calling thread's kernel thread count
+            (``numba.get_num_threads`` / ``numba.set_num_threads``; tests pass fakes).
+        clock: seconds, monotonic (``time.perf_counter``).
+
+    The ceiling is the count found set before the first step, and again whenever someone else
+    changed it between steps (``--threads``, :func:`mqa_gen.cli.common.set_threads`, a
+    library user's ``numba.set_num_threads``): the governor then starts over from that count.
+    """
+
+    def __init__(self, get_threads: Callable[[], int], set_threads: Callable[[int], None],
+                 clock: Callable[[], float] = time.perf_counter):
+        self._get, self._set, self._clock = get_threads, set_threads, clock
+        self.ceiling = 0  # not seen yet
+        self.threads = 0
+        self._times: deque[tuple[int, float]] = deque(maxlen=REFERENCE_STEPS * 4)  # (rows, seconds) at `threads`
+        self._interval = FIRST_INTERVAL
+        self._until_probe = FIRST_INTERVAL
+        self._probe_to = 0  # the count being probed (0: none)
+        self._probe_times: list[float] = []
+        self._reference = 0.0
+        self._direction = -1  # the next probe goes down first: contention is the usual news
+        self._fresh = True  # no probe since the start: the first comes after one step
+        self.moves = 0  # how many times the count changed (for reports and tests)
+        self.probes = 0
+
+    def _restart(self, ceiling: int) -> None:
+        self.ceiling = self.threads = ceiling
+        self._times.clear()
+        self._interval = self._until_probe = FIRST_INTERVAL
+        self._probe_to, self._probe_times = 0, []
+        self._fresh = True
+
+    @contextmanager
+    def step(self, rows: int):
+        """Time one decode step of ``rows`` rows at the count this policy picks for it."""
+        current = self._get()
+        if current != (self._probe_to or self.threads):  # someone set a new count: it is the ceiling
+            self._restart(current)
+        if self.ceiling > 1 and not self._probe_to and self._until_probe <= 0:
+            self._start_probe(rows)
+        count = self._probe_to or self.threads
+        if count != current:
+            self._set(count)
+        start = self._clock()
+        yield
+        self._record(rows, self._clock() - start)
+
+    def _start_probe(self, rows: int) -> None:
+        # the first probe follows the first step: a start on a contended count costs one slow step
+        needed = 1 if self._fresh else REFERENCE_STEPS
+        same = [s for r, s in self._times if r == rows][-needed:]
+        if len(same) < needed:  # too few comparable steps yet: look again a bit later
+            self._until_probe = needed
+            return
+        target = self.threads + self._direction
+        if not 1 <= target <= self.ceiling:
+            self._direction = -self._direction
+            target = self.threads + self._direction
+        self._direction = -self._direction  # alternate down and up
+        self._probe_to, self._probe_times, self._fresh = target, [], False
+        self._reference = statistics.median(same)
+        self._probe_rows = rows
+        self.probes += 1
+
+    def _record(self, rows: int, seconds: float) -> None:
+        if not self._probe_to:
+            self._times.append((rows, seconds))
+            self._until_probe -= 1
+            return
+        if rows != self._probe_rows:  # the batch changed under the probe: not comparable, drop it
+            self._end_probe(moved=False)
+            return
+        self._probe_times.append(seconds)
+        if seconds > ABORT_ABOVE * self._reference:
+            self._end_probe(moved=False)
+        elif seconds < MOVE_AT_ONCE_BELOW * self._reference:
+            self._end_probe(moved=True)
+        elif len(self._probe_times) == PROBE_STEPS:
+            self._end_probe(moved=statistics.median(self._probe_times) < MOVE_BELOW * self._reference)
+
+    def _end_probe(self, moved: bool) -> None:
+        if moved:
+            self.threads = self._probe_to
+            self._times.clear()
+            self._times.extend((self._probe_rows, s) for s in self._probe_times)
+            # probing back will cost about what the old count cost: space it out as a lost probe
+            gain = self._reference / max(statistics.median(self._probe_times), 1e-9)
+            self._interval = min(MAX_INTERVAL, max(AFTER_MOVE_INTERVAL, int(gain / PROBE_SHARE)))
+            self.moves += 1
+        else:
+            worst = max(self._probe_times, default=0.0) / self._reference if self._reference > 0 else 0.0
+            self._interval = min(MAX_INTERVAL, max(self._interval * 2, int(worst / PROBE_SHARE)))
+        self._until_probe = self._interval
+        self._probe_to, self._probe_times = 0, []
+        self._set(self.threads)
+
+
+_local = threading.local()
+
+
+def governor() -> ThreadGovernor | None:
+    """The calling OS thread's governor of Numba's thread count, or None when
+    ``MQA_GEN_FIXED_THREADS=1`` (the count stays as set)."""
+    if os.environ.get("MQA_GEN_FIXED_THREADS") == "1":
+        return None
+    gov = getattr(_local, "governor", None)
+    if gov is None:
+        import numba
+
+        gov = _local.governor = ThreadGovernor(numba.get_num_threads, numba.set_num_threads)
+    return gov

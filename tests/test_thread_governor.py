@@ -1,0 +1,143 @@
+"""The decode thread-count policy (mqa_gen/thread_governor.py), on a simulated machine whose step
+times depend on the thread count, and on the real model: any count gives the same logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mqa_gen import thread_governor
+from mqa_gen.thread_governor import (FIRST_INTERVAL, MAX_INTERVAL, PROBE_SHARE, PROBE_STEPS, REFERENCE_STEPS,
+                                     ThreadGovernor)
+
+
+class Machine:
+    """Numba's thread count and a clock; a decode step at n threads takes ``cost(n)`` seconds."""
+
+    def __init__(self, threads: int, cost):
+        self.threads, self.cost, self.now = threads, cost, 0.0
+        self.sets = 0
+        self.history: list[int] = []  # the count each step ran at
+
+    def get(self) -> int:
+        return self.threads
+
+    def set(self, n: int) -> None:
+        self.sets += 1
+        self.threads = n
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, gov: ThreadGovernor, steps: int, rows: int = 1) -> None:
+        for _ in range(steps):
+            with gov.step(rows):
+                self.history.append(self.threads)
+                self.now += self.cost(self.threads)
+
+
+def contended(n: int) -> float:
+    """Another process holds one of 2 cores: 2 threads stall in every parallel region."""
+    return {1: 0.026, 2: 1.2}[n]
+
+
+def quiet(n: int) -> float:
+    return {1: 0.030, 2: 0.018}[n]
+
+
+def test_a_busy_core_moves_decode_to_one_thread_within_a_few_steps():
+    m = Machine(2, contended)
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, 2000)
+    first_on_one = m.history.index(1)
+    assert first_on_one <= FIRST_INTERVAL + PROBE_STEPS
+    assert m.history[first_on_one:first_on_one + PROBE_STEPS] == [1] * PROBE_STEPS
+    assert gov.threads == 1 and gov.moves == 1
+    # later probes back up to 2 threads end after their first slow step, and are spaced so that
+    # together they cost at most about PROBE_SHARE of the time
+    probes_up = m.history[first_on_one:].count(2)
+    assert probes_up == gov.probes - 1 >= 1
+    after = 2000 - first_on_one
+    assert probes_up * contended(2) <= 2 * PROBE_SHARE * after * contended(1)
+
+
+def test_on_a_quiet_machine_the_ceiling_stays_and_probes_grow_rare():
+    m = Machine(2, quiet)
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, 2000)
+    assert gov.threads == 2 and gov.moves == 0
+    on_one = m.history.count(1)
+    assert gov.probes <= on_one <= gov.probes * PROBE_STEPS  # only probe steps ran at 1 thread
+    # the interval doubles from FIRST_INTERVAL to MAX_INTERVAL, then stays: a handful of probes
+    doublings = int(np.log2(MAX_INTERVAL // FIRST_INTERVAL))
+    assert gov.probes <= doublings + 2000 // MAX_INTERVAL + 1
+    assert on_one / 2000 < 0.03
+
+
+def test_when_the_other_process_ends_decode_goes_back_to_all_threads():
+    state = {"busy": True}
+    m = Machine(2, lambda n: contended(n) if state["busy"] else quiet(n))
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, 100)
+    assert gov.threads == 1
+    state["busy"] = False
+    m.run(gov, 2 * MAX_INTERVAL + REFERENCE_STEPS + PROBE_STEPS)
+    assert gov.threads == 2
+
+
+def test_a_count_set_from_outside_becomes_the_new_ceiling():
+    m = Machine(2, contended)
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, 50)
+    assert gov.threads == 1
+    m.threads = 2  # the user asks for 2 again (numba.set_num_threads between steps)
+    m.run(gov, 1)
+    assert gov.ceiling == 2 and m.history[-1] == 2
+
+
+def test_one_thread_as_the_ceiling_is_left_alone():
+    m = Machine(1, quiet)
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, 300)
+    assert m.sets == 0 and set(m.history) == {1} and gov.probes == 0
+
+
+def test_a_probe_is_dropped_when_the_batch_changes_under_it():
+    m = Machine(2, lambda n: quiet(n) if n == 2 else 0.015)  # 1 thread would win after 3 probe steps…
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, FIRST_INTERVAL, rows=4)
+    m.run(gov, 1, rows=4)  # the probe's first step
+    assert m.history[-1] == 1
+    m.run(gov, 1, rows=5)  # …but a sequence joined: steps of 5 rows are not comparable with 4
+    assert gov.moves == 0 and gov.threads == 2 and m.threads == 2
+
+
+def test_fixed_threads_turns_it_off(monkeypatch):
+    monkeypatch.setenv("MQA_GEN_FIXED_THREADS", "1")
+    assert thread_governor.governor() is None
+    monkeypatch.delenv("MQA_GEN_FIXED_THREADS")
+    assert isinstance(thread_governor.governor(), ThreadGovernor)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_logits_are_the_same_bits_on_one_and_two_threads(smollm2, batch, monkeypatch):
+    """The policy may change the count between any two steps: that must not change a bit."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    monkeypatch.setenv("MQA_GEN_FIXED_THREADS", "1")
+    model, ids = smollm2.model, smollm2.tokenizer.encode("The capital of France is")
+    before = numba.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            caches = [model.new_cache(64, "float16") for _ in range(batch)]
+            for b, cache in enumerate(caches):
+                model.forward(ids[: len(ids) - b], cache)
+            steps = [model.decode([7 + b for b in range(batch)], caches) for _ in range(3)]
+            results.append(np.stack(steps))
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(results[0], results[1])
