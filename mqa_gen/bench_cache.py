@@ -53,6 +53,7 @@ from .errors import MqaGenError
 from .kv_heads import check_kv_heads as _check_kv_heads
 from .kv_storage import storage_type
 from .regroup import regroup_model
+from .thread_governor import fixed_threads
 
 #: Defaults of ``mqa-gen bench-cache``. Models with sliding-window layers (Gemma 3)
 #: get longer contexts by default, so the points reach well past the window.
@@ -662,7 +663,8 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
         del reference
     for i, context in enumerate(result.contexts):
         on_step(f"decode at {context:,} tokens ({len(nets)} variant{'s' if len(nets) != 1 else ''} interleaved)")
-        measured = measure_decode_interleaved(nets, context, decode_tokens, repeats, dtypes, fill, token_ids)
+        with fixed_threads():  # every variant at the same thread count
+            measured = measure_decode_interleaved(nets, context, decode_tokens, repeats, dtypes, fill, token_ids)
         for variant, (held, speed, runs) in zip(result.variants, measured):
             point = variant.points[i]
             if held != point.kv_bytes:
@@ -676,8 +678,9 @@ def run_bench(model_name: str, model, kv_heads: Sequence[int], contexts: Sequenc
             fit = batch_sizes_that_fit(batch_sizes, [p.kv_bytes for p in points], kv_budget_bytes)
             skipped = [b for b in batch_sizes if b not in fit]
             on_step(f"batched decode at {context:,} tokens, B = {', '.join(map(str, fit)) or 'none that fit'}")
-            runs = (measure_batched_decode_interleaved(nets, context, fit, decode_tokens, repeats, dtypes,
-                                                       token_ids[0]) if fit else [{} for _ in nets])
+            with fixed_threads():
+                runs = (measure_batched_decode_interleaved(nets, context, fit, decode_tokens, repeats, dtypes,
+                                                           token_ids[0]) if fit else [{} for _ in nets])
             for point, by_size in zip(points, runs):
                 for b in batch_sizes:
                     speeds = by_size.get(b, [])

@@ -169,8 +169,8 @@ _local = threading.local()
 
 def governor() -> ThreadGovernor | None:
     """The calling OS thread's governor of Numba's thread count, or None when
-    ``MQA_GEN_FIXED_THREADS=1`` (the count stays as set)."""
-    if os.environ.get("MQA_GEN_FIXED_THREADS") == "1":
+    ``MQA_GEN_FIXED_THREADS=1`` or inside :func:`fixed_threads` (the count stays as set)."""
+    if os.environ.get("MQA_GEN_FIXED_THREADS") == "1" or getattr(_local, "fixed", False):
         return None
     gov = getattr(_local, "governor", None)
     if gov is None:
@@ -178,3 +178,15 @@ def governor() -> ThreadGovernor | None:
 
         gov = _local.governor = ThreadGovernor(numba.get_num_threads, numba.set_num_threads)
     return gov
+
+
+@contextmanager
+def fixed_threads():
+    """Within this block, decode steps of the calling OS thread run at the thread count as set:
+    for measurements whose variants must be compared at one count (bench-cache)."""
+    before = getattr(_local, "fixed", False)
+    _local.fixed = True
+    try:
+        yield
+    finally:
+        _local.fixed = before

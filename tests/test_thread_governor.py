@@ -141,3 +141,12 @@ def test_decode_logits_are_the_same_bits_on_one_and_two_threads(smollm2, batch, 
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(results[0], results[1])
+
+
+def test_fixed_threads_pins_the_count_within_its_block():
+    with thread_governor.fixed_threads():
+        assert thread_governor.governor() is None
+        with thread_governor.fixed_threads():
+            pass
+        assert thread_governor.governor() is None
+    assert isinstance(thread_governor.governor(), ThreadGovernor)
