@@ -99,7 +99,7 @@ class Engine:
         with self._cond:
             # free slots take waiting requests at the next step, so they do not count as queued
             # (read without the worker's lock: off by one at most, for one step)
-            free = max(0, self.scheduler.batch_size - self.scheduler.active)
+            free = max(0, self.scheduler.batch_size - self.scheduler.busy_slots)
             if len(self._waiting) >= self.max_queue + free:
                 raise EngineBusy(f"{len(self._waiting)} requests are waiting for a slot")
             self._waiting.append(handle)

@@ -183,6 +183,13 @@ class Scheduler:
         """Sequences decoding now."""
         return len(self._running)
 
+    @property
+    def busy_slots(self) -> int:
+        """Slots a request holds: those decoding and the one being prefilled (which holds its slot
+        before it joins the decoding ones, while its first token is already streamed). Other threads
+        read this one to tell whether a slot is free."""
+        return self.pool.n_slots - len(self._free)
+
     def check(self, request: Request) -> None:
         """Refuse a request that cannot run, before any work.
 

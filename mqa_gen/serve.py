@@ -364,7 +364,6 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
                     break
                 if ev.kind == "done":
                     n = len(ev.completion.token_ids)
-                    http.scope["state"]["usage"] = (usage(n)["prompt_tokens"], n)
                     break
                 step = ev.step
                 if step.finish_reason != "eos":
@@ -375,6 +374,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
             yield "data: [DONE]\n\n"
         finally:
             engine.cancel(handle)  # a client that left: its slot is freed before the next step
+            http.scope["state"]["usage"] = (usage(n)["prompt_tokens"], n)  # the log line: tokens sent or generated
 
     async def completions(http: HTTPRequest) -> Response:
         return await run(http, chat=False)
@@ -391,7 +391,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
 
     async def health(http: HTTPRequest) -> Response:
         return JSONResponse({"status": "ok", "slots": engine.scheduler.batch_size,
-                             "slots_busy": engine.scheduler.active, "waiting": engine.waiting})
+                             "slots_busy": engine.scheduler.busy_slots, "waiting": engine.waiting})
 
     async def on_api_error(http, exc: APIError) -> Response:
         return exc.response()

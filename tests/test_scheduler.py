@@ -74,6 +74,20 @@ def test_a_request_that_cannot_run_is_refused_before_work(smollm2):
         list(scheduler.run([Request([1, 2], max_tokens=0)]))
 
 
+def test_a_slot_counts_as_busy_from_its_first_streamed_token(smollm2):
+    """Another thread (a server's /health, its queue limit) reads ``busy_slots`` while the worker
+    steps: from the first token streamed — sampled before the request joins the decoding ones — to
+    the last, the request's slot is busy, and free once it has finished."""
+    scheduler = Scheduler(smollm2.model, smollm2.tokenizer, batch_size=2, ctx_size=32)
+    seen = []
+    request = Request(prompts_of(smollm2, [5])[0], SamplingParams(), max_tokens=3,
+                      on_token=lambda step, logprob: seen.append((scheduler.busy_slots, scheduler.active)))
+    done = list(scheduler.run([request]))
+    assert [c.request for c in done] == [request] and len(seen) == 3
+    assert seen[0] == (1, 0)  # the first token: streamed before the sequence decodes, its slot already held
+    assert all(busy == 1 for busy, _ in seen) and scheduler.busy_slots == 0
+
+
 @pytest.mark.parametrize("windows", [(0, 0), (0, 4)])
 def test_the_pool_stores_rows_as_separate_caches_do(windows):
     """Three pool slots written by the batched decode write hold what three caches of their own
