@@ -17,7 +17,9 @@ implementations (kernels, float16 rounding of Q in llama.cpp's flash attention, 
 report gives each value with llama-perplexity's standard error, and the relative difference
 (mqa-gen − llama.cpp) / llama.cpp, plus the wall time of each run (not a speed benchmark: one
 thread, on a shared machine). A cache type our CLI does not accept (``--cache-dtype q8_0`` before
-the quantised caches land) is skipped and the report says so.
+the quantised caches land) is skipped and the report says so. A third table sets each tool's
+quantised cache against its own f16 cache ((type − f16) / f16, :func:`cache_deltas`): what the
+quantisation costs within one implementation, which is the figure to compare across the tools.
 
 A second table checks all three against the transformers oracle where the windows match: the
 oracle fixture ``tests/fixtures/<model>/perplexity.json`` holds every token's nll over one window
@@ -139,6 +141,38 @@ def rel(value: dict, reference: float) -> str:
     return f"{100 * (value['ppl'] - reference) / reference:+.4f} %" if "ppl" in value else "—"
 
 
+def cache_deltas(results: list[dict], reference: str = "f16") -> list[dict]:
+    """Each tool's own change in PPL from its ``reference`` cache to every other type (the -fa on runs).
+
+    ``results``: the rows main() gathers ({"model", "cache", "fa", "llama", "ours"}, each run a dict with
+    "ppl" when it succeeded). Returns one dict per (model, other cache) in input order with "model",
+    "cache", "llama" and "ours": the relative difference (other − reference) / reference in %, or None
+    where either run is missing. The issue's bar (q8_0 within 0.5 % of f16) is read off these.
+    """
+    def pct(runs: dict, key: str) -> float | None:
+        ref, other = runs.get(reference), runs.get(key)
+        if not ref or not other or "ppl" not in ref or "ppl" not in other:
+            return None
+        return 100 * (other["ppl"] - ref["ppl"]) / ref["ppl"]
+
+    by_model: dict[str, dict[str, dict[str, dict]]] = {}
+    for r in results:
+        if r["fa"] != "on":
+            continue
+        tools = by_model.setdefault(r["model"], {"llama": {}, "ours": {}})
+        tools["llama"][r["cache"]] = r["llama"]
+        tools["ours"][r["cache"]] = r["ours"] or {}
+    out = []
+    for model, tools in by_model.items():
+        if reference not in tools["llama"]:
+            continue
+        for cache in tools["llama"]:
+            if cache != reference:
+                out.append({"model": model, "cache": cache, "llama": pct(tools["llama"], cache),
+                            "ours": pct(tools["ours"], cache)})
+    return out
+
+
 def fmt(r: dict) -> str:
     if "ppl" in r:
         return f"{r['ppl']:.4f} ± {r['stderr']:.4f}"
@@ -210,6 +244,13 @@ def main() -> None:
         rows.append(f"| {r['model']} | {label} | {fmt(llama)} | {ours_cell} | {diff} | {chunks} | "
                     f"{llama_s} / {ours_s} |")
 
+    deltas = cache_deltas(results)
+    delta_table = ["| model | KV cache | llama-perplexity: (type − f16) / f16 | mqa-gen: (type − f16) / f16 |",
+                   "|---|---|---:|---:|"]
+    for d in deltas:
+        cells = [f"{d[k]:+.3f} %" if d[k] is not None else "—" for k in ("llama", "ours")]
+        delta_table.append(f"| {d['model']} | {d['cache']} | " + " | ".join(cells) + " |")
+
     oracle_table = ["| model | window (first chunk) | transformers (oracle) | mqa-gen (f32) | llama.cpp f32 -fa on | "
                     "llama.cpp f32 -fa off |", "|---|---|---:|---:|---:|---:|"]
     for o in oracle:
@@ -238,6 +279,8 @@ def main() -> None:
         "",
         *(f"- {n}" for n in notes),
         *([""] if notes else []),
+        *(["What each tool's own quantised cache costs against its own f16 cache (both -fa on for llama.cpp; "
+           "the same chunks):", "", *delta_table, ""] if deltas else []),
         *([f"Against the transformers oracle where the windows match (the fixture's window of "
            f"`{oracle[0]['text']}` from its start is both tools' first chunk; PPL over that chunk's second "
            "half; relative difference to the oracle in brackets):", "", *oracle_table, ""] if oracle else []),

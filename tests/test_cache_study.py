@@ -155,3 +155,30 @@ def test_measured_study_perplexity_kl_and_bytes(smollm2, tmp_path):
 def test_pareto_front_keeps_points_nothing_beats_on_both_axes():
     points = [(100.0, 10.0), (50.0, 12.0), (50.0, 11.0), (200.0, 9.0), (300.0, 9.5), (10.0, 30.0)]
     assert bench.pareto_front(points) == [5, 2, 0, 3]
+
+
+def test_pareto_labels_of_neighbouring_markers_do_not_share_a_spot():
+    # Display positions (points): a marker 8 pt right of one whose 60-pt label sits above it at the
+    # same height takes the spot below; one 8 pt right but 30 pt higher, or 80 pt right, keeps its.
+    points = [(108.0, 50.0), (20.0, 300.0), (100.0, 50.0), (180.0, 50.0), (116.0, 80.0)]
+    widths = [60.0] * 5
+    assert bench.label_offsets(points, widths) == [(5, -11), (5, 4), (5, 4), (5, 4), (5, 4)]
+
+
+def test_pareto_axes_read_as_plain_numbers():
+    pytest.importorskip("matplotlib")
+    major, minor = bench._plain_log_formatter(minor=False), bench._plain_log_formatter(minor=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.scatter([1e4, 4e4], [26.3, 30.2])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(major)
+    ax.yaxis.set_minor_formatter(minor)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+    plt.close(fig)
+    assert "27" in labels and "28.5" in labels and not any("times" in s or "^" in s for s in labels)
