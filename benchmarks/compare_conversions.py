@@ -17,20 +17,25 @@ variant is built in this process, one after another, and measured against the na
   comparison existed), for reference.
 
 Measured for each: the wall time to build it (reading the calibration text through the model, the
-merge and the fit; not the evaluation), perplexity on held-out text (one window of
-``--eval-tokens`` tokens through :func:`mqa_gen.perplexity.perplexity`), top-1 agreement with the
-native model's next-token prediction and the mean KL(native ‖ variant) in nats over the same
-window's positions, and greedy agreement on the sample prompts (each rendered with the chat
-template, ``--greedy-tokens`` new tokens): the share of native's tokens the variant reproduces
+merge and the fit; not the evaluation), perplexity on held-out text by ``mqa-gen perplexity``'s
+method (:func:`mqa_gen.perplexity_chunks.chunked_perplexity`: chunks of ``--ctx`` 512 tokens, each
+from an empty KV cache, scored on its second half; ± its standard error), and against the native
+model on the same scored positions as ``mqa-gen perplexity --kl-base`` does (the native run's
+top-32 distributions; :mod:`mqa_gen.kl_base`): the mean KL(native ‖ variant) in nats and the share
+of positions where both put the same token first (top-1 agreement); then greedy agreement on the
+sample prompts (each rendered with the chat template, ``--greedy-tokens`` new tokens): the share of native's tokens the variant reproduces
 before its first different token, averaged over prompts, and how many prompts it reproduces
 entirely. ``--per-layer`` adds, for the best variant, the perplexity with only one layer
 converted (the other layers native; the converted layer's single KV head replicated back to the
-native count, which is exact), to show which layers lose most.
+native count, which is exact), to show which layers lose most. ``--converted NAME=JSON``
+evaluates a file ``mqa-gen convert --json`` wrote (timed by that command), ``--add-rows`` puts an
+earlier run's rows in the table.
 
-The calibration text is the shipped ``mqa_gen/data/calibration_english.txt``; the held-out text
-is ``mqa_gen/data/eval_english.txt`` when present, otherwise ``sample_prompts/long_document.txt``,
-``mqa_gen/data/ppl_english.txt`` and ``benchmarks/data/heldout_english.txt`` joined (none of them
-shares a sentence with the calibration text). Prints a table and, unless ``--no-write``, writes
+The calibration tokens are ``convert``'s (:func:`mqa_gen.calibrate.calibration_ids`: the shipped
+conversations of ``mqa_gen/data/calibration_chat.jsonl`` in the chat template, then
+``mqa_gen/data/calibration_english.txt``), or ``--calibrate FILE``; the held-out text is
+``mqa_gen/data/eval_english.txt`` (five chunks of 512 SmolLM2 tokens; the script refuses a held-out
+text that shares a sentence with the calibration data). Prints a table and, unless ``--no-write``, writes
 the ``compare-conversions`` section of BENCHMARKS.md (with the command, the load average and the
 machine). Nothing here asserts anything.
 """
@@ -55,28 +60,31 @@ from report_section import loadavg, write_section  # noqa: E402
 
 SECTION = "compare-conversions"
 CALIBRATION = ROOT / "mqa_gen" / "data" / "calibration_english.txt"
+CHAT = ROOT / "mqa_gen" / "data" / "calibration_chat.jsonl"
 EVAL_TEXT = ROOT / "mqa_gen" / "data" / "eval_english.txt"
-FALLBACK_EVAL = [ROOT / "sample_prompts" / "long_document.txt", ROOT / "mqa_gen" / "data" / "ppl_english.txt",
-                 ROOT / "benchmarks" / "data" / "heldout_english.txt"]
 VARIANTS = ["native", "mean", "aligned-mean", "aligned", "aligned+fit", "svd", "svd+fit", "pca", "pca+fit",
             "mean+fit-kv"]
+#: The variants run by default: the merges, and a fit from the aligned merge and from the default (pca).
+DEFAULT_VARIANTS = ["native", "mean", "aligned", "aligned+fit", "svd", "pca", "pca+fit"]
 
 
 def held_out_text(paths: list[str] | None) -> tuple[str, list[str]]:
-    files = [Path(p) for p in paths] if paths else ([EVAL_TEXT] if EVAL_TEXT.exists() else FALLBACK_EVAL)
+    files = [Path(p) for p in paths] if paths else [EVAL_TEXT]
     return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files), [str(p.relative_to(ROOT))
                                                                                 if p.is_relative_to(ROOT) else str(p)
                                                                                 for p in files]
 
 
-def sample_prompts() -> list[str]:
-    """Every sample prompt: each .txt file but the long document, and each prompt of questions.jsonl."""
+def sample_prompts() -> list[list[dict]]:
+    """Every sample prompt as chat messages: each .txt file but the long document as a user turn, and
+    each line of questions.jsonl (its ``prompt`` as a user turn, or its ``messages``)."""
     folder = ROOT / "sample_prompts"
-    prompts = [p.read_text(encoding="utf-8").strip() for p in sorted(folder.glob("*.txt"))
-               if p.name != "long_document.txt"]
+    prompts = [[{"role": "user", "content": p.read_text(encoding="utf-8").strip()}]
+               for p in sorted(folder.glob("*.txt")) if p.name != "long_document.txt"]
     for line in (folder / "questions.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip():
-            prompts.append(json.loads(line)["prompt"])
+            row = json.loads(line)
+            prompts.append(row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}])
     return prompts
 
 
@@ -94,24 +102,17 @@ def greedy(model, ids: list[int], n: int, stop: set[int]) -> list[int]:
     return out
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+def evaluate(model, plan, native_top, prompts_ids, native_greedy, stop, n_greedy):
+    """Chunked perplexity, KL and top-1 agreement against native's top-k, greedy agreement."""
+    from mqa_gen.kl_base import DEFAULT_TOP_K
+    from mqa_gen.perplexity_chunks import chunked_perplexity
 
-
-def evaluate(model, eval_ids, native_logp, prompts_ids, native_greedy, stop, n_greedy):
-    """Perplexity, top-1 agreement and KL against native, greedy agreement."""
-    from mqa_gen.perplexity import perplexity
-
-    ppl = perplexity(model, eval_ids).perplexity
-    logits = model.forward(eval_ids, model.new_cache(len(eval_ids)), all_logits=True)
-    logp = log_softmax(logits)
-    result = {"perplexity": ppl}
-    if native_logp is not None:
-        p = np.exp(native_logp)
-        result["top1_agreement"] = float((logp.argmax(axis=1) == native_logp.argmax(axis=1)).mean())
-        result["kl_nats"] = float(np.mean(np.sum(p * (native_logp - logp), axis=1)))
+    scored = chunked_perplexity(model, plan, top_k=DEFAULT_TOP_K if native_top is None else 0, base=native_top)
+    result = {"perplexity": scored.perplexity, "stderr": scored.stderr}
+    if scored.kl is not None:
+        result["top1_agreement"] = scored.kl.same_top
+        result["kl_nats"] = scored.kl.mean_kl
+        result["kl_stderr"] = scored.kl.kl_stderr
     outs = [greedy(model, ids, n_greedy, stop) for ids in prompts_ids]
     if native_greedy is not None:
         shares, same = [], 0
@@ -123,7 +124,7 @@ def evaluate(model, eval_ids, native_logp, prompts_ids, native_greedy, stop, n_g
             same += ours == ref
         result["greedy_prefix_share"] = float(np.mean(shares))
         result["greedy_identical"] = int(same)
-    return result, outs
+    return result, outs, scored.top
 
 
 def build(name, loaded, ids, args):
@@ -142,9 +143,10 @@ def build(name, loaded, ids, args):
         layers = merged_weights(loaded.gguf, c, args.kv_heads, base)
     else:
         method, merge = ("aligned", "mean") if base == "aligned-mean" else (base, "ls")
-        kw = dict(method=method, merge=merge, chunk_tokens=args.chunk_tokens, max_tokens=args.calib_tokens)
+        kw = dict(method=method, merge=merge, chunk_tokens=args.chunk_tokens, max_tokens=args.calib_tokens,
+                  minibatch=args.minibatch)
         if name == "mean+fit-kv":  # the first calibration's settings (README before this comparison)
-            kw.update(steps=40, lr=5e-3, max_tokens=512, fit_weights=("w_k", "w_v"))
+            kw.update(steps=40, lr=5e-3, max_tokens=512, fit_weights=("w_k", "w_v"), minibatch=0)
         else:
             kw.update(steps=args.steps if fit else 0, lr=args.lr, inputs=args.inputs)
 
@@ -180,17 +182,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--kv-heads", type=int, default=1)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--eval-text", action="append", help="held-out text file(s), joined (default: see the doc)")
-    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--ctx", type=int, default=512, help="tokens per perplexity chunk")
+    ap.add_argument("--calibrate", default=None, help="calibration text (default: convert's)")
     ap.add_argument("--greedy-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="Adam steps per layer (default: convert's)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--calib-tokens", type=int, default=None)
     ap.add_argument("--chunk-tokens", type=int, default=None)
     ap.add_argument("--inputs", default=None, choices=["native", "converted"])
+    ap.add_argument("--minibatch", type=int, default=None, help="chunks per Adam step (default: convert's)")
     ap.add_argument("--per-layer", type=int, default=0, metavar="TOKENS",
                     help="also: perplexity with one layer converted at a time, over TOKENS tokens (0: skip)")
+    ap.add_argument("--converted", action="append", default=[], metavar="NAME=JSON",
+                    help="also evaluate the file a `mqa-gen convert --json` run wrote (JSON: its stdout), as "
+                         "variant NAME; its build time is that run's conversion time")
+    ap.add_argument("--add-rows", action="append", default=[], metavar="JSON",
+                    help="put the variants of an earlier run's --json in the table (refused unless its native "
+                         "perplexity is this run's: same model, held-out text and --ctx)")
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
@@ -203,7 +214,8 @@ def main() -> None:
 
     for name, default in (("steps", calibrate.DEFAULT_STEPS), ("lr", calibrate.DEFAULT_LR),
                           ("calib_tokens", calibrate.DEFAULT_MAX_TOKENS),
-                          ("chunk_tokens", calibrate.DEFAULT_CHUNK_TOKENS), ("inputs", calibrate.DEFAULT_INPUTS)):
+                          ("chunk_tokens", calibrate.DEFAULT_CHUNK_TOKENS), ("inputs", calibrate.DEFAULT_INPUTS),
+                          ("minibatch", calibrate.DEFAULT_MINIBATCH)):
         if getattr(args, name) is None:
             setattr(args, name, default)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -216,38 +228,66 @@ def main() -> None:
     loaded = load(args.model)
     tok = loaded.tokenizer
     text, eval_files = held_out_text(args.eval_text)
-    eval_ids = tok.encode(text)[: args.eval_tokens]
-    calibration = CALIBRATION.read_text(encoding="utf-8")
+    from mqa_gen.perplexity_chunks import plan_text
+
+    plan = plan_text(tok, text, args.ctx)
+    eval_ids = [int(t) for t in plan.chunks.reshape(-1)]  # for --per-layer's one-window perplexity
+    calibration = (Path(args.calibrate).read_text(encoding="utf-8") if args.calibrate
+                   else CALIBRATION.read_text(encoding="utf-8") + CHAT.read_text(encoding="utf-8"))
     for sentence in (s.strip() for s in text.split(".") if len(s.strip()) > 40):
         if sentence in calibration:
             sys.exit(f"error: the held-out text shares a sentence with the calibration text: {sentence[:60]!r}")
-    ids = tok.encode(calibration)
-    prompts_ids = [tok.encode(render_prompt(tok, [{"role": "user", "content": p}])) for p in sample_prompts()]
+    ids = calibrate.calibration_ids(tok, args.calibrate)
+    prompts_ids = [tok.encode(render_prompt(tok, messages)) for messages in sample_prompts()]
     stop = end_of_turn_ids(tok)
 
     started, load_start = time.time(), loadavg()
-    rows, native_logp, native_greedy, cals = {}, None, None, {}
+    rows, native_top, native_greedy, cals = {}, None, None, {}
     for name in variants:
         print(f"{name}: building", file=sys.stderr, flush=True)
         model, seconds, cal = build(name, loaded, ids, args)
         if cal is not None:
             cals[name] = cal
         print(f"{name}: built in {seconds:.0f} s; evaluating", file=sys.stderr, flush=True)
-        result, outs = evaluate(model, eval_ids, native_logp, prompts_ids, native_greedy, stop, args.greedy_tokens)
+        result, outs, top = evaluate(model, plan, native_top, prompts_ids, native_greedy, stop, args.greedy_tokens)
         result["build_seconds"] = seconds
         if cal is not None:
             result["layer_rel_error"] = [[f.before, f.after] for f in cal.fits]
         if name == "native":
-            native_logp = log_softmax(model.forward(eval_ids, model.new_cache(len(eval_ids)), all_logits=True))
-            native_greedy = outs
+            native_top, native_greedy = top, outs
         rows[name] = result
         print(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'layer_rel_error'})}",
               file=sys.stderr, flush=True)
+    for spec in args.converted:  # files written by `mqa-gen convert`, timed by that command
+        name, _, path = spec.partition("=")
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        print(f"{name}: evaluating {report['output']}", file=sys.stderr, flush=True)
+        result, _, _ = evaluate(load(report["output"]).model, plan, native_top, prompts_ids, native_greedy, stop,
+                                args.greedy_tokens)
+        timings = report["timings"]
+        result["build_seconds"] = timings.get("calibrate_seconds", timings.get("merge_seconds", 0.0))
+        result["convert"] = {k: report[k] for k in ("method", "fit", "calibration") if k in report}
+        if "calibration" in report:
+            result["layer_rel_error"] = [[f["rel_error_merged"], f["rel_error_calibrated"]]
+                                         for f in report["calibration"]["layers"]]
+        rows[name] = result
+        print(f"{name}: {json.dumps({k: v for k, v in result.items() if k not in ('layer_rel_error', 'convert')})}",
+              file=sys.stderr, flush=True)
+    earlier = set()
+    for path in args.add_rows:
+        old = json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
+        if abs(old["native"]["perplexity"] - rows["native"]["perplexity"]) > 1e-9 * rows["native"]["perplexity"]:
+            sys.exit(f"error: {path} scored native at {old['native']['perplexity']}, this run at "
+                     f"{rows['native']['perplexity']}: not the same model, text or --ctx")
+        for name, result in old.items():
+            if name != "native" and name not in rows:
+                rows[name] = result
+                earlier.add(name)
     load_end = loadavg()
-    fitted = [v for v in rows if v in cals]
+    fitted = [v for v in rows if "layer_rel_error" in rows[v] and v.endswith("fit")]
     best = min(fitted, key=lambda v: rows[v]["perplexity"]) if fitted else None
     layer_ppl = None
-    if args.per_layer and best is not None:
+    if args.per_layer and best in cals:
         layer_ppl = per_layer(loaded, cals[best], eval_ids, args.per_layer)
 
     native_ppl = rows["native"]["perplexity"]
@@ -255,21 +295,31 @@ def main() -> None:
              "| greedy identical | build time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         if name == "native":
-            lines.append(f"| native ({loaded.config.n_kv_heads} KV heads) | {r['perplexity']:.2f} | 1.00 | — | — | — "
-                         f"| — | — |")
+            lines.append(f"| native ({loaded.config.n_kv_heads} KV heads) | {r['perplexity']:.2f} ± {r['stderr']:.2f} "
+                         f"| 1.00 | — | — | — | — | — |")
             continue
-        lines.append(f"| {name} | {r['perplexity']:,.2f} | {r['perplexity'] / native_ppl:,.2f} | "
+        mark = " †" if name in earlier else ""
+        lines.append(f"| {name}{mark} | {r['perplexity']:,.2f} ± {r['stderr']:,.2f} | {r['perplexity'] / native_ppl:,.2f} | "
                      f"{r['top1_agreement']:.1%} | {r['kl_nats']:.3f} | {r['greedy_prefix_share']:.1%} | "
                      f"{r['greedy_identical']}/{len(prompts_ids)} | {r['build_seconds']:.0f} |")
     table = "\n".join(lines)
+    if earlier:
+        table += ("\n\n† From an earlier run of this script on the same machine (`--add-rows`; its native perplexity "
+                  "is this run's to the last digit), where it was built and timed in the same way.")
+    if args.converted:
+        table += ("\n\n" + ", ".join(f"`{spec.partition('=')[0]}`" for spec in args.converted)
+                  + ": the file `mqa-gen convert --json` wrote, evaluated here; build time = that command's "
+                  "conversion time (`timings.calibrate_seconds`).")
     print(table)
     layers_md = ""
     if best is not None:
         errs = rows[best]["layer_rel_error"]
         worst = sorted(range(len(errs)), key=lambda i: -errs[i][1])[:5]
-        layers_md = (f"\nLayers with the largest attention error after `{best}` (relative MSE of the layer's output on "
-                     f"the calibration text, merge → fit): "
-                     + ", ".join(f"{i} ({errs[i][0]:.2f} → {errs[i][1]:.2f})" for i in worst) + ".\n")
+        layers_md = (f"\nPer layer, `{best}`: relative MSE of the layer's output on the calibration text after the "
+                     f"merge → after the fit (on the {args.inputs} model's states), layers 0 … {len(errs) - 1}:\n\n"
+                     + " · ".join(f"{i}: {e[0]:.3f} → {e[1]:.3f}" for i, e in enumerate(errs))
+                     + "\n\nThe largest after the fit: " + ", ".join(f"layer {i} ({errs[i][1]:.3f})" for i in worst)
+                     + ".\n")
         if layer_ppl is not None:
             ppls, base = layer_ppl
             order = sorted(range(len(ppls)), key=lambda i: -ppls[i])
@@ -278,15 +328,21 @@ def main() -> None:
                           + ", ".join(f"layer {i} {ppls[i]:.2f}" for i in order[:8])
                           + f"; the best: " + ", ".join(f"layer {i} {ppls[i]:.2f}" for i in order[-3:]) + ".\n")
     command = "python benchmarks/compare_conversions.py " + " ".join(sys.argv[1:])
+    calib_what = (f"`{args.calibrate}`" if args.calibrate else
+                  "`mqa_gen/data/calibration_chat.jsonl` (chat template) then `mqa_gen/data/calibration_english.txt`")
+    batch_what = f", {args.minibatch} chunks per step" if args.minibatch else ", every chunk each step"
     body = f"""## Converting to MQA: merge methods compared (`benchmarks/compare_conversions.py`)
 
 {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, {platform.machine()}, {os.cpu_count()} CPUs, load average
 {load_start[0]:.2f} at the start and {load_end[0]:.2f} at the end; `{command.strip()}`.
-Model {loaded.name}, {loaded.config.n_kv_heads} → {args.kv_heads} KV heads. Calibration: `mqa_gen/data/calibration_english.txt`
-(first {args.calib_tokens} tokens in chunks of {args.chunk_tokens}); fits: {args.steps} Adam steps per layer at lr {args.lr},
-W_q, W_k, W_v, W_o, on the {args.inputs} model's hidden states. Held out: {', '.join(f'`{f}`' for f in eval_files)}, first
-{len(eval_ids)} tokens (one window). Greedy: {len(prompts_ids)} sample prompts (chat template), {args.greedy_tokens}
-new tokens each. Build time is wall time in this process (reading the calibration text through the model, merging,
+Model {loaded.name}, {loaded.config.n_kv_heads} → {args.kv_heads} KV heads. Calibration: {calib_what}, {len(ids):,}
+tokens, the first {args.calib_tokens:,} used in chunks of {args.chunk_tokens}; fits: {args.steps} Adam steps per layer at
+lr {args.lr}{batch_what}, W_q, W_k, W_v, W_o, on the {args.inputs} model's hidden states. Held out:
+{', '.join(f'`{f}`' for f in eval_files)}, scored as `mqa-gen perplexity FILE --ctx {args.ctx}` does: {plan.n_chunks} chunks of
+{args.ctx} tokens, {plan.n_scored:,} scored; perplexity ± its standard error; KL and top-1 agreement against the native
+model's top-32 distributions on the same positions (as `--kl-base`). Greedy: {len(prompts_ids)} sample prompts (chat
+template), {args.greedy_tokens} new tokens each: "prefix kept" is the share of native's tokens reproduced before the first
+difference. Build time is wall time in this process (reading the calibration text through the model, merging,
 fitting), one variant after another on the same machine.
 
 {table}

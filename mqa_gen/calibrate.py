@@ -44,17 +44,21 @@ from .models.llama import tensor_name
 from .optim import Adam
 
 #: The calibration text shipped with the package (original prose written for this project,
-#: Apache-2.0 like the code; disjoint from the perplexity texts).
+#: Apache-2.0 like the code; disjoint from the perplexity texts), and short conversations (also
+#: original) that :func:`calibration_ids` renders with the model's chat template, so that the fit
+#: also sees the states a chat prompt produces.
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calibration_english.txt"
+DEFAULT_CHAT = Path(__file__).parent / "data" / "calibration_chat.jsonl"
 
 #: Defaults of ``mqa-gen convert`` (chosen on SmolLM2-135M, 3 → 1 KV heads, on 2 cores; README).
 DEFAULT_METHOD = "pca"
-DEFAULT_STEPS = 20
+DEFAULT_STEPS = 80
 DEFAULT_LR = 1e-3
 DEFAULT_CHUNK_TOKENS = 256
-DEFAULT_MAX_TOKENS = 8192
+DEFAULT_MAX_TOKENS = 16384
 DEFAULT_FIT_WEIGHTS = ("w_q", "w_k", "w_v", "w_o")
 DEFAULT_INPUTS = "converted"
+DEFAULT_MINIBATCH = 8
 INPUTS = ("native", "converted")
 
 
@@ -149,13 +153,17 @@ def relative_mse(y: np.ndarray, target: np.ndarray) -> float:
 
 def fit_layer(layer: MultiQueryAttention, x: np.ndarray, target: np.ndarray, steps: int, lr: float,
               weights: Sequence[str] = ("w_k", "w_v"),
-              on_step: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+              on_step: Callable[[int, float], None] | None = None, minibatch: int = 0,
+              seed: int = 0) -> tuple[float, float]:
     """Fit some of ``layer``'s projections (in place) so that layer(x) ≈ target, by Adam on the MSE.
 
     x, target: [batch, seq, d_model]. weights: which of ``w_q``, ``w_k``, ``w_v``, ``w_o`` change (the
-    others stay fixed). Keeps the weights of the best step seen (the start counts), so the returned
-    loss is never above the starting one. on_step(step, loss) is called after each step (1-based),
-    with that step's relative MSE.
+    others stay fixed). minibatch: 0 — every step uses all of x and the weights of the best step
+    seen are kept (the start counts); n > 0 — each step uses n sequences of x drawn at random
+    (``seed``), so a step costs n / batch of a full one, and the end is kept only if its loss on all
+    of x is below the start's. Either way the returned loss is never above the starting one.
+    on_step(step, loss) is called after each step (1-based) with the relative MSE of the sequences
+    that step saw, before its update when it used a minibatch.
 
     Returns:
         (relative MSE before, relative MSE after) — see :func:`relative_mse`.
@@ -175,6 +183,8 @@ def fit_layer(layer: MultiQueryAttention, x: np.ndarray, target: np.ndarray, ste
 
         raise LayerError(f"unknown weight name(s) {sorted(unknown)}; choose from {', '.join(params)}")
     opt = Adam(lr=lr)
+    if 0 < minibatch < x.shape[0]:
+        return _fit_minibatch(layer, x, target, steps, opt, weights, on_step, minibatch, seed)
     y = layer.forward(x, keep=True)
     start = best = relative_mse(y, target)
     best_w = {n: params[n].copy() for n in weights}
@@ -192,6 +202,29 @@ def fit_layer(layer: MultiQueryAttention, x: np.ndarray, target: np.ndarray, ste
         params[n][...] = best_w[n]
     layer.weights_changed()
     return start, best
+
+
+def _fit_minibatch(layer, x, target, steps, opt, weights, on_step, minibatch, seed) -> tuple[float, float]:
+    """:func:`fit_layer`'s minibatch path."""
+    params = layer.parameters()
+    start = relative_mse(layer.forward(x), target)
+    start_w = {n: params[n].copy() for n in weights}
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        rows = np.sort(rng.choice(x.shape[0], minibatch, replace=False))
+        xb, tb = x[rows], target[rows]
+        y = layer.forward(xb, keep=True)
+        grads = layer.backward(xb, (y - tb) * (2.0 / tb.size), input_grad=False, weights=weights)
+        layer.apply_gradients(grads, opt)
+        if on_step is not None:
+            on_step(step + 1, relative_mse(y, tb))
+    end = relative_mse(layer.forward(x), target)
+    if end >= start:
+        for n in weights:
+            params[n][...] = start_w[n]
+        end = start
+    layer.weights_changed()
+    return start, end
 
 
 def fit_kv(layer: MultiQueryAttention, x: np.ndarray, target: np.ndarray, steps: int, lr: float) -> tuple[float, float]:
@@ -248,6 +281,37 @@ def calibration_chunks(ids: Sequence[int], chunk_tokens: int, max_tokens: int) -
         return np.asarray([ids], dtype=np.int64)
     n = len(ids) // chunk_tokens
     return np.asarray(ids[: n * chunk_tokens], dtype=np.int64).reshape(n, chunk_tokens)
+
+
+def calibration_ids(tokenizer, path: str | Path | None = None) -> list[int]:
+    """Token ids to calibrate on: the text at ``path`` (UTF-8), or by default the shipped
+    conversations rendered with the tokenizer's chat template (skipped when it has none) followed
+    by the shipped prose.
+
+    Raises:
+        PromptError: the file cannot be read or is not UTF-8.
+    """
+    import json
+
+    from .chat import render_prompt
+    from .errors import ChatTemplateError, PromptError
+
+    text_path = DEFAULT_TEXT if path is None else Path(path)
+    try:
+        ids = tokenizer.encode(text_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:  # a text that is not UTF-8: one line, exit 2
+        raise PromptError(f"cannot read calibration text {text_path}: {getattr(e, 'strerror', None) or e}") from None
+    if path is not None or tokenizer.chat_template is None:
+        return ids
+    chat: list[int] = []
+    for line in DEFAULT_CHAT.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                chat += tokenizer.encode(render_prompt(tokenizer, json.loads(line)["messages"],
+                                                       add_generation_prompt=False))
+            except ChatTemplateError:  # a template this conversation does not fit: prose only
+                return ids
+    return chat + ids
 
 
 def check_convertible(model) -> None:
@@ -330,6 +394,7 @@ def calibrate_attention(model, gguf: GGUFFile, config: ModelConfig, n_kv_heads: 
                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_tokens: int = DEFAULT_MAX_TOKENS,
                         fit_weights: Sequence[str] = DEFAULT_FIT_WEIGHTS, inputs: str = DEFAULT_INPUTS,
                         merge: str = "ls", rope_span: int | None = None, keep_merged: bool = False,
+                        minibatch: int = DEFAULT_MINIBATCH,
                         progress: Callable[[LayerFit, float], None] | None = None,
                         on_step: Callable[[int, int, float], None] | None = None) -> Calibration:
     """Merge every layer's KV heads to ``n_kv_heads`` and fit the layer on the token ids ``ids``.
@@ -345,6 +410,7 @@ def calibrate_attention(model, gguf: GGUFFile, config: ModelConfig, n_kv_heads: 
         fit_weights: the projections the fit changes (``w_q``, ``w_k``, ``w_v``, ``w_o``).
         inputs: ``"native"`` or ``"converted"`` (see the module doc).
         keep_merged: also return each layer's merged weights before the fit (``merged``).
+        minibatch: chunks per Adam step (0: all; :func:`fit_layer`).
         progress: called after each layer with its :class:`LayerFit` and the seconds so far.
         on_step: called after each Adam step with (layer, step, relative MSE).
 
@@ -388,7 +454,8 @@ def calibrate_attention(model, gguf: GGUFFile, config: ModelConfig, n_kv_heads: 
         if keep_merged:
             result.merged[layer] = merged
         before, after = fit_layer(mqa, x, target, steps if fit_weights else 0, lr, fit_weights,
-                                  None if on_step is None else (lambda step, loss: on_step(layer, step, loss)))
+                                  None if on_step is None else (lambda step, loss: on_step(layer, step, loss)),
+                                  minibatch=minibatch, seed=layer)
         fitted = AttentionWeights(*(mqa.projection(n).astype(np.float64) for n in names),
                                   n_heads=c.n_heads, head_dim=c.head_dim, rope_interleaved=c.rope_interleaved)
         result.layers[layer] = fitted

@@ -292,3 +292,41 @@ def test_models_the_conversion_cannot_reproduce_are_refused(tiny):
     odd = tiny.model.replace(blocks=blocks)
     with pytest.raises(ConfigError, match="supports llama-architecture models"):
         calibrate_attention(odd, tiny.gguf, tiny.config, 1, calibration_ids(tiny), steps=0)
+
+
+def test_minibatch_fit_lowers_the_loss_and_never_ends_above_its_start(tiny):
+    from mqa_gen.calibrate import fit_layer
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 16, 32)).astype(np.float32)
+    target = attention_layer(tiny.gguf, tiny.config, 0).forward(x)
+    mqa = attention_layer(tiny.gguf, tiny.config, 0, 1)
+    seen = []
+    before, after = fit_layer(mqa, x, target, 30, 1e-2, ("w_q", "w_k", "w_v", "w_o"),
+                              on_step=lambda step, loss: seen.append(step), minibatch=2)
+    assert seen == list(range(1, 31)) and after < 0.8 * before
+    assert relative_mse(mqa.forward(x), target) == pytest.approx(after, rel=1e-5)
+    diverging = attention_layer(tiny.gguf, tiny.config, 0, 1)
+    before, after = fit_layer(diverging, x, target, 3, 10.0, ("w_k", "w_v"), minibatch=2)
+    assert after == before
+    assert relative_mse(diverging.forward(x), target) == pytest.approx(before, rel=1e-5)
+
+
+def test_calibration_ids_are_the_chat_conversations_then_the_prose(tiny, tmp_path):
+    from mqa_gen.calibrate import DEFAULT_CHAT, DEFAULT_TEXT
+    from mqa_gen.calibrate import calibration_ids as shipped_ids
+    from mqa_gen.errors import PromptError
+
+    tok = tiny.tokenizer
+    expected = []
+    for line in DEFAULT_CHAT.read_text(encoding="utf-8").splitlines():  # ChatML written out by hand
+        expected += tok.encode("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                                       for m in json.loads(line)["messages"]))
+    prose = tok.encode(DEFAULT_TEXT.read_text(encoding="utf-8"))
+    assert len(expected) > 1000
+    assert shipped_ids(tok) == expected + prose
+    assert shipped_ids(tok, CALIBRATION_TEXT) == tok.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(PromptError, match="cannot read calibration text"):
+        shipped_ids(tok, bad)

@@ -15,17 +15,17 @@ from ..calibrate import (
     DEFAULT_LR,
     DEFAULT_MAX_TOKENS,
     DEFAULT_METHOD,
+    DEFAULT_MINIBATCH,
     DEFAULT_STEPS,
     INPUTS,
 )
-from ..errors import PromptError
 from ..head_merge import METHODS
 from .common import ensure_kernels, load_model, mib, model_option, set_threads, stderr, threads_option
 
 _WEIGHT_LETTERS = {"q": "w_q", "k": "w_k", "v": "w_v", "o": "w_o"}
 
-#: Adam steps between two progress lines of one layer.
-_STEP_REPORT = 5
+#: Progress lines per layer during the fit (step, loss).
+_STEP_REPORTS = 4
 
 
 def _same_file(a: str | None, b: str | None) -> bool:
@@ -54,7 +54,8 @@ def _fit_weights(ctx, param, value: str) -> tuple[str, ...]:
               help="After the merge, fit each layer's projections to the original layer's output.")
 @click.option("--calibrate", "calibration_text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Calibration text for aligned/pca and the fit (default: the shipped "
-                   "mqa_gen/data/calibration_english.txt).")
+                   "mqa_gen/data/calibration_english.txt, after the conversations of "
+                   "calibration_chat.jsonl in the model's chat template).")
 @click.option("--fit-weights", default="qkvo", show_default=True, callback=_fit_weights,
               help="Projections the fit changes: letters of q, k, v, o.")
 @click.option("--inputs", type=click.Choice(INPUTS), default=DEFAULT_INPUTS, show_default=True,
@@ -65,6 +66,8 @@ def _fit_weights(ctx, param, value: str) -> tuple[str, ...]:
               help="Adam steps per layer.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LR, show_default=True,
               help="Adam step size.")
+@click.option("--minibatch", type=click.IntRange(min=0), default=DEFAULT_MINIBATCH, show_default=True,
+              help="Calibration chunks per Adam step, drawn at random (0: all of them every step).")
 @click.option("--calib-tokens", type=click.IntRange(min=2), default=DEFAULT_MAX_TOKENS, show_default=True,
               help="Calibration tokens used (the text's first N).")
 @click.option("--chunk-tokens", type=click.IntRange(min=2), default=DEFAULT_CHUNK_TOKENS, show_default=True,
@@ -80,7 +83,7 @@ def _fit_weights(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @threads_option
-def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs, steps, lr, calib_tokens,
+def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs, steps, lr, minibatch, calib_tokens,
             chunk_tokens, ppl_text, ppl_tokens, no_eval, kv_type, output, as_json, quiet, threads):
     """Write a copy of a model with KV heads regrouped (1 = MQA), merged by --method and fitted.
 
@@ -91,7 +94,7 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
     the new attention's output matches the original's on the calibration text. Prints perplexity of
     the original, the mean-pooled, the merged and the fitted model on a held-out text.
     """
-    from ..calibrate import DEFAULT_TEXT, calibrate_attention, merged_weights
+    from ..calibrate import DEFAULT_CHAT, DEFAULT_TEXT, calibrate_attention, calibration_ids, merged_weights
     from ..convert import write_regrouped_gguf
     from ..errors import ModelFileError
     from ..kv_heads import attention_kind, check_kv_heads
@@ -125,14 +128,9 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
         result["perplexity"]["mean_pooled"] = perplexity(regroup_model(loaded.model, kv_heads), ppl_ids).perplexity
         timings["eval_seconds"] = time.perf_counter() - t
 
-    text_path = calibration_text or str(DEFAULT_TEXT)
+    text_path = calibration_text or f"{DEFAULT_CHAT} (in the chat template, if the model has one) + {DEFAULT_TEXT}"
     if needs_text or calibration_text is not None:  # a text given is checked even when not needed
-        try:
-            with open(text_path, encoding="utf-8") as f:
-                ids = loaded.tokenizer.encode(f.read())
-        except (OSError, UnicodeDecodeError) as e:  # a text that is not UTF-8: one line, exit 2
-            raise PromptError(f"cannot read calibration text {text_path}: "
-                              f"{getattr(e, 'strerror', None) or e}") from None
+        ids = calibration_ids(loaded.tokenizer, calibration_text)
 
     merged = None  # the merge before any fit, when it differs from the written weights
     if not needs_text:
@@ -144,7 +142,7 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
         t0 = time.perf_counter()
 
         def on_step(layer, step, loss):
-            if step % _STEP_REPORT == 0 or step == n_steps:
+            if step % max(1, n_steps // _STEP_REPORTS) == 0 or step == n_steps:
                 say(f"layer {layer + 1}/{c.n_layers}  step {step}/{n_steps}  loss {loss:.4f}  "
                     f"({time.perf_counter() - t0:.0f} s)")
 
@@ -158,12 +156,13 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
         say(f"converting {c.n_layers} layers on {text_path}: {what}")
         cal = calibrate_attention(loaded.model, loaded.gguf, c, kv_heads, ids, method=method, steps=n_steps, lr=lr,
                                   chunk_tokens=chunk_tokens, max_tokens=calib_tokens, fit_weights=fit_weights,
-                                  inputs=inputs, keep_merged=bool(n_steps and ppl_ids is not None and method != "mean"),
-                                  progress=progress, on_step=on_step)
+                                  inputs=inputs, minibatch=minibatch, progress=progress, on_step=on_step,
+                                  keep_merged=bool(n_steps and ppl_ids is not None and method != "mean"))
         layers = cal.layers
         timings["calibrate_seconds"] = cal.seconds
         result["calibration"] = {"text": text_path, "chunks": cal.tokens[0], "chunk_tokens": cal.tokens[1],
-                                 "steps": n_steps, "lr": lr, "fit_weights": list(fit_weights), "inputs": inputs,
+                                 "steps": n_steps, "lr": lr, "minibatch": minibatch,
+                                 "fit_weights": list(fit_weights), "inputs": inputs,
                                  "layers": [{"layer": f.layer, "rel_error_merged": f.before,
                                              "rel_error_calibrated": f.after} for f in cal.fits]}
         if n_steps and ppl_ids is not None and method != "mean":
