@@ -845,21 +845,29 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def label_offsets(points: Sequence[tuple[float, float]], widths: Sequence[float],
                   height: float = 11.0) -> list[tuple[int, int]]:
-    """Offsets in points (x, y) for the labels of :func:`plot_pareto`'s markers: above right, or below
-    right where the label of a marker to its left (already above) would run into it (Gemma 3's MQA
-    f32 and MHA q8_0 lie 6 % apart in bytes with equal perplexity).
+    """Offsets in points (x, y) for the labels of :func:`plot_pareto`'s markers: each label, placed
+    left to right, takes the first of above right, below right, higher, lower whose box overlaps no
+    label already placed (Gemma 3's MQA f32 and MHA q8_0 lie 6 % apart in bytes with equal
+    perplexity; SmolLM2's native GQA with four cache types lies in one row), else above right.
 
     points: the markers in display units (points or pixels, y up); widths: each label's width and
     ``height`` a label's height in the same units.
     """
-    offsets: list[tuple[int, int]] = [(5, 4)] * len(points)
-    placed: list[int] = []
+    candidates = [(5, 4), (5, -11), (5, 15), (5, -22)]
+    offsets: list[tuple[int, int]] = [candidates[0]] * len(points)
+    boxes: list[tuple[float, float, float, float]] = []  # x0, x1, y0, y1 of the labels placed
+
+    def box(i: int, offset: tuple[int, int]) -> tuple[float, float, float, float]:
+        x, y = points[i][0] + offset[0], points[i][1] + offset[1]
+        return x, x + widths[i], y, y + height
+
+    def overlaps(a, b, margin: float = 0.5) -> bool:  # boxes that only touch (to rounding) do not overlap
+        return a[0] < b[1] - margin and b[0] < a[1] - margin and a[2] < b[3] - margin and b[2] < a[3] - margin
+
     for i in sorted(range(len(points)), key=lambda i: points[i]):
-        x, y = points[i]
-        if any(offsets[j] == (5, 4) and 0 <= x - points[j][0] < widths[j] + 5 and abs(y - points[j][1]) < height
-               for j in placed):
-            offsets[i] = (5, -11)
-        placed.append(i)
+        free = [o for o in candidates if not any(overlaps(box(i, o), b) for b in boxes)]
+        offsets[i] = free[0] if free else candidates[0]
+        boxes.append(box(i, offsets[i]))
     return offsets
 
 
@@ -900,14 +908,7 @@ def plot_pareto(result: BenchResult, path: str) -> None:
         front = pareto_front(xy)
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color="grey", alpha=0.6, zorder=2,
                 label="Pareto front")
-        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.autoscale_view()
-        to_points = 72 / fig.dpi  # display units are pixels at the figure's dpi; labels are sized in points
-        where = [tuple(p * to_points) for p in ax.transData.transform(xy)]
-        names = [result.variant_name(v) for v in measured]
-        for name, (x, y), offset in zip(names, xy, label_offsets(where, [len(n) * 3.9 for n in names])):
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
         ax.set_ylabel(f"perplexity (first {result.method.get('perplexity_tokens', '?')} tokens)")
         ax.legend(loc="upper right")
     else:
@@ -924,5 +925,13 @@ def plot_pareto(result: BenchResult, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     name = result.config.name or result.model
     ax.set_title(f"{name}: KV heads (MQA / GQA / MHA) x cache type ({', '.join(result.cache_types)})", fontsize=9)
+    if measured:
+        # labels last: their places depend on where the markers land once the layout is done
+        fig.canvas.draw()
+        to_points = 72 / fig.dpi  # display units are pixels at the figure's dpi; labels are sized in points
+        where = [tuple(p * to_points) for p in ax.transData.transform(xy)]
+        names = [result.variant_name(v) for v in measured]
+        for name, (x, y), offset in zip(names, xy, label_offsets(where, [len(n) * 4.2 for n in names])):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -182,3 +182,11 @@ def test_pareto_axes_read_as_plain_numbers():
     labels = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
     plt.close(fig)
     assert "27" in labels and "28.5" in labels and not any("times" in s or "^" in s for s in labels)
+
+
+def test_pareto_labels_in_one_row_do_not_overlap():
+    # Four markers 25 pt apart at one height with 60-pt labels (SmolLM2's native GQA row): the third
+    # finds above and below taken (by the first's and second's labels) and goes higher; the fourth
+    # is clear of the first's label above.
+    points = [(100.0, 50.0), (125.0, 50.0), (150.0, 50.0), (175.0, 50.0)]
+    assert bench.label_offsets(points, [60.0] * 4) == [(5, 4), (5, -11), (5, 15), (5, 4)]
