@@ -65,15 +65,16 @@ def variants(model, native_only: bool = False):
 
 
 def run_llama(exe: str, gguf: str, context: int, decode_tokens: int, batch_sizes: list[int], threads: int,
-              cache_type: str = "f16", flash_attn: str | None = None) -> dict:
+              cache_type: str = "f16", flash_attn: str | None = None, prefill_threads: int | None = None) -> dict:
     """llama-batched-bench's S_TG (aggregate generated tokens/s) per B, from its JSONL output, with
     K and V caches of ``cache_type`` (llama.cpp's names: f16, q8_0, q4_0, …) and ``-fa flash_attn``
     when given (llama.cpp quantises the V cache only with flash attention, so a comparison of cache
-    types runs every type with ``-fa on``)."""
+    types runs every type with ``-fa on``). Decode runs on ``threads`` (``-t``), the untimed prompt
+    prefill on ``prefill_threads`` (``-tb``; default the same)."""
     n_ctx = max(batch_sizes) * (context + 1)  # non-unified: each sequence's stream gets n_ctx / max B
     cmd = [exe, "-m", gguf, "-c", str(n_ctx), "-b", "2048", "-ub", "512", "-npp", str(context - decode_tokens),
            "-ntg", str(decode_tokens), "-npl", ",".join(map(str, batch_sizes)), "-t", str(threads), "-tb",
-           str(threads), "-pps", "-ctk", cache_type, "-ctv", cache_type, "--output-format", "jsonl"]
+           str(prefill_threads or threads), "-pps", "-ctk", cache_type, "-ctv", cache_type, "--output-format", "jsonl"]
     if flash_attn is not None:
         cmd[-2:-2] = ["-fa", flash_attn]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -95,6 +96,8 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="alternating mqa-gen / llama.cpp rounds (medians)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llama-prefill-threads", type=int, default=None,
+                   help="llama-batched-bench's -tb, the threads of its untimed prompt prefill (default --threads)")
     p.add_argument("--cache-types", default="f16",
                    help="KV-cache types to compare, llama.cpp's names (default f16; more than f16 writes the "
                         "kv-quant section)")
@@ -142,7 +145,8 @@ def main() -> None:
                 if args.llama_batched_bench:
                     for t in cache_types:
                         llama = run_llama(args.llama_batched_bench, loaded.path, context, args.decode_tokens,
-                                          batch_sizes, args.threads, t, "on" if quant else None)
+                                          batch_sizes, args.threads, t, "on" if quant else None,
+                                          args.llama_prefill_threads)
                         commands[t] = llama["command"]
                         for b, v in llama["speeds"].items():
                             theirs[t][b].append(v)
@@ -251,7 +255,9 @@ def quant_markdown(report: dict, batch_sizes: list[int], args) -> str:
              + (" --llama-batched-bench PATH" if args.llama_batched_bench else "")
              + f" --models {args.models} --contexts {args.contexts} --batch-sizes {args.batch_sizes}"
              + f" --cache-types {args.cache_types}" + (" --native-only" if args.native_only else "")
-             + f" --rounds {args.rounds} --decode-tokens {args.decode_tokens} --threads {args.threads}`", ""]
+             + f" --rounds {args.rounds} --decode-tokens {args.decode_tokens} --threads {args.threads}"
+             + (f" --llama-prefill-threads {args.llama_prefill_threads}" if args.llama_prefill_threads else "") + "`",
+             ""]
     for name, per_model in report["models"].items():
         for context, r in per_model.items():
             parts += [quant_table(name, context, r, batch_sizes, report["cache_types"]), ""]
