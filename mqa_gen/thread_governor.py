@@ -88,7 +88,11 @@ class ThreadGovernor:
         self._probe_times: list[float] = []
         self._reference = 0.0
         self._direction = -1  # the next probe goes down first: contention is the usual news
-        self._fresh = True  # no probe since the start: the first comes after one step
+        self._fresh = True  # no probe since the start: the first comes after one reference step
+        # The first step after a start is no reference: in a new process it carries one-time costs
+        # (kernels loaded, the cache's pages first touched; 49 ms against 7–9 ms for the next ones
+        # at depth 0), and a 1-thread probe against it would move a quiet machine to 1 thread.
+        self._first_step = True
         self.moves = 0  # how many times the count changed (for reports and tests)
         self.probes = 0
 
@@ -97,7 +101,7 @@ class ThreadGovernor:
         self._times.clear()
         self._interval = self._until_probe = FIRST_INTERVAL
         self._probe_to, self._probe_times = 0, []
-        self._fresh = True
+        self._fresh = self._first_step = True
 
     @contextmanager
     def step(self, rows: int):
@@ -115,7 +119,7 @@ class ThreadGovernor:
         self._record(rows, self._clock() - start)
 
     def _start_probe(self, rows: int) -> None:
-        # the first probe follows the first step: a start on a contended count costs one slow step
+        # the first probe follows the first reference step: a start on a contended count costs two slow steps
         needed = 1 if self._fresh else REFERENCE_STEPS
         same = [s for r, s in self._times if r == rows][-needed:]
         if len(same) < needed:  # too few comparable steps yet: look again a bit later
@@ -133,7 +137,10 @@ class ThreadGovernor:
 
     def _record(self, rows: int, seconds: float) -> None:
         if not self._probe_to:
-            self._times.append((rows, seconds))
+            if self._first_step:
+                self._first_step = False
+            else:
+                self._times.append((rows, seconds))
             self._until_probe -= 1
             return
         if rows != self._probe_rows:  # the batch changed under the probe: not comparable, drop it

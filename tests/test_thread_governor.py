@@ -74,6 +74,23 @@ def test_on_a_quiet_machine_the_ceiling_stays_and_probes_grow_rare():
     assert on_one / 2000 < 0.03
 
 
+def test_a_slow_first_step_does_not_send_a_quiet_machine_to_one_thread():
+    # A new process's first decode step loads kernels and touches the cache's pages: 49 ms where
+    # the next ones take 7 (measured, SmolLM2 at depth 0). Against it, a 1-thread step would look
+    # 5x faster and move decode to 1 thread for ~100 steps.
+    steps = {"n": 0}
+
+    def cost(n: int) -> float:
+        steps["n"] += 1
+        return 0.049 if steps["n"] == 1 else {1: 0.0088, 2: 0.0065}[n]
+
+    m = Machine(2, cost)
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, 64)
+    assert gov.moves == 0 and gov.threads == 2
+    assert m.history.count(1) <= 2 * PROBE_STEPS  # only probe steps ran at 1 thread
+
+
 def test_when_the_other_process_ends_decode_goes_back_to_all_threads():
     state = {"busy": True}
     m = Machine(2, lambda n: contended(n) if state["busy"] else quiet(n))
@@ -105,7 +122,7 @@ def test_one_thread_as_the_ceiling_is_left_alone():
 def test_a_probe_is_dropped_when_the_batch_changes_under_it():
     m = Machine(2, lambda n: quiet(n) if n == 2 else 0.015)  # 1 thread would win after 3 probe steps…
     gov = ThreadGovernor(m.get, m.set, m.clock)
-    m.run(gov, FIRST_INTERVAL, rows=4)
+    m.run(gov, FIRST_INTERVAL + 1, rows=4)  # (the first step after a start is no reference)
     m.run(gov, 1, rows=4)  # the probe's first step
     assert m.history[-1] == 1
     m.run(gov, 1, rows=5)  # …but a sequence joined: steps of 5 rows are not comparable with 4
