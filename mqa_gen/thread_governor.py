@@ -89,9 +89,10 @@ class ThreadGovernor:
         self._reference = 0.0
         self._direction = -1  # the next probe goes down first: contention is the usual news
         self._fresh = True  # no probe since the start: the first comes after one reference step
-        # The first step after a start is no reference: in a new process it carries one-time costs
-        # (kernels loaded, the cache's pages first touched; 49 ms against 7–9 ms for the next ones
-        # at depth 0), and a 1-thread probe against it would move a quiet machine to 1 thread.
+        # This OS thread's first decode step is no reference: in a new process it carries one-time
+        # costs (the decode kernels loaded, the first pages touched; 49 ms against 7–9 ms for the
+        # next ones at depth 0), and a 1-thread probe against it would move a quiet machine to 1
+        # thread. Later restarts keep their first step: under contention it is the evidence.
         self._first_step = True
         self.moves = 0  # how many times the count changed (for reports and tests)
         self.probes = 0
@@ -101,7 +102,7 @@ class ThreadGovernor:
         self._times.clear()
         self._interval = self._until_probe = FIRST_INTERVAL
         self._probe_to, self._probe_times = 0, []
-        self._fresh = self._first_step = True
+        self._fresh = True
 
     @contextmanager
     def step(self, rows: int):
@@ -119,7 +120,8 @@ class ThreadGovernor:
         self._record(rows, self._clock() - start)
 
     def _start_probe(self, rows: int) -> None:
-        # the first probe follows the first reference step: a start on a contended count costs two slow steps
+        # the first probe follows the first reference step: a start on a contended count costs one
+        # slow step (two in a new process)
         needed = 1 if self._fresh else REFERENCE_STEPS
         same = [s for r, s in self._times if r == rows][-needed:]
         if len(same) < needed:  # too few comparable steps yet: look again a bit later
