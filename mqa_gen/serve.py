@@ -301,13 +301,19 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
             return ClosingStreamingResponse(stream_events(http, handle, queue, chat, rid, created, usage, body),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
+            checked = time.monotonic()
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), 0.5)
                 except TimeoutError:
+                    ev = None
+                # every half second, whether tokens arrive or not (while they do, no timeout fires)
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         engine.cancel(handle)
                         return Response(status_code=499)
+                if ev is None:
                     continue
                 if ev.kind == "error":
                     raise APIError(500, f"generation failed: {ev.message}", kind="server_error")

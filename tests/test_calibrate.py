@@ -210,6 +210,7 @@ def test_convert_cli_text_output_and_mean_pooled_only(tiny, tmp_path):
     (["--kv-heads", "1", "--calibrate", "/no/such/file"], "does not exist"),
     (["--kv-heads", "1", "--fit-weights", "qx"], "letters q, k, v, o"),
     (["--kv-heads", "1", "--method", "median"], "'median' is not one of"),
+    (["--kv-heads", "2"], "already has 2 KV heads: --kv-heads must differ"),
 ])
 def test_convert_cli_errors(tiny, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, *args, "-o", str(tmp_path / "x.gguf"), "-q"])
@@ -217,6 +218,13 @@ def test_convert_cli_errors(tiny, tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_convert_cli_refuses_an_output_it_could_not_write_before_converting(tiny, tmp_path):
+    for output, problem in ((tmp_path / "no" / "x.gguf", "does not exist"), (tmp_path, "is a directory")):
+        result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "-o", str(output)])
+        assert result.exit_code == 2 and problem in result.stderr
+        assert "layer 1/" not in result.stderr  # refused before any conversion work
 
 
 def test_convert_cli_refuses_to_overwrite_its_source(tiny):

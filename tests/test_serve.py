@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
 CTX = 256
 PROMPT = "The capital of France is"
+COUNTING = "Count from 1 to 1000: 1, 2, 3, 4,"  # greedy, it goes on counting past 200 tokens (no early EOS)
 CHAT = [{"role": "user", "content": "Name three colours."}]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 MQA_GEN = [sys.executable, "-c", "from mqa_gen.cli import main; main()"]
@@ -290,7 +291,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
     host, port = base.removeprefix("http://").split(":")
     logged = len(log.read_text().splitlines())
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = json.dumps({"prompt": PROMPT, "max_tokens": 200, "stream": True, "stop": [], "repeat_penalty": 1.0,
+    body = json.dumps({"prompt": COUNTING, "max_tokens": 200, "stream": True, "stop": [], "repeat_penalty": 1.0,
                        "temperature": 0, "seed": 1})
     conn.request("POST", "/v1/completions", body=body,
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
@@ -313,12 +314,40 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
     assert r.usage.completion_tokens == 3
 
 
+def test_a_client_that_leaves_before_its_answer_frees_its_slot(server):
+    """Not streaming: tokens keep arriving while the client is gone, and the request must still be
+    dropped (log status 499) rather than generate all its tokens."""
+    base, log = server
+    host, port = base.removeprefix("http://").split(":")
+    logged = len(log.read_text().splitlines())
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"prompt": COUNTING, "max_tokens": 200, "stop": [], "repeat_penalty": 1.0, "temperature": 0,
+                       "seed": 1})
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while not call(base, "GET", "/health").json()["slots_busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # until it is generating
+    conn.sock.close()  # the client goes away before the answer
+    conn.close()
+
+    def its_log_line():
+        return [line for line in log.read_text().splitlines()[logged:] if line.startswith("POST /v1/completions")]
+
+    deadline = time.monotonic() + 300  # a bound on waiting on a loaded machine, not a timing assertion
+    while (call(base, "GET", "/health").json()["slots_busy"] or not its_log_line()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [line] = its_log_line()
+    assert line.startswith("POST /v1/completions 499 ")
+    assert call(base, "GET", "/health").json()["slots_busy"] == 0
+
+
 def test_beyond_the_queue_a_request_gets_503_with_retry_after(tmp_path):
     with running_server(tmp_path / "stderr.txt", "-b", "1", "--max-queue", "0") as base:
         host, port = base.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPT, "max_tokens": 200, "stream": True, "stop": [],
-                                                                "temperature": 0, "seed": 1}),  # no early end
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": COUNTING, "max_tokens": 200, "stream": True,
+                                                                "stop": [], "temperature": 0, "seed": 1}),
                      headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.readline().startswith(b"data: ")  # the one slot is taken

@@ -270,6 +270,19 @@ class OptionError(MqaGenError):
     """An option value the library refused, in the option's own name (``--top-p must be …``)."""
 
 
+def output_path_problem(path: str) -> str | None:
+    """Why a file could not be written at ``path`` (it is a directory, its folder does not exist
+    or is not writable), or None: checked before minutes of work whose result would be lost."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory"
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
 @dataclass(frozen=True)
 class GenerationSetup:
     """What ``generate`` and ``chat`` need once their options are checked and the model is loaded.

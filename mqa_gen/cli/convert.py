@@ -20,7 +20,8 @@ from ..calibrate import (
     INPUTS,
 )
 from ..head_merge import METHODS
-from .common import ensure_kernels, load_model, mib, model_option, set_threads, stderr, threads_option
+from .common import (OptionError, ensure_kernels, load_model, mib, model_option, output_path_problem, set_threads,
+                     stderr, threads_option)
 
 _WEIGHT_LETTERS = {"q": "w_q", "k": "w_k", "v": "w_v", "o": "w_o"}
 
@@ -106,7 +107,13 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
     loaded = load_model(model, quiet)
     if _same_file(loaded.path, output):
         raise ModelFileError(f"the output {output} is the source model; choose another path")
+    problem = output_path_problem(output)
+    if problem is not None:  # before minutes of conversion whose result could not be written
+        raise OptionError(f"-o {output}: {problem}")
     check_kv_heads(loaded.config.n_heads, loaded.config.n_kv_heads, kv_heads)
+    if kv_heads == loaded.config.n_kv_heads:
+        raise OptionError(f"{loaded.name} already has {kv_heads} KV head{'s' if kv_heads != 1 else ''}: "
+                          "--kv-heads must differ to convert")
     ensure_kernels(quiet)
     c = loaded.config
     say = (lambda text: None) if quiet else (lambda text: stderr.print(text, soft_wrap=True, markup=False))

@@ -47,11 +47,11 @@ def _check_output_path(path: str) -> None:
     """Refuse a ``--save-kl-base`` path that cannot be written, before minutes of scoring."""
     from ..kl_base import KLBaseError
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise KLBaseError(f"--save-kl-base {path} is a directory")
-    if not os.path.isdir(folder):
-        raise KLBaseError(f"--save-kl-base {path}: folder {folder} does not exist")
+    from .common import output_path_problem
+
+    problem = output_path_problem(path)
+    if problem is not None:
+        raise KLBaseError(f"--save-kl-base {path}: {problem}")
 
 
 def _nats(x: float) -> str:
