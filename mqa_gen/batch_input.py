@@ -69,9 +69,9 @@ def _check_settings(settings: dict) -> None:
     if "logprobs" in settings and (not _is_int(settings["logprobs"]) or not 0 <= settings["logprobs"] <= 20):
         raise SamplingError("logprobs", f"must be an integer in 0..20, got {settings['logprobs']!r}")
     stop = settings.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list)
-                                                           and all(isinstance(s, str) for s in stop))):
-        raise SamplingError("stop", "must be a string or a list of strings")
+    if stop is not None and not ((isinstance(stop, str) and stop) or (isinstance(stop, list)
+                                                                      and all(isinstance(s, str) and s for s in stop))):
+        raise SamplingError("stop", "must be a non-empty string or a list of non-empty strings (as --stop)")
 
 
 def _parse_messages(messages: object) -> list[dict[str, str]]:

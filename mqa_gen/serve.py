@@ -211,8 +211,9 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
                            setup.max_tokens, lambda v: 0 < v <= limit or v == -1,
                            f"an integer from 1 to {limit} (or -1: until the context is full)")
         stop = field(body, "stop", (str, list), list(setup.stop),
-                     lambda v: isinstance(v, str) or (len(v) <= 16 and all(isinstance(s, str) and s for s in v)),
-                     "a string or a list of up to 16 non-empty strings")
+                     lambda v: (isinstance(v, str) and v) or (isinstance(v, list) and len(v) <= 16
+                                                              and all(isinstance(s, str) and s for s in v)),
+                     "a non-empty string or a list of up to 16 non-empty strings")
         stop = [stop] if isinstance(stop, str) else stop
         if chat:
             wants = field(body, "logprobs", bool, False, what="true or false")

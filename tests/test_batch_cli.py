@@ -68,6 +68,8 @@ BAD_LINES = [
     (b'{"prompt": "hi", "temprature": 0.5}\n', "line 1: unknown field 'temprature'"),
     (b'{"prompt": "hi", "top_p": 2}\n', "line 1: top_p must be in [0, 1]"),
     (b'{"prompt": "hi", "max_tokens": "5"}\n', "line 1: max_tokens must be an integer > 0"),
+    (b'{"prompt": "hi", "stop": ""}\n', "line 1: stop must be a non-empty string"),
+    (b'{"prompt": "hi", "stop": [".", ""]}\n', "line 1: stop must be a non-empty string"),
     (b'{"prompt": "hi", "messages": []}\n', "line 1: give exactly one of prompt or messages"),
     (b'{"messages": [{"role": "user"}]}\n', "line 1: each message must be"),
     (b'["hi"]\n', "line 1: a line must be a JSON object"),
@@ -126,6 +128,8 @@ def test_interrupt_keeps_finished_lines_and_resume_finishes(invoke, smollm2, tmp
     monkeypatch.setattr(smollm2.model, "decode", decode)
     refused = invoke("batch", source, "-o", str(out), "--no-chat")
     assert refused.exit_code == 2 and "--resume" in refused.stderr
+    both = invoke("batch", source, "-o", str(out), "--no-chat", "--resume", "--overwrite")
+    assert both.exit_code == 2 and "pass one of them" in both.stderr
     second = invoke("batch", source, "-o", str(out), "--batch-size", "2", "--no-chat", "--resume", "-q")
     assert second.exit_code == 0, second.output
     final = results(out.read_text())

@@ -236,6 +236,8 @@ def test_models_lists_the_model(client):
     (json.dumps({"prompt": "word " * (CTX + 10)}).encode(), 400, "prompt"),
     (json.dumps({"prompt": PROMPT, "model": "gpt-4"}).encode(), 404, "model"),
     (json.dumps({"prompt": PROMPT, "n": 2}).encode(), 400, "n"),
+    (json.dumps({"prompt": PROMPT, "stop": ""}).encode(), 400, "stop"),
+    (json.dumps({"prompt": PROMPT, "stop": [""]}).encode(), 400, "stop"),
     (json.dumps({"prompt": "x" * (10 * 2**20)}).encode(), 413, None),
 ])
 def test_bad_request_gets_an_error_object_and_the_server_goes_on(server, body, status, param):

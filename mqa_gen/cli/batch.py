@@ -287,6 +287,8 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
         raise BatchRunError(f"-o {output} is a folder: give a file name")
     if resume and not to_file:
         raise BatchRunError("--resume needs -o OUTPUT (the file to continue)")
+    if resume and overwrite:
+        raise BatchRunError("--resume continues OUTPUT and --overwrite replaces it: pass one of them")
     if to_file and os.path.exists(output) and not (resume or overwrite):
         raise BatchRunError(f"{output} exists: pass --resume to continue it or --overwrite to replace it")
     if to_file and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
