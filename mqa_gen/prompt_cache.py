@@ -135,10 +135,15 @@ def save_prompt_cache(path: str | os.PathLike[str], cache: KVCache, model_id: st
         The size of the written file, in bytes.
 
     Raises:
-        PromptCacheError: the folder does not exist or the file cannot be written; the previous
-            file at ``path``, if any, is left as it was and the temporary file is removed.
+        PromptCacheError: ``path`` holds something other than a prompt-cache file (a save replaces
+            only its own kind: chat's ``/save`` pointed at a document must not erase it), the folder
+            does not exist or the file cannot be written; the previous file at ``path``, if any, is
+            left as it was and the temporary file is removed.
     """
     path = os.fspath(path)
+    if os.path.lexists(path) and not (os.path.isfile(path) and os.path.getsize(path) == 0):
+        with _Archive(path) as archive:  # refuses a directory, a FIFO, any other file
+            archive.meta_bytes()
     n = cache.length
     arrays: dict[str, np.ndarray] = {"tokens": np.array(cache.token_ids, dtype=np.int64)}
     for layer in range(cache.n_layers):

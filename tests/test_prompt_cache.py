@@ -218,6 +218,26 @@ def test_a_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch, where):
     assert back.length == 5 and np.array_equal(back.layer_view(1)[0], old.layer_view(1)[0])
 
 
+def test_a_save_replaces_a_prompt_cache_but_no_other_file(tmp_path):
+    """chat's ``/save notes.txt`` must not erase the notes; an earlier cache is replaced, and an
+    empty file (nothing to lose) is written."""
+    notes, other_zip, empty, cache = tmp_path / "notes.txt", tmp_path / "a.zip", tmp_path / "e", tmp_path / "c"
+    notes.write_text("important data\n")
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("x.txt", "not a prompt cache")
+    empty.write_bytes(b"")
+    for path in (notes, other_zip, tmp_path):
+        before = path.read_bytes() if path.is_file() else None
+        with pytest.raises(PromptCacheError) as e:
+            save_prompt_cache(path, filled_cache(length=3), MODEL_ID)
+        assert_one_line(str(e.value), str(path))
+        assert before is None or path.read_bytes() == before
+    save_prompt_cache(empty, filled_cache(length=3), MODEL_ID)
+    save_prompt_cache(cache, filled_cache(length=3), MODEL_ID)
+    save_prompt_cache(cache, filled_cache(length=5), MODEL_ID)
+    assert load_prompt_cache(empty, MODEL_ID)[0].length == 3 and load_prompt_cache(cache, MODEL_ID)[0].length == 5
+
+
 def test_ctrl_c_during_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "c.npz"
     save_prompt_cache(path, filled_cache(length=5), MODEL_ID)
