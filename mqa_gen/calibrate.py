@@ -295,12 +295,14 @@ def calibration_ids(tokenizer, path: str | Path | None = None) -> list[int]:
 
     from .chat import render_prompt
     from .errors import ChatTemplateError, PromptError
+    from .tokenizer import decode_utf8
 
     text_path = DEFAULT_TEXT if path is None else Path(path)
     try:
-        ids = tokenizer.encode(text_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:  # a text that is not UTF-8: one line, exit 2
-        raise PromptError(f"cannot read calibration text {text_path}: {getattr(e, 'strerror', None) or e}") from None
+        data = text_path.read_bytes()
+    except OSError as e:
+        raise PromptError(f"cannot read calibration text {text_path}: {e.strerror or e}") from None
+    ids = tokenizer.encode(decode_utf8(data, f"calibration text {text_path}"))  # not UTF-8: one line, exit 2
     if path is not None or tokenizer.chat_template is None:
         return ids
     chat: list[int] = []

@@ -35,6 +35,18 @@ def check_utf8(text: str, what: str = "the text") -> str:
     return text
 
 
+def decode_utf8(data: bytes, what: str = "the text") -> str:
+    """``data`` decoded as UTF-8 (strict), or a PromptError naming the first bad byte.
+
+    Raises:
+        PromptError: ``"{what} is not valid UTF-8 (byte 0xff at byte 1)"``.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start + 1})") from None
+
+
 class Tokenizer:
     """A GGUF model's tokenizer.
 

@@ -488,11 +488,20 @@ def test_invalid_utf8_in_a_chat_line_is_refused_and_the_chat_goes_on(tiny):
     assert "2 messages" in result.stderr  # "hello" and its answer: the bad line never joined
 
 
-def test_invalid_utf8_calibration_text_is_one_line_exit_2(tiny, tmp_path):
+def test_invalid_utf8_calibration_text_is_one_line_exit_2(tmp_path):
+    gqa = write_tiny_llama(tmp_path / "gqa.gguf", n_kv_heads=2)["path"]  # 2 → 1 reads the calibration text
     text = tmp_path / "calib.txt"
     text.write_bytes(b"the cat \xff sat")
-    one_error_line(run_cli("convert", "-m", tiny, "--kv-heads", "1", "--calibrate", str(text), "--no-eval",
-                           "-o", str(tmp_path / "out.gguf"), "--quiet"), "calibration text", "utf-8")
+    one_error_line(run_cli("convert", "-m", gqa, "--kv-heads", "1", "--calibrate", str(text), "--no-eval",
+                           "-o", str(tmp_path / "out.gguf"), "--quiet"), "calibration text",
+                   "is not valid UTF-8 (byte 0xff at byte 9)")
+
+
+def test_invalid_utf8_in_a_prompt_file_names_the_byte_as_stdin_does(tiny, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(b"\xff\xfe hello")
+    one_error_line(run_cli("generate", "-m", tiny, "--no-chat", "--prompt-file", str(path)),
+                   f"prompt file {path} is not valid UTF-8 (byte 0xff at byte 1)")
 
 
 # ───────────────────────────── 6. chat templates ─────────────────────────────

@@ -221,10 +221,14 @@ def test_convert_cli_errors(tiny, tmp_path, args, message):
 
 
 def test_convert_cli_refuses_an_output_it_could_not_write_before_converting(tiny, tmp_path):
-    for output, problem in ((tmp_path / "no" / "x.gguf", "does not exist"), (tmp_path, "is a directory")):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me\n")
+    for output, problem in ((tmp_path / "no" / "x.gguf", "does not exist"), (tmp_path, "is a directory"),
+                            (notes, "exists and is not a GGUF file")):
         result = CliRunner().invoke(cli, ["convert", "-m", tiny.path, "--kv-heads", "1", "-o", str(output)])
         assert result.exit_code == 2 and problem in result.stderr
         assert "layer 1/" not in result.stderr  # refused before any conversion work
+    assert notes.read_text() == "keep me\n"
 
 
 def test_convert_cli_refuses_to_overwrite_its_source(tiny):
@@ -336,5 +340,5 @@ def test_calibration_ids_are_the_chat_conversations_then_the_prose(tiny, tmp_pat
     assert shipped_ids(tok, CALIBRATION_TEXT) == tok.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(PromptError, match="cannot read calibration text"):
+    with pytest.raises(PromptError, match="calibration text .* is not valid UTF-8"):
         shipped_ids(tok, bad)

@@ -136,3 +136,7 @@ def test_bad_input_is_one_error_line(invoke, tmp_path):
     one_error_line(invoke("perplexity", TEXT, "--kl-base", "a", "--save-kl-base", "b"), "not both")
     one_error_line(invoke("perplexity", TEXT, "--kl-top-k", "8"), "give --save-kl-base too")
     one_error_line(invoke("perplexity", TEXT, "--save-kl-base", str(tmp_path / "no" / "x.klb")), "does not exist")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me\n")
+    one_error_line(invoke("perplexity", TEXT, "--save-kl-base", str(notes)), "exists and is not a KL-base file")
+    assert notes.read_text() == "keep me\n"

@@ -270,9 +270,10 @@ class OptionError(MqaGenError):
     """An option value the library refused, in the option's own name (``--top-p must be …``)."""
 
 
-def output_path_problem(path: str) -> str | None:
-    """Why a file could not be written at ``path`` (it is a directory, its folder does not exist
-    or is not writable), or None: checked before minutes of work whose result would be lost."""
+def output_path_problem(path: str, magic: bytes = b"", kind: str = "") -> str | None:
+    """Why a file should not be written at ``path`` — it is a directory, its folder does not exist
+    or is not writable, or (with ``magic``) it holds something other than a ``kind`` file, which
+    writing would destroy — or None. Checked before minutes of work whose result would be lost."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return "is a directory"
@@ -280,6 +281,14 @@ def output_path_problem(path: str) -> str | None:
         return f"folder {folder} does not exist"
     if not os.access(folder, os.W_OK):
         return f"folder {folder} is not writable"
+    if magic and os.path.lexists(path):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(magic)) if os.path.isfile(path) else None
+        except OSError as e:
+            return f"cannot read the existing file: {e.strerror or e}"
+        if head is None or (head and head != magic):
+            return f"exists and is not a {kind} file: delete it or choose another path"
     return None
 
 

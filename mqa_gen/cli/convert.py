@@ -107,7 +107,7 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
     loaded = load_model(model, quiet)
     if _same_file(loaded.path, output):
         raise ModelFileError(f"the output {output} is the source model; choose another path")
-    problem = output_path_problem(output)
+    problem = output_path_problem(output, b"GGUF", "GGUF")
     if problem is not None:  # before minutes of conversion whose result could not be written
         raise OptionError(f"-o {output}: {problem}")
     check_kv_heads(loaded.config.n_heads, loaded.config.n_kv_heads, kv_heads)

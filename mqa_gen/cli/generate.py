@@ -33,7 +33,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
             on stdin, in the file, or in the argument, which Python passes on as lone surrogates),
             or an empty prompt.
     """
-    from ..tokenizer import check_utf8
+    from ..tokenizer import check_utf8, decode_utf8
 
     if (prompt is None) == (prompt_file is None):
         raise PromptError("give exactly one of --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
@@ -42,18 +42,14 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         if stdin is None:  # a text-only stream (an embedding application's): check what it gives
             text = check_utf8(sys.stdin.read(), "the prompt on stdin")
         else:  # bytes, decoded here: strict, with the position of the first bad byte
-            data = read_limited(stdin, MAX_PROMPT_BYTES, "the prompt on stdin")
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PromptError(f"the prompt on stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at "
-                                  f"byte {e.start + 1})") from None
+            text = decode_utf8(read_limited(stdin, MAX_PROMPT_BYTES, "the prompt on stdin"), "the prompt on stdin")
     elif prompt_file is not None:
         try:
             with open(prompt_file, "rb") as f:
-                text = read_limited(f, MAX_PROMPT_BYTES, f"prompt file {prompt_file}").decode("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise PromptError(f"cannot read prompt file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+                data = read_limited(f, MAX_PROMPT_BYTES, f"prompt file {prompt_file}")
+        except OSError as e:
+            raise PromptError(f"cannot read prompt file {prompt_file}: {e.strerror or e}") from None
+        text = decode_utf8(data, f"prompt file {prompt_file}")
     else:
         text = check_utf8(prompt, "--prompt")
     if not text.strip():

@@ -47,9 +47,10 @@ def _check_output_path(path: str) -> None:
     """Refuse a ``--save-kl-base`` path that cannot be written, before minutes of scoring."""
     from ..kl_base import KLBaseError
 
+    from ..kl_base import MAGIC
     from .common import output_path_problem
 
-    problem = output_path_problem(path)
+    problem = output_path_problem(path, MAGIC, "KL-base")
     if problem is not None:
         raise KLBaseError(f"--save-kl-base {path}: {problem}")
 
