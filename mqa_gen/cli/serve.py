@@ -97,7 +97,8 @@ def serve(model, host, port, batch_size, max_queue, api_key, alias, cache_prompt
     app = create_app(engine, config)
     engine.start()
     if not quiet:
-        stderr.print(f"serving {model_id} on http://{host}:{port}/v1 ({batch_size} slots of {setup.ctx:,} tokens"
+        slots = f"{batch_size} slot{'s' if batch_size != 1 else ''}"
+        stderr.print(f"serving {model_id} on http://{host}:{port}/v1 ({slots} of {setup.ctx:,} tokens"
                      f"{', API key required' if api_key else ''})", soft_wrap=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
