@@ -9,7 +9,9 @@ later, nor one that ends.
 
 So the decode steps measure themselves. :class:`ThreadGovernor` runs each step at its current
 thread count c, and now and then runs a few *probe* steps at a neighbour (c − 1 or c + 1, within
-1 .. the ceiling, alternately). It moves there when the probe steps' median time is clearly
+1 .. the ceiling, alternately). An OS thread's first decode steps run on 1 thread and the first
+probe goes up (a quiet machine reaches the ceiling by the fifth step; a busy one never pays for a
+step on a contended count before it knows). It moves there when the probe steps' median time is clearly
 below that of the steps just before at c with the same number of rows (the step's cost depends
 on the rows and, slowly, on the depth, which a few neighbouring steps share), or at once when a
 probe step takes less than half as long. A probe step that is much slower than c's steps ends
@@ -91,14 +93,20 @@ class ThreadGovernor:
         self._fresh = True  # no probe since the start: the first comes after one reference step
         # This OS thread's first decode step is no reference: in a new process it carries one-time
         # costs (the decode kernels loaded, the first pages touched; 49 ms against 7–9 ms for the
-        # next ones at depth 0), and a 1-thread probe against it would move a quiet machine to 1
-        # thread. Later restarts keep their first step: under contention it is the evidence.
+        # next ones at depth 0), against which any probe would look 5x faster. Later restarts keep
+        # their first step: under contention it is the evidence.
         self._first_step = True
         self.moves = 0  # how many times the count changed (for reports and tests)
         self.probes = 0
 
     def _restart(self, ceiling: int) -> None:
-        self.ceiling = self.threads = ceiling
+        self.ceiling = ceiling
+        # A thread's first start begins on 1 thread and probes up: when a core is busy, each early
+        # step on all threads costs 0.2 s or more (two of them before the first probe: 0.4 s of a
+        # 2.5 s generation), a step on 1 thread costs at most ~1.5x a quiet 2-thread step, and the
+        # probe up is cut at its first slow step. Later restarts (a count set from outside) begin at
+        # the new ceiling, as asked.
+        self.threads = 1 if self._first_step else ceiling
         self._times.clear()
         self._interval = self._until_probe = FIRST_INTERVAL
         self._probe_to, self._probe_times = 0, []
@@ -120,8 +128,8 @@ class ThreadGovernor:
         self._record(rows, self._clock() - start)
 
     def _start_probe(self, rows: int) -> None:
-        # the first probe follows the first reference step: a start on a contended count costs one
-        # slow step (two in a new process)
+        # the first probe follows the first reference step: a restart on a contended count costs
+        # one slow step
         needed = 1 if self._fresh else REFERENCE_STEPS
         same = [s for r, s in self._times if r == rows][-needed:]
         if len(same) < needed:  # too few comparable steps yet: look again a bit later
