@@ -9,12 +9,12 @@ later, nor one that ends.
 
 So the decode steps measure themselves. :class:`ThreadGovernor` runs each step at its current
 thread count c, and now and then runs a few *probe* steps at a neighbour (c − 1 or c + 1, within
-1 .. the ceiling, alternately). An OS thread's first decode steps run on 1 thread and the first
-probe goes up (a quiet machine reaches the ceiling by the fifth step; a busy one never pays for a
-step on a contended count before it knows). It moves there when the probe steps' median time is clearly
+1 .. the ceiling, alternately). It moves there when the probe steps' median time is clearly
 below that of the steps just before at c with the same number of rows (the step's cost depends
 on the rows and, slowly, on the depth, which a few neighbouring steps share), or at once when a
-probe step takes less than half as long. A probe step that is much slower than c's steps ends
+probe step takes less than half as long. An OS thread's first decode steps run on 1 thread and
+its first probe goes up: a quiet machine reaches the ceiling by the fifth step, and a busy one
+pays for no step on a contended count before the governor knows. A probe step that is much slower than c's steps ends
 the probe at once, so probing toward a contended count costs one slow step, not several. The
 probe interval doubles after each probe that loses, and grows further when that probe was
 costly (:data:`PROBE_SHARE`), up to :data:`MAX_INTERVAL` steps; it drops back after a move. On a

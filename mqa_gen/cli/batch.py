@@ -25,6 +25,7 @@ from .common import (
     generation_options,
     mib,
     model_option,
+    output_path_problem,
     read_chat_template,
     read_limited,
     setup_generation,
@@ -283,16 +284,15 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
     to_file = output != "-"
     if kv_budget is not None and not math.isfinite(kv_budget):
         raise BatchRunError(f"--kv-budget must be a finite size in MiB, got {kv_budget}")
-    if to_file and os.path.isdir(output):
-        raise BatchRunError(f"-o {output} is a folder: give a file name")
+    problem = output_path_problem(output) if to_file else None
+    if problem is not None:
+        raise BatchRunError(f"-o {output}: {problem}")
     if resume and not to_file:
         raise BatchRunError("--resume needs -o OUTPUT (the file to continue)")
     if resume and overwrite:
         raise BatchRunError("--resume continues OUTPUT and --overwrite replaces it: pass one of them")
     if to_file and os.path.exists(output) and not (resume or overwrite):
         raise BatchRunError(f"{output} exists: pass --resume to continue it or --overwrite to replace it")
-    if to_file and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise BatchRunError(f"cannot write {output}: its folder does not exist")
     on_ray = _ray_run(ray_address, actors, threads_per_actor, threads, quiet)
     text_format = input_format == "text" or (input_format is None and input_path.endswith(".txt"))
     all_items = read_items(read_input_lines(input_path), text_format)

@@ -19,6 +19,7 @@ from .common import (
     ensure_kernels,
     load_model,
     model_option,
+    output_path_problem,
     set_threads,
     stderr,
     threads_option,
@@ -168,9 +169,9 @@ def check_plot_path(path: str) -> None:
 
     from .. import bench_cache as bench
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise bench.BenchError(f"--plot {path}: folder {folder} does not exist")
+    problem = output_path_problem(path)
+    if problem is not None:
+        raise bench.BenchError(f"--plot {path}: {problem}")
     formats = Figure().canvas.get_supported_filetypes()
     extension = os.path.splitext(path)[1].lstrip(".").lower()
     if extension not in formats:

@@ -276,7 +276,7 @@ def output_path_problem(path: str, magic: bytes = b"", kind: str = "") -> str | 
     writing would destroy — or None. Checked before minutes of work whose result would be lost."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        return "is a directory"
+        return "is a folder: give a file name"
     if not os.path.isdir(folder):
         return f"folder {folder} does not exist"
     if not os.access(folder, os.W_OK):

@@ -16,6 +16,7 @@ from .common import (
     generation_options,
     mib,
     model_option,
+    output_path_problem,
     read_chat_template,
     read_limited,
     setup_generation,
@@ -137,9 +138,9 @@ def open_prompt_cache(path: str, loaded, net, ctx: int, cache_dtype: str):
     if os.path.exists(path):
         cache, _ = load_prompt_cache(path, model_id, config=net.config, dtype=cache_dtype, max_seq_len=ctx)
         return model_id, cache
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise PromptCacheError(f"cannot create prompt cache {path}: folder {folder} does not exist")
+    problem = output_path_problem(path)
+    if problem is not None:
+        raise PromptCacheError(f"cannot create prompt cache {path}: {problem}")
     return model_id, net.new_cache(ctx, cache_dtype)
 
 

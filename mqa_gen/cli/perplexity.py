@@ -45,9 +45,7 @@ def read_eval_text(path: str) -> str:
 
 def _check_output_path(path: str) -> None:
     """Refuse a ``--save-kl-base`` path that cannot be written, before minutes of scoring."""
-    from ..kl_base import KLBaseError
-
-    from ..kl_base import MAGIC
+    from ..kl_base import MAGIC, KLBaseError
     from .common import output_path_problem
 
     problem = output_path_problem(path, MAGIC, "KL-base")
