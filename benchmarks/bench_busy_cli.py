@@ -24,11 +24,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_busy_core import REPO, SPIN  # noqa: E402
+from bench_busy_core import REPO, busy_cores  # noqa: E402
 from report_section import loadavg, write_section  # noqa: E402
 
 #: A prompt the model keeps continuing greedily (no early end of text), so every run decodes
@@ -61,19 +60,13 @@ def main() -> int:
     n = args.threads
     settings = [("1 thread", 1, False), (f"{n} fixed", n, False), (f"{n} governed", n, True)]
     decode_rate(args.model, 4, 1, False)  # warm: kernels compiled and cached, pages in
-    spinners = [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=3600)]) for _ in range(args.busy)]
     rates: dict[str, list[float]] = {name: [] for name, _, _ in settings}
-    try:
-        time.sleep(1.0)
+    with busy_cores(args.busy):
         load_start = loadavg()[0]
         for _ in range(args.rounds):
             for name, threads, governed in settings:
                 rates[name].append(decode_rate(args.model, args.tokens, threads, governed))
         load_end = loadavg()[0]
-    finally:
-        for s in spinners:
-            s.kill()
-            s.wait()
     one = statistics.median(rates["1 thread"])
     rows = [f"| {name} | {statistics.median(r):.1f} | {min(r):.1f}–{max(r):.1f} | {statistics.median(r) / one:.2f} |"
             for name, r in rates.items()]

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_section import loadavg, write_section  # noqa: E402
 
 SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@contextmanager
+def busy_cores(n: int, seconds: int = 3600):
+    """``n`` pure-Python spin loops (each bounded by ``seconds``) for the duration of the block,
+    given a second to be scheduled before it starts; killed at its end."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=seconds)]) for _ in range(n)]
+    try:
+        time.sleep(1.0 if n else 0.0)
+        yield
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
 
 
 def main() -> int:
@@ -76,9 +91,7 @@ def main() -> int:
     decode_rate(args.threads, True)  # warm up (kernels loaded, pages in)
     rows, loads = [], {}
     for condition, n_busy in (("quiet", 0), (f"{args.busy} busy", args.busy)):
-        spinners = [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=1800)]) for _ in range(n_busy)]
-        try:
-            time.sleep(1.0 if n_busy else 0.0)
+        with busy_cores(n_busy, seconds=1800):
             load_start = loadavg()[0]
             rates: dict[str, list[float]] = {name: [] for name, _, _ in settings}
             final: dict[str, int] = {}
@@ -87,10 +100,6 @@ def main() -> int:
                     rate, final[name] = decode_rate(threads, fixed)
                     rates[name].append(rate)
             loads[condition] = (load_start, loadavg()[0])
-        finally:
-            for s in spinners:
-                s.kill()
-                s.wait()
         one = statistics.median(rates["1 fixed"])
         for name, _, _ in settings:
             med = statistics.median(rates[name])

@@ -288,29 +288,43 @@ def test_without_the_extra_serve_says_how_to_install_it(tmp_path):
                                                "pip install 'mqa-gen[serve]'"]
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
-    base, log = server
+def send_counting(base: str, stream: bool) -> http.client.HTTPConnection:
+    """A request that keeps generating for 200 tokens, sent on a connection the test then drops."""
     host, port = base.removeprefix("http://").split(":")
-    logged = len(log.read_text().splitlines())
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = json.dumps({"prompt": COUNTING, "max_tokens": 200, "stream": True, "stop": [], "repeat_penalty": 1.0,
+    body = json.dumps({"prompt": COUNTING, "max_tokens": 200, "stream": stream, "stop": [], "repeat_penalty": 1.0,
                        "temperature": 0, "seed": 1})
     conn.request("POST", "/v1/completions", body=body,
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.readline().startswith(b"data: ")  # it is generating
-    conn.sock.close()  # the client goes away mid-stream
+    return conn
+
+
+def leave(conn: http.client.HTTPConnection) -> None:
+    conn.sock.close()  # the client goes away
     conn.close()
 
-    def its_log_line():
+
+def log_line_once_freed(base: str, log: Path, logged: int) -> str:
+    """Wait (bounded) until no slot is busy and the request's access-log line is written; return it."""
+    def its_lines():
         return [line for line in log.read_text().splitlines()[logged:] if line.startswith("POST /v1/completions")]
 
     deadline = time.monotonic() + 300  # a bound on waiting on a loaded machine, not a timing assertion
-    while (call(base, "GET", "/health").json()["slots_busy"] or not its_log_line()) and time.monotonic() < deadline:
+    while (call(base, "GET", "/health").json()["slots_busy"] or not its_lines()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert call(base, "GET", "/health").json()["slots_busy"] == 0
+    [line] = its_lines()
+    return line
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
+    base, log = server
+    logged = len(log.read_text().splitlines())
+    conn = send_counting(base, stream=True)
+    assert conn.getresponse().readline().startswith(b"data: ")  # it is generating
+    leave(conn)
+    line = log_line_once_freed(base, log, logged)
     # the request ended because its client left, not because it ran out of tokens to generate
-    [line] = its_log_line()
     assert int(re.search(r" completion=(\d+) ", line).group(1)) < 200
     r = client.completions.create(model="smollm2-135m-instruct", prompt=PROMPT, max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
@@ -320,39 +334,19 @@ def test_a_client_that_leaves_before_its_answer_frees_its_slot(server):
     """Not streaming: tokens keep arriving while the client is gone, and the request must still be
     dropped (log status 499) rather than generate all its tokens."""
     base, log = server
-    host, port = base.removeprefix("http://").split(":")
     logged = len(log.read_text().splitlines())
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = json.dumps({"prompt": COUNTING, "max_tokens": 200, "stop": [], "repeat_penalty": 1.0, "temperature": 0,
-                       "seed": 1})
-    conn.request("POST", "/v1/completions", body=body,
-                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    conn = send_counting(base, stream=False)
     deadline = time.monotonic() + 60
     while not call(base, "GET", "/health").json()["slots_busy"] and time.monotonic() < deadline:
         time.sleep(0.05)  # until it is generating
-    conn.sock.close()  # the client goes away before the answer
-    conn.close()
-
-    def its_log_line():
-        return [line for line in log.read_text().splitlines()[logged:] if line.startswith("POST /v1/completions")]
-
-    deadline = time.monotonic() + 300  # a bound on waiting on a loaded machine, not a timing assertion
-    while (call(base, "GET", "/health").json()["slots_busy"] or not its_log_line()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    [line] = its_log_line()
-    assert line.startswith("POST /v1/completions 499 ")
-    assert call(base, "GET", "/health").json()["slots_busy"] == 0
+    leave(conn)
+    assert log_line_once_freed(base, log, logged).startswith("POST /v1/completions 499 ")
 
 
 def test_beyond_the_queue_a_request_gets_503_with_retry_after(tmp_path):
     with running_server(tmp_path / "stderr.txt", "-b", "1", "--max-queue", "0") as base:
-        host, port = base.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": COUNTING, "max_tokens": 200, "stream": True,
-                                                                "stop": [], "temperature": 0, "seed": 1}),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.readline().startswith(b"data: ")  # the one slot is taken
+        conn = send_counting(base, stream=True)  # (its key is not checked: this server has none)
+        assert conn.getresponse().readline().startswith(b"data: ")  # the one slot is taken
         busy = call(base, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
         conn.close()
         assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
