@@ -637,6 +637,7 @@ def test_batch_outputs_and_budgets_that_cannot_work(tmp_path):
     for value in ("nan", "inf"):
         one_error_line(run_cli("batch", str(source), "--kv-budget", value), "--kv-budget must be a finite")
     one_error_line(run_cli("batch", str(source), "-o", str(tmp_path), "--overwrite"), "is a folder")
+    one_error_line(run_cli("batch", str(source), "-o", str(tmp_path / "no" / "out.jsonl")), "does not exist")
     if os.path.exists("/dev/full"):
         one_error_line(run_cli("batch", str(source), "-o", "/dev/full", "--overwrite", "-n", "1", "-q"),
                        "cannot write the results", "--resume")
