@@ -135,7 +135,9 @@ def test_real_terminal_session_with_pexpect():
     pexpect = pytest.importorskip("pexpect")
     exe = mqa_gen_exe()
     env = dict(os.environ, NUMBA_NUM_THREADS=os.environ.get("NUMBA_NUM_THREADS", "1"), TERM="dumb")
-    args = ["chat", "--ctx-size", "512", "-n", "64", "--temp", "0", "--system", "You are a helpful assistant."]
+    # -n 256: the counting answer below must still be streaming when Ctrl-C lands; at 64 tokens it could
+    # end (~0.4 s on a quiet machine) before the signal arrived, and the test then waited for "[interrupted]".
+    args = ["chat", "--ctx-size", "512", "-n", "256", "--temp", "0", "--system", "You are a helpful assistant."]
     child = pexpect.spawn(exe, args, cwd=str(REPO), env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
     prompt = "\n> "
 
