@@ -28,6 +28,7 @@ from .kernels.quant import (
     int8_dequantize_transposed,
     int8_matmul,
     int8_matvec,
+    int8_matvec3,
     repack_q4_1,
     repack_q4_k,
     repack_q5_0,
@@ -201,8 +202,8 @@ class FusedProjections:
     """[x Wᵀ for W in linears] for the same input rows x [N, in_features]: W_q, W_k, W_v of a
     layer, or W_gate, W_up.
 
-    For one row (a single sequence's decode step), two or three 4-bit matrices run in one kernel
-    launch (one parallel region instead of three), into float32 [1, out_features] buffers owned by
+    For one row (a single sequence's decode step), two or three matrices of one layout (4-bit or
+    int8) run in one kernel launch (one parallel region instead of three), into float32 [1, out_features] buffers owned by
     this object and overwritten by the next call: no allocation per decode step. Other row counts
     run each matrix's own product (:class:`QuantizedLinear` reads each weight once for all rows).
     """
@@ -211,21 +212,24 @@ class FusedProjections:
         self.linears = tuple(linears)
         self.outs = [np.empty(w.out_features, np.float32) for w in self.linears]
         self.rows = [y[None] for y in self.outs]  # the same buffers as [1, out_features]
-        fused = 2 <= len(self.linears) <= 3 and all(getattr(w, "mins", None) is not None for w in self.linears)
-        self._fused_args = None
-        if fused:
-            slots = [(w.codes, w.scales, w.mins, y) for w, y in zip(self.linears, self.outs)]
+        quantized = all(isinstance(w, QuantizedLinear) for w in self.linears)
+        layouts = {w.mins is None for w in self.linears} if quantized else set()
+        self._fused_kernel = self._fused_args = None
+        if 2 <= len(self.linears) <= 3 and len(layouts) == 1:  # one layout: one kernel takes them all
+            int8 = layouts == {True}
+            slots = [(w.codes, w.scales) + (() if int8 else (w.mins,)) + (y,) for w, y in zip(self.linears, self.outs)]
             # An unused third slot: 0-tile slices of the first matrix (the same types, so the
             # kernel the warm-up compiled is the one that runs).
             slots += [tuple(a[:0] for a in slots[0])] * (3 - len(slots))
             self._fused_args = tuple(a for slot in slots for a in slot)
+            self._fused_kernel = int8_matvec3 if int8 else q4_1_matvec3
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """x: float32 [N, in_features] → one float32 [N, out_features] array per matrix."""
         if x.shape[0] != 1:
             return [w(x) for w in self.linears]
-        if self._fused_args is not None:
-            q4_1_matvec3(*self._fused_args, np.ascontiguousarray(x[0]))
+        if self._fused_kernel is not None:
+            self._fused_kernel(*self._fused_args, np.ascontiguousarray(x[0]))
             return self.rows
         for w, y in zip(self.linears, self.outs):
             if isinstance(w, QuantizedLinear):

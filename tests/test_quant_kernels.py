@@ -86,13 +86,19 @@ def test_real_model_tensors_stay_quantised(smollm2):
 @pytest.mark.parametrize("shapes,types", [
     ([(64, 96), (TILE + 1, 96), (3, 96)], ["Q4_1"] * 3),  # one fused kernel launch
     ([(40, 64), (70, 64)], ["Q4_1"] * 2),
+    ([(64, 96), (TILE + 1, 96), (3, 96)], ["Q5_0", "Q5_0", "Q8_0"]),  # Gemma 3's W_q, W_k, W_v types
+    ([(40, 256), (70, 256)], ["Q5_0", "Q6_K"]),  # int8 layout, float16 and float32 scales
     ([(40, 64), (70, 64)], ["Q4_1", "Q8_0"]),  # mixed layouts: one product each
 ])
 def test_fused_projections_equal_separate_products(shapes, types):
+    from mqa_gen.kernels.quant import int8_matvec3, q4_1_matvec3
     from mqa_gen.linear import FusedProjections
 
     pairs = [quantized(rows, cols, t) for (rows, cols), t in zip(shapes, types)]
     fused = FusedProjections([lin for lin, _ in pairs])
+    layouts = {"int8" if lin.mins is None else "4-bit" for lin, _ in pairs}
+    one_launch = {"int8": int8_matvec3, "4-bit": q4_1_matvec3}[layouts.pop()] if len(layouts) == 1 else None
+    assert fused._fused_kernel is one_launch
     for _ in range(2):  # the output buffers are reused: a second call gives the new products
         x = RNG.standard_normal(shapes[0][1]).astype(np.float32)
         for (lin, _), y in zip(pairs, fused(x[None])):

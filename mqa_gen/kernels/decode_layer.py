@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from .flags import FASTMATH
-from .quant import int8_matmul, int8_matvec, q4_1_matmul, q4_1_matvec, q4_1_matvec3
+from .quant import int8_matmul, int8_matvec, int8_matvec3, q4_1_matmul, q4_1_matvec, q4_1_matvec3
 from .rowwise import geglu_tanh, rmsnorm, rope, swiglu
 
 # These functions run parallel kernels from compiled code, which skips the kernels' dispatchers —
@@ -67,24 +67,30 @@ def _product(w, x, y):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _fused_4bit(ca, sa, ma, cb, sb, mb, cc, sc, mc, x, ya, yb, yc):
-    """One row through two or three 4-bit matrices in one parallel region (as
+def _fused(ca, sa, ma, cb, sb, mb, cc, sc, mc, x, ya, yb, yc):
+    """One row through two or three matrices of one layout in one parallel region (as
     :class:`mqa_gen.linear.FusedProjections`); returns False, doing nothing, when x has several
-    rows or a matrix is in the int8 layout (decided when compiled, as in :func:`_product_of`)."""
+    rows or the layouts differ (decided when compiled, as in :func:`_product_of`)."""
+    if x.shape[0] != 1:
+        return False
     if ma is not None:
         if mb is not None:
             if mc is not None:
-                if x.shape[0] == 1:
-                    q4_1_matvec3(ca, sa, ma, ya[0], cb, sb, mb, yb[0], cc, sc, mc, yc[0], x[0])
-                    return True
+                q4_1_matvec3(ca, sa, ma, ya[0], cb, sb, mb, yb[0], cc, sc, mc, yc[0], x[0])
+                return True
+    if ma is None:
+        if mb is None:
+            if mc is None:
+                int8_matvec3(ca, sa, ya[0], cb, sb, yb[0], cc, sc, yc[0], x[0])
+                return True
     return False
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _three_products(wa, wb, wc, x, ya, yb, yc):
-    """ya, yb, yc = x Waᵀ, x Wbᵀ, x Wcᵀ: one parallel region for one row and three 4-bit
-    matrices, one product each otherwise."""
-    if not _fused_4bit(wa[0], wa[1], wa[2], wb[0], wb[1], wb[2], wc[0], wc[1], wc[2], x, ya, yb, yc):
+    """ya, yb, yc = x Waᵀ, x Wbᵀ, x Wcᵀ: one parallel region for one row and three matrices of
+    one layout, one product each otherwise."""
+    if not _fused(wa[0], wa[1], wa[2], wb[0], wb[1], wb[2], wc[0], wc[1], wc[2], x, ya, yb, yc):
         _product(wa, x, ya)
         _product(wb, x, yb)
         _product(wc, x, yc)
@@ -100,9 +106,9 @@ def _no_tiles(mins):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _two_products(wa, wb, x, ya, yb):
-    """ya, yb = x Waᵀ, x Wbᵀ; for one row of two 4-bit matrices the three-matrix kernel's third
-    slot gets 0-tile slices of the first (as FusedProjections passes)."""
-    if not _fused_4bit(wa[0], wa[1], wa[2], wb[0], wb[1], wb[2], wa[0][:0], wa[1][:0], _no_tiles(wa[2]),
+    """ya, yb = x Waᵀ, x Wbᵀ; for one row of two matrices of one layout the three-matrix kernel's
+    third slot gets 0-tile slices of the first (as FusedProjections passes)."""
+    if not _fused(wa[0], wa[1], wa[2], wb[0], wb[1], wb[2], wa[0][:0], wa[1][:0], _no_tiles(wa[2]),
                        x, ya, yb, ya[:, :0]):
         _product(wa, x, ya)
         _product(wb, x, yb)
