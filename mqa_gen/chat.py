@@ -56,6 +56,11 @@ END_OF_TURN_TOKENS = (
 )
 
 
+#: The message roles a conversation may hold (batch lines, serve requests): the ones every shipped
+#: template renders. Gemma 3's refuses others mid-render; SmolLM2's would print any word as a role,
+#: so "wizard" would pass unnoticed. OpenAI's "tool" and "developer" need templates we do not have.
+MESSAGE_ROLES = ("system", "user", "assistant")
+
 #: Characters a render may produce (and any one value it builds may hold) beyond the conversation's.
 RENDER_BASE_CHARS = 2**20
 #: Times the conversation's own characters a render may add (a template writes each message once,

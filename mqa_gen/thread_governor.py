@@ -207,3 +207,25 @@ def fixed_threads():
         yield
     finally:
         _local.fixed = before
+
+
+@contextmanager
+def one_numba_thread():
+    """Within this block, the calling OS thread's Numba kernels run on 1 thread; the count it had
+    comes back after (the governor sees no change). For prefill chunks, whose weight products are
+    NumPy's BLAS on all cores: a Numba kernel on 2 threads leaves its OpenMP worker spinning for
+    milliseconds after it returns (libgomp's spin-wait, which decode steps need, see
+    ``mqa_gen/__init__.py``), and a BLAS product started in that time shares a core with it —
+    measured here, a 512 × 576 × 1536 product took 7.9 ms after a 2-thread kernel against 3.9 ms
+    after a 1-thread one, and a 512-token prefill went from 270 to 386 tok/s (SmolLM2) and from
+    365 to 626 (Gemma 3). The Numba kernels of a prefill (dequantising, norms, softmax, SwiGLU) are
+    not faster on 2 threads there anyway: they ran in the same time on 1."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+

@@ -72,6 +72,7 @@ BAD_LINES = [
     (b'{"prompt": "hi", "stop": [".", ""]}\n', "line 1: stop must be a non-empty string"),
     (b'{"prompt": "hi", "messages": []}\n', "line 1: give exactly one of prompt or messages"),
     (b'{"messages": [{"role": "user"}]}\n', "line 1: each message must be"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}\n', "line 1: unknown message role 'wizard'"),
     (b'["hi"]\n', "line 1: a line must be a JSON object"),
     (b'{"prompt": "a", "id": 7}\n{"prompt": "b", "id": 7}\n', "line 2: id 7 is used by an earlier line"),
     (b'{"prompt": "caf\xe9"}\n', "line 1: not valid UTF-8"),
@@ -191,3 +192,5 @@ def test_kv_budget_caps_the_batch_and_says_how_many_fit(invoke, tmp_path):
     assert "mean batch" in result.stderr and "of 2)" in result.stderr
     too_small = invoke("batch", path, "--ctx-size", "256", "--kv-budget", "5", "--no-chat")
     assert too_small.exit_code == 2 and "needs 11.2 MiB" in too_small.stderr
+    tiny = invoke("batch", path, "--ctx-size", "256", "--kv-budget", "0.001", "--no-chat")  # 1,048.6 bytes
+    assert tiny.exit_code == 2 and "budget of 1.0 KiB" in tiny.stderr

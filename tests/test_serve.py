@@ -253,6 +253,16 @@ def test_bad_request_gets_an_error_object_and_the_server_goes_on(server, body, s
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_message_with_an_unknown_role_is_400(server):
+    base, _ = server
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = {"messages": [{"role": "wizard", "content": "Hi"}], "max_tokens": 2}
+    r = call(base, "POST", "/v1/chat/completions", body, headers)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages" and "unknown message role 'wizard'" in error["message"]
+
+
 def test_api_key_is_required(server):
     base, _ = server
     body = {"prompt": PROMPT, "max_tokens": 2}

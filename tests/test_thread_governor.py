@@ -168,3 +168,37 @@ def test_fixed_threads_pins_the_count_within_its_block():
             pass
         assert thread_governor.governor() is None
     assert isinstance(thread_governor.governor(), ThreadGovernor)
+
+
+def test_a_long_prefill_chunk_runs_numba_on_one_thread_and_gives_the_count_back(smollm2, monkeypatch):
+    """Chunks BLAS multiplies keep Numba's kernels on 1 thread (one_numba_thread's docstring); a
+    decode-sized chunk keeps the count; an error inside gives the count back too."""
+    import numba
+
+    from mqa_gen.kernels import rmsnorm as real_rmsnorm
+    from mqa_gen.linear import SMALL_BATCH
+    from mqa_gen.models import base
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    seen = []
+
+    def counting_rmsnorm(*args):
+        seen.append(numba.get_num_threads())
+        return real_rmsnorm(*args)
+
+    monkeypatch.setattr(base, "rmsnorm", counting_rmsnorm)  # every RMSNorm of the forward pass
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        model = smollm2.model
+        model.forward(np.arange(SMALL_BATCH + 1) + 100, model.new_cache(128, "float16"))
+        assert seen and set(seen) == {1} and numba.get_num_threads() == 2
+        seen.clear()
+        model.forward(np.arange(SMALL_BATCH) + 100, model.new_cache(128, "float16"))
+        assert seen and set(seen) == {2}
+        with pytest.raises(ZeroDivisionError), thread_governor.one_numba_thread():
+            1 / 0
+        assert numba.get_num_threads() == 2
+    finally:
+        numba.set_num_threads(before)

@@ -165,7 +165,12 @@ def load_model(name: str, quiet: bool):
 
 
 def mib(n_bytes: float) -> str:
-    """Bytes as MiB with one decimal."""
+    """Bytes as MiB with one decimal; a size under 0.1 MiB in KiB or bytes, where "0.0 MiB" would
+    hide it (``--kv-budget 0.001`` is 1 KiB)."""
+    if n_bytes < 1024:
+        return f"{n_bytes:,.0f} B"
+    if n_bytes < 2**20 / 10:
+        return f"{n_bytes / 2**10:,.1f} KiB"
     return f"{n_bytes / 2**20:,.1f} MiB"
 
 

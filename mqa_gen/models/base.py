@@ -24,7 +24,8 @@ from ..batch import Batch
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..kernels import rmsnorm
-from ..thread_governor import governor
+from ..linear import SMALL_BATCH
+from ..thread_governor import governor, one_numba_thread
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -121,8 +122,12 @@ class Decoder:
         if batch.decode:
             batch.scratch = self._decode_scratch(max(cache.max_seq_len for cache in caches), batch.size)
 
-        gov = governor() if batch.decode else None  # decode steps pick their thread count by timing
-        with gov.step(batch.size) if gov is not None else nullcontext():
+        if batch.decode:
+            gov = governor()  # decode steps pick their thread count by timing
+            threads = gov.step(batch.size) if gov is not None else nullcontext()
+        else:  # BLAS does the weight products of a chunk this long; Numba's kernels keep off its cores
+            threads = one_numba_thread() if tokens.shape[0] > SMALL_BATCH else nullcontext()
+        with threads:
             x = self.embeddings.rows(tokens)  # (N, d_model)
             if self.embed_scale != 1.0:
                 x *= np.float32(self.embed_scale)
