@@ -15,6 +15,10 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 # worse on both (benchmarks/bench_busy_core.py, 2026-12-07). The thread governor handles the busy
 # core instead (thread_governor.py).
 
+from .process_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # a prefill's work arrays are reused, not faulted in afresh (process_memory.py)
+
 __version__ = "0.1.0"
 
 __all__ = ["MultiQueryAttention", "MultiQueryAttentionConfig"]
