@@ -47,7 +47,7 @@ The transformers engine runs in the interpreter given by ``--transformers-python
 one) and is skipped, with a note, when ``torch`` and ``transformers`` do not import there. To
 install it into a virtual environment (use exactly this torch version on these machines)::
 
-    pip install torch==2.13.0 transformers
+    pip install torch==2.13.0 transformers gguf accelerate
 
 It must also find the GGUF file: the parent passes the path of the file mqa-gen resolved, so the
 other interpreter needs nothing else. ``AutoModelForCausalLM.from_pretrained(folder,
@@ -1022,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
             if probe.returncode != 0:
                 why = (probe.stderr.strip().splitlines() or ["no output"])[-1]
                 notes.append(f"transformers skipped: torch + transformers do not import in "
-                             f"`{args.transformers_python}` ({why}). Install: `pip install torch==2.13.0 transformers`.")
+                             f"`{args.transformers_python}` ({why}). Install: `pip install torch==2.13.0 transformers gguf accelerate`.")
                 runner.log(notes[-1])
                 engines.remove("transformers")
             else:

