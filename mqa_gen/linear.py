@@ -203,9 +203,10 @@ class FusedProjections:
     layer, or W_gate, W_up.
 
     For one row (a single sequence's decode step), two or three matrices of one layout (4-bit or
-    int8) run in one kernel launch (one parallel region instead of three), into float32 [1, out_features] buffers owned by
-    this object and overwritten by the next call: no allocation per decode step. Other row counts
-    run each matrix's own product (:class:`QuantizedLinear` reads each weight once for all rows).
+    int8) run in one kernel launch (one parallel region instead of three), into float32
+    [1, out_features] buffers owned by this object and overwritten by the next call: no allocation
+    per decode step. Other row counts, and matrices of mixed layouts, run each matrix's own product
+    (:class:`QuantizedLinear` reads each weight once for all rows).
     """
 
     def __init__(self, linears):
@@ -217,7 +218,8 @@ class FusedProjections:
         self._fused_kernel = self._fused_args = None
         if 2 <= len(self.linears) <= 3 and len(layouts) == 1:  # one layout: one kernel takes them all
             int8 = layouts == {True}
-            slots = [(w.codes, w.scales) + (() if int8 else (w.mins,)) + (y,) for w, y in zip(self.linears, self.outs)]
+            slots = [(w.codes, w.scales) + (() if int8 else (w.mins,)) + (y,)
+                     for w, y in zip(self.linears, self.outs)]
             # An unused third slot: 0-tile slices of the first matrix (the same types, so the
             # kernel the warm-up compiled is the one that runs).
             slots += [tuple(a[:0] for a in slots[0])] * (3 - len(slots))
