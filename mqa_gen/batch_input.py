@@ -97,7 +97,8 @@ def parse_jsonl_line(text: str, line: int) -> BatchItem:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+        hint = "" if text.lstrip()[:1] in ("{", "[") else "; plain-text prompts, one a line, need --format text"
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno}){hint}") from None
     if not isinstance(obj, dict):
         raise ValueError("a line must be a JSON object")
     item_id = obj.get("id", line)

@@ -74,6 +74,8 @@ BAD_LINES = [
     (b'{"messages": [{"role": "user"}]}\n', "line 1: each message must be"),
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}\n', "line 1: unknown message role 'wizard'"),
     (b'["hi"]\n', "line 1: a line must be a JSON object"),
+    (b"The capital of France is\n", "line 1: invalid JSON (Expecting value at column 1); plain-text prompts, "
+                                    "one a line, need --format text"),
     (b'{"prompt": "a", "id": 7}\n{"prompt": "b", "id": 7}\n', "line 2: id 7 is used by an earlier line"),
     (b'{"prompt": "caf\xe9"}\n', "line 1: not valid UTF-8"),
     (b'{"prompt": "' + b"word " * 60 + b'"}\n', "line 1: the prompt has"),
@@ -181,6 +183,16 @@ def test_logprobs_are_transformers_log_softmax(invoke, tmp_path):
         assert first["logprob"] == first["top_logprobs"][0]["logprob"]  # greedy took the best
     assert via_batch["logprobs"] == via_generate["logprobs"]
     assert invoke("generate", "--prompt", "hi", "--logprobs", "2").exit_code == 2  # needs --json
+
+
+def test_output_onto_the_input_file_is_refused_and_keeps_the_prompts(invoke, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
+    before = open(path, "rb").read()
+    result = invoke("batch", path, "-o", path, "--overwrite", "-n", "2", "--no-chat", "-q")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"error: -o {path} is the input file: the results would replace "
+                                                  "the prompts; write them to another file"]
+    assert open(path, "rb").read() == before
 
 
 def test_kv_budget_caps_the_batch_and_says_how_many_fit(invoke, tmp_path):

@@ -119,6 +119,7 @@ def test_bad_input_is_one_error_line(invoke, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     one_error_line(invoke("perplexity", str(empty)), "is empty")
+    one_error_line(invoke("perplexity", "-", input=""), "stdin is empty")
     short = tmp_path / "short.txt"
     short.write_text("The tide comes in twice a day. " * 10)
     line = one_error_line(invoke("perplexity", str(short)), "needs at least 1,024", "--ctx 512")

@@ -111,7 +111,7 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
         raise PerplexityError(f"--chunks must be at least 1 (-1 = all), got {chunks}")
     text = read_eval_text(file)
     if not text:
-        raise PerplexityError(f"text file {file} is empty")
+        raise PerplexityError("stdin is empty" if file == "-" else f"text file {file} is empty")
     if kl_base is not None:
         klb.read_header(kl_base)  # a missing or foreign file fails before the model loads
     if save_base is not None:
