@@ -57,7 +57,10 @@ def rope(x, cos, sin, interleaved):
                 x[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+# error_model="numpy" on the gated activations: with Numba's default ("python") every division
+# checks its divisor for zero to raise ZeroDivisionError, and that branch kept the loop from
+# vectorising — 2.6 ns an element instead of 0.22 here, the same bits (1 + e^x is never 0).
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def swiglu(gate, up, out):
     """out = silu(gate) * up, with silu(g) = g / (1 + e^-g). gate, up, out: float32 [T, d_ff]."""
     T, F = gate.shape
@@ -67,7 +70,7 @@ def swiglu(gate, up, out):
             out[t, i] = g / (np.float32(1.0) + exp32(-g)) * up[t, i]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def geglu_tanh(gate, up, out):
     """out = gelu_tanh(gate) * up, gelu_tanh(g) = g/2 · (1 + tanh(√(2/π) (g + 0.044715 g³))).
 
