@@ -14,8 +14,9 @@ below that of the steps just before at c with the same number of rows (the step'
 on the rows and, slowly, on the depth, which a few neighbouring steps share), or at once when a
 probe step takes less than half as long. An OS thread's first decode steps run on 1 thread and
 its first probe goes up: a quiet machine reaches the ceiling by the fifth step, and a busy one
-pays for no step on a contended count before the governor knows. A probe step that is much slower than c's steps ends
-the probe at once, so probing toward a contended count costs one slow step, not several. The
+pays for no step on a contended count before the governor knows. A probe step that is much slower
+than c's steps ends the probe at once, so probing toward a contended count costs one slow step,
+not several. The
 probe interval doubles after each probe that loses, and grows further when that probe was
 costly (:data:`PROBE_SHARE`), up to :data:`MAX_INTERVAL` steps; it drops back after a move. On a
 quiet machine probing costs about 1 % of the steps; under contention, at most a few %.

@@ -27,6 +27,7 @@ from .common import (
     model_option,
     output_path_problem,
     read_chat_template,
+    same_file,
     read_limited,
     setup_generation,
     stderr,
@@ -237,14 +238,6 @@ def build_requests(items, loaded, setup, chat: bool | None, logprobs: int | None
     return out
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether paths a and b name one existing file (links and relative spellings included)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # either does not exist (yet): not the same file
-        return False
-
-
 @click.command()
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", default="-", metavar="OUTPUT", help="Write the JSONL results here (default: stdout).")
@@ -299,7 +292,7 @@ def batch(input_path, output, model, chat, chat_template_file, input_format, bat
         raise BatchRunError("--resume needs -o OUTPUT (the file to continue)")
     if resume and overwrite:
         raise BatchRunError("--resume continues OUTPUT and --overwrite replaces it: pass one of them")
-    if to_file and input_path != "-" and _same_file(input_path, output):
+    if to_file and input_path != "-" and same_file(input_path, output):
         raise BatchRunError(f"-o {output} is the input file: the results would replace the prompts; "
                             "write them to another file")
     if to_file and os.path.exists(output) and not (resume or overwrite):

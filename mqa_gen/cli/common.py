@@ -275,6 +275,15 @@ class OptionError(MqaGenError):
     """An option value the library refused, in the option's own name (``--top-p must be …``)."""
 
 
+def same_file(a: str | None, b: str | None) -> bool:
+    """Whether paths a and b name one existing file (links and relative spellings included); False
+    when either is None or does not exist (yet)."""
+    try:
+        return a is not None and b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def output_path_problem(path: str, magic: bytes = b"", kind: str = "") -> str | None:
     """Why a file should not be written at ``path`` — it is a directory, its folder does not exist
     or is not writable, or (with ``magic``) it holds something other than a ``kind`` file, which

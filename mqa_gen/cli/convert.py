@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import click
@@ -20,20 +19,13 @@ from ..calibrate import (
     INPUTS,
 )
 from ..head_merge import METHODS
-from .common import (OptionError, ensure_kernels, load_model, mib, model_option, output_path_problem, set_threads,
-                     stderr, threads_option)
+from .common import (OptionError, ensure_kernels, load_model, mib, model_option, output_path_problem, same_file,
+                     set_threads, stderr, threads_option)
 
 _WEIGHT_LETTERS = {"q": "w_q", "k": "w_k", "v": "w_v", "o": "w_o"}
 
 #: Progress lines per layer during the fit (step, loss).
 _STEP_REPORTS = 4
-
-
-def _same_file(a: str | None, b: str | None) -> bool:
-    try:
-        return a is not None and b is not None and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _fit_weights(ctx, param, value: str) -> tuple[str, ...]:
@@ -105,7 +97,7 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
 
     set_threads(threads)
     loaded = load_model(model, quiet)
-    if _same_file(loaded.path, output):
+    if same_file(loaded.path, output):
         raise ModelFileError(f"the output {output} is the source model; choose another path")
     problem = output_path_problem(output, b"GGUF", "GGUF")
     if problem is not None:  # before minutes of conversion whose result could not be written
@@ -127,7 +119,7 @@ def convert(model, kv_heads, method, fit, calibration_text, fit_weights, inputs,
     if not no_eval:
         ppl_path = ppl_text or str(DEFAULT_PPL_TEXT)
         ppl_ids = window_ids(loaded.tokenizer, read_text(ppl_path), ppl_tokens)
-        if calibration_text is not None and _same_file(ppl_path, calibration_text):
+        if calibration_text is not None and same_file(ppl_path, calibration_text):
             stderr.print("[yellow]warning: the perplexity text is the calibration text, so it is not held out[/yellow]")
         result["perplexity"] = {"text": ppl_path, "tokens": len(ppl_ids)}
         t = time.perf_counter()
