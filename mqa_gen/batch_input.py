@@ -18,7 +18,7 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .chat import MESSAGE_ROLES
+from .chat import role_problem
 from .errors import MqaGenError, SamplingError
 
 #: The fields a JSONL line may carry, beside ``prompt`` or ``messages``.
@@ -82,8 +82,9 @@ def _parse_messages(messages: object) -> list[dict[str, str]]:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 and set(m) <= {"role", "content"}):
             raise ValueError("each message must be an object with a string role and a string content")
-        if m["role"] not in MESSAGE_ROLES:
-            raise ValueError(f"unknown message role {m['role']!r} (known: {', '.join(MESSAGE_ROLES)})")
+        problem = role_problem(m["role"])
+        if problem is not None:
+            raise ValueError(problem)
     return messages
 
 

@@ -61,6 +61,11 @@ END_OF_TURN_TOKENS = (
 #: so "wizard" would pass unnoticed. OpenAI's "tool" and "developer" need templates we do not have.
 MESSAGE_ROLES = ("system", "user", "assistant")
 
+
+def role_problem(role: str) -> str | None:
+    """Why ``role`` cannot be a message's role (one line naming the known ones), or None."""
+    return None if role in MESSAGE_ROLES else f"unknown message role {role!r} (known: {', '.join(MESSAGE_ROLES)})"
+
 #: Characters a render may produce (and any one value it builds may hold) beyond the conversation's.
 RENDER_BASE_CHARS = 2**20
 #: Times the conversation's own characters a render may add (a template writes each message once,

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .cache import kv_bytes, kv_bytes_per_token
-from .chat import MESSAGE_ROLES, render_prompt
+from .chat import render_prompt, role_problem
 from .engine import Engine, EngineBusy, Event
 from .errors import MqaGenError, SamplingError
 from .logprobs import openai_logprobs
@@ -251,9 +251,9 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise APIError(400, "each message must be an object with a 'role'", param="messages")
-            if m["role"] not in MESSAGE_ROLES:
-                raise APIError(400, f"unknown message role {m['role']!r} (known: {', '.join(MESSAGE_ROLES)})",
-                               param="messages")
+            problem = role_problem(m["role"])
+            if problem is not None:
+                raise APIError(400, problem, param="messages")
             content = m.get("content")
             if isinstance(content, list):  # OpenAI's content parts: only text ones
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
