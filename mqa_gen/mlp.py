@@ -14,7 +14,7 @@ from .linear import FusedProjections
 
 
 class GatedMLP:
-    """Gated MLP. ``gated_activation(gate, up, out)`` is the kernel computing act(gate) ⊙ up:
+    """Gated MLP. ``gated_activation(gate, up)`` is the kernel computing up ← act(gate) ⊙ up:
     :func:`~mqa_gen.kernels.swiglu` (SiLU, llama) by default, :func:`~mqa_gen.kernels.geglu_tanh`
     (GELU-tanh, Gemma).
 
@@ -30,5 +30,5 @@ class GatedMLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: float32 [N, d_model] → float32 [N, d_model]."""
         gate, up = self.gate_up(x)  # (N, d_ff) each
-        self.gated_activation(gate, up, gate)
-        return self.w_down(gate)  # (N, d_model)
+        self.gated_activation(gate, up)  # up ← act(gate) ⊙ up
+        return self.w_down(up)  # (N, d_model)

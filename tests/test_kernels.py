@@ -76,9 +76,10 @@ def test_geglu_tanh_matches_formula():
     gate, up = random(3, 50) * 4, random(3, 50)
     g = gate.astype(np.float64)
     expected = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * up
-    out = np.empty_like(gate)
-    geglu_tanh(gate, up, out)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    gate_before = gate.copy()
+    geglu_tanh(gate, up)  # up ← act(gate) ⊙ up
+    np.testing.assert_allclose(up, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(gate, gate_before)
 
 
 @pytest.mark.parametrize("length", [1, DECODE_BLOCK - 1, DECODE_BLOCK, DECODE_BLOCK + 1, 3 * DECODE_BLOCK + 7])
@@ -156,9 +157,34 @@ def test_rope_rotates_each_pair_by_its_angle(interleaved):
 
 def test_swiglu():
     g, u = random(3, 50), random(3, 50)
-    out = np.empty_like(g)
-    swiglu(g, u, out)
-    np.testing.assert_allclose(out, g / (1 + np.exp(-g.astype(np.float64))) * u, rtol=1e-5, atol=1e-6)
+    expected = g / (1 + np.exp(-g.astype(np.float64))) * u
+    g_before = g.copy()
+    swiglu(g, u)  # u ← silu(g) ⊙ u
+    np.testing.assert_allclose(u, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(g, g_before)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 40])
+def test_causal_softmax_rows_matches_float64_softmax(length, window):
+    """Every row length around the 8-wide maximum's blocks, keys before the block's first query
+    row (first_index < first_position), and a sliding window."""
+    from mqa_gen.kernels.rowwise import causal_softmax_rows
+
+    G, R, past = 2, min(length, 6), 3
+    L = past + R + length - min(length, 6)  # keys first_index .. first_index + L - 1
+    first_index, first_position = 10, 10 + L - R
+    scores = random(G, R, L) * 6
+    scores[0, 0, 0] = -np.inf  # a masked key
+    expected = np.zeros((G, R, L))
+    for r in range(R):
+        stop = first_position + r - first_index + 1
+        begin = max(0, stop - window) if window else 0
+        z = scores[:, r, begin:stop].astype(np.float64) * 0.3
+        z = np.exp(z - z.max(axis=-1, keepdims=True))
+        expected[:, r, begin:stop] = z / z.sum(axis=-1, keepdims=True)
+    causal_softmax_rows(scores, 0.3, first_index, first_position, window)
+    np.testing.assert_allclose(scores, expected, rtol=2e-6, atol=1e-7)
 
 
 def test_softmax_handles_minus_inf():

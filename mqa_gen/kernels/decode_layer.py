@@ -161,10 +161,10 @@ def after_attention(x, o, wo, post_attn_norm, mlp_norm, eps, w_gate, w_up, w_dow
     rmsnorm(x, mlp_norm, eps, x_normed)
     _two_products(w_gate, w_up, x_normed, gate, up)
     if gelu:
-        geglu_tanh(gate, up, gate)
+        geglu_tanh(gate, up)  # up ← act(gate) ⊙ up
     else:
-        swiglu(gate, up, gate)
-    _product(w_down, gate, mlp_out)
+        swiglu(gate, up)
+    _product(w_down, up, mlp_out)
     if post_mlp_norm is not None:
         rmsnorm(mlp_out, post_mlp_norm, eps, mlp_out)
     for r in range(n):
