@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .kernels import attention_prefill
+from .kernels.halfprec import half_rows_to_f32
 from .kernels.rowwise import causal_softmax_rows
 
 #: Query rows per block: big enough for efficient products, small enough to skip most of the
@@ -35,8 +36,19 @@ ROW_BLOCK = 128
 #: Below this many new rows the Numba kernel is faster (set-up of a dozen NumPy calls per group).
 MIN_ROWS = 32
 
-#: Cache arrays the products can read after a conversion to float32: float32 itself and float16 bits.
-_AS_FLOAT32 = {np.dtype(np.float32): lambda a: a, np.dtype(np.uint16): lambda a: a.view(np.float16).astype(np.float32)}
+
+
+def _float32_rows(cache: np.ndarray, first: int, stop: int) -> np.ndarray:
+    """Rows [first, stop) of a float32 cache as they are, of a float16 one (uint16 bits) decoded."""
+    if cache.dtype == np.float32:
+        return cache[:, first:stop]
+    out = np.empty((cache.shape[0], stop - first, cache.shape[2]), np.float32)
+    half_rows_to_f32(cache, first, stop, out)
+    return out
+
+
+#: Cache element types the products read (after :func:`_float32_rows`): float32 and float16 bits.
+_PRODUCT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))
 
 
 def prefill_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float,
@@ -49,16 +61,15 @@ def prefill_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start
     take them. scale: the score scale (float). out: float32 [T, n_heads, head_dim], overwritten.
     The semantics are :func:`~mqa_gen.kernels.attention.attention_prefill`'s.
     """
-    convert = _AS_FLOAT32.get(keys.dtype)
     T, H, D = q.shape
-    if convert is None or T < MIN_ROWS:
+    if keys.dtype not in _PRODUCT_DTYPES or T < MIN_ROWS:
         attention_prefill(q, keys, values, start, np.float32(scale), window, out)
         return
     KV = keys.shape[0]
     G = H // KV
     base = max(0, start + 1 - window) if window > 0 else 0  # the first index any row reads
-    k_all = convert(keys[:, base : start + T])  # [KV, L, D] float32, index base + j
-    v_all = convert(values[:, base : start + T])
+    k_all = _float32_rows(keys, base, start + T)  # [KV, L, D] float32, index base + j
+    v_all = _float32_rows(values, base, start + T)
     for t0 in range(0, T, ROW_BLOCK):
         t1 = min(T, t0 + ROW_BLOCK)
         lo = max(0, start + t0 + 1 - window) if window > 0 else 0  # keys this block may read: lo .. hi-1

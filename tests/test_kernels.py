@@ -270,3 +270,15 @@ def test_bit_pattern_to_float32():
     out = np.empty_like(values)
     convert(values.view(np.uint32).astype(np.int64), out)
     np.testing.assert_array_equal(out.view(np.uint32), values.view(np.uint32))
+
+
+def test_half_rows_to_f32_is_numpys_cast_for_a_row_range():
+    """Every bit pattern once (subnormals, infinities, NaNs included), rows [3, 9) of each head."""
+    from mqa_gen.kernels.halfprec import half_rows_to_f32
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(2, 16, 2048)
+    out = np.full((2, 6, 2048), 7.0, np.float32)
+    half_rows_to_f32(bits, 3, 9, out)
+    expected = bits[:, 3:9].view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out.view(np.uint32)[~np.isnan(expected)], expected.view(np.uint32)[~np.isnan(expected)])
+    assert np.array_equal(np.isnan(out), np.isnan(expected))
