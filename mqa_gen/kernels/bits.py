@@ -80,6 +80,19 @@ def float32_from_half_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@intrinsic
+def half_bits_from_float32(typingctx, value):
+    """float32 → the bit pattern (uint16) of the nearest float16, ties to even (the CPU's
+    conversion instruction; NaNs come back quiet, still NaN). Needs :data:`HAS_F16C`."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(value), codegen
+
+
 _LOG2E = np.float32(1.4426950408889634)
 # ln 2 split so that n · _LN2_HI is exact for |n| ≤ 2^8 (Cody & Waite 1980 range reduction).
 _LN2_HI = np.float32(0.693359375)

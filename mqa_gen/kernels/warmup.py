@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numba
 
-from . import attention, cache_rows, decode_layer, quant, rowwise
+from . import attention, cache_rows, decode_layer, halfprec, quant, rowwise
 from .numba_cache import user_cache_dir
 
 #: The kernel modules the model runs, each with a ``warm_up()``. attention_grad's kernels (the
 #: training path of :class:`~mqa_gen.layer.MultiQueryAttention`) compile on first use instead.
-WARMED_MODULES = (rowwise, cache_rows, attention, quant, decode_layer)
+WARMED_MODULES = (rowwise, halfprec, cache_rows, attention, quant, decode_layer)
 
 
 def _marker_path() -> Path:
