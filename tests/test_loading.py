@@ -488,3 +488,28 @@ def test_fast_reader_reads_number_arrays_in_one_part(smollm2_path):
     token_types = reader.fields["tokenizer.ggml.token_type"]
     assert len(token_types.parts) == 3 + 3  # key length, key, value type; item type, count, values
     assert len(token_types.contents()) == 49152
+
+
+def test_load_leaves_a_short_prefill_nothing_to_load(tmp_path, kernels_compiled):
+    """load() loads the 2-token prefill's kernels while the tokenizer builds, so the first
+    prompt's prefill (float32 cache, the CLI's default) adds no specialisation in a fresh process."""
+    script = """
+import sys
+from numba.core.registry import CPUDispatcher
+from mqa_gen.loading import load
+
+def loaded():
+    return {(name, str(sig)) for module_name, module in list(sys.modules.items())
+            if module_name.startswith("mqa_gen.kernels.")
+            for name, obj in vars(module).items() if isinstance(obj, CPUDispatcher)
+            for sig in obj.signatures}
+
+m = load("smollm2-135m-instruct")
+before = loaded()
+m.model.forward(m.tokenizer.encode("The capital of France is"), m.model.new_cache(16))
+print(len(before), sorted(loaded() - before))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    count, added = out.stdout.split(" ", 1)
+    assert int(count) > 0 and added.strip() == "[]", out.stdout
