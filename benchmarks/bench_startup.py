@@ -50,11 +50,11 @@ def child_breakdown(model: str) -> None:
     gguf = read_gguf(resolve_model(model))
     config = config_from_gguf(gguf)
     t["gguf parse"] = time.perf_counter() - s
+    gguf = replace(gguf, repacked=RepackCache.open(gguf))  # holds Gemma's derived merges too
     s = time.perf_counter()
     tok = Tokenizer.from_gguf(gguf)
     t["tokenizer"] = time.perf_counter() - s
     s = time.perf_counter()
-    gguf = replace(gguf, repacked=RepackCache.open(gguf))
     net = build_model(gguf, config)
     if gguf.repacked is not None:
         gguf.repacked.save()

@@ -14,6 +14,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mqa_gen.gguf_file import GGUFFile, read_gguf
@@ -259,3 +260,35 @@ def test_colliding_token_hashes_fall_back_to_the_plain_loop(monkeypatch: pytest.
     vocab = dict(zip(tokens, range(len(tokens))))
     assert _sentencepiece_merges(tokens, vocab) == [("a", "b"), ("b", "a"), ("ab", "a"), ("a", "ba")]
     assert calls
+
+
+def test_derived_merges_come_back_from_the_repack_cache(gguf: GGUFFile, fixture: dict, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first build derives the merges and gives them to the model's repacked-weight cache; a
+    build from the saved file reads them back (a hit, nothing derived) and has the oracle's merges;
+    pairs that name an id outside the vocabulary are derived again."""
+    import dataclasses
+
+    import mqa_gen.gguf_tokenizer as module
+    import mqa_gen.repack_cache as repack_cache
+
+    monkeypatch.setenv("MQA_GEN_REPACK_DIR", str(tmp_path))
+    monkeypatch.setattr(repack_cache, "MIN_CACHED_BYTES", 0)  # the merges alone are 4 MB
+    first = dataclasses.replace(gguf, repacked=repack_cache.RepackCache.open(gguf))
+    Tokenizer.from_gguf(first)
+    assert (first.repacked.hits, first.repacked.misses) == (0, 1) and first.repacked.save()
+
+    derived = []
+    monkeypatch.setattr(module, "_sentencepiece_merge_ids", lambda *a: derived.append(1) or np.zeros((0, 2), np.int32))
+    again = dataclasses.replace(gguf, repacked=repack_cache.RepackCache.open(gguf))
+    tok = Tokenizer.from_gguf(again)
+    assert (again.repacked.hits, again.repacked.misses, derived) == (1, 0, [])
+    merges = json.loads(tok._backend.to_str())["model"]["merges"]
+    assert hashlib.sha256(json.dumps(merges, ensure_ascii=False).encode()).hexdigest() == fixture["oracle_merges"]["sha256"]
+
+    store = repack_cache.RepackCache.open(gguf)
+    n = len(gguf.metadata["tokenizer.ggml.tokens"])
+    bad = np.array([[0, n]], np.int32)
+    monkeypatch.setattr(store, "get", lambda *a: (bad,))
+    module._merges_via_store(store, ["a"] * n, {}, None)
+    assert derived == [1]
