@@ -471,6 +471,7 @@ def test_fast_metadata_equals_gguf_contents_for_every_value_type(tmp_path):
         "x.arr_f32": ([0.5, -1e-3], T.ARRAY, T.FLOAT32), "x.arr_f64": ([0.1], T.ARRAY, T.FLOAT64),
         "x.arr_bool": ([True, False, True], T.ARRAY, T.BOOL),
         "x.arr_str": (["", "日本語", "a b", "🙂"], T.ARRAY, T.STRING),
+        "x.arr_str_nul": (["a\0b", "c"], T.ARRAY, T.STRING),  # a NUL: read one string at a time
         "x.arr_arr": ([[1, 2], [3]], T.ARRAY, T.ARRAY),  # nested: the stock reader flattens it
     }
     path = tmp_path / "types.gguf"
@@ -478,6 +479,18 @@ def test_fast_metadata_equals_gguf_contents_for_every_value_type(tmp_path):
     fast = read_gguf(path).metadata
     assert_same_metadata(fast, stock_metadata(path))
     assert fast["x.u64"] == 2**64 - 1 and fast["x.arr_str"] == ["", "日本語", "a b", "🙂"]
+    assert fast["x.arr_str_nul"] == ["a\0b", "c"]
+
+
+def test_string_array_with_invalid_utf8_is_a_model_file_error(tmp_path):
+    """A token that is not UTF-8 (read in bulk, then one by one for the message): one error line."""
+    path = tmp_path / "bad_utf8.gguf"
+    write_tiny_llama(path, overrides={"x.arr_str": (["ok", "QQ\u00e9QQ"], 9, 8)})  # ARRAY of STRING
+    data = path.read_bytes()
+    at = data.index("QQ\u00e9QQ".encode())
+    path.write_bytes(data[: at + 2] + b"\xff\xff" + data[at + 4 :])  # é's two bytes → 0xFF 0xFF
+    with pytest.raises(ModelFileError, match="x.arr_str"):
+        read_gguf(path)
 
 
 def test_fast_reader_reads_number_arrays_in_one_part(smollm2_path):
