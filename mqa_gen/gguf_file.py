@@ -178,7 +178,7 @@ def _reader_class():
                     for i in range(n):  # each string's length precedes it: one pass, in order
                         starts[i] = offs + 8
                         offs += 8 + unpack(buffer, offs)[0]
-                except struct.error:  # a length field past the end of the file
+                except (struct.error, OverflowError):  # a length past the end of the file (or of int64)
                     raise _Truncated("the header", offs) from None
                 if offs > size:
                     raise _Truncated("the header", offs)

@@ -526,3 +526,16 @@ print(len(before), sorted(loaded() - before))
     assert out.returncode == 0, out.stderr
     count, added = out.stdout.split(" ", 1)
     assert int(count) > 0 and added.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("length", [2**40, 2**64 - 1])
+def test_a_token_length_past_the_end_is_a_truncated_file(tmp_path, length):
+    """A string length in the token array that points past the end of the file (or past int64)."""
+    path = tmp_path / "long_token.gguf"
+    write_tiny_llama(path, overrides={"x.arr_str": (["ok", "QQZZQQ"], 9, 8)})  # ARRAY of STRING
+    data = bytearray(path.read_bytes())
+    at = data.index(b"QQZZQQ") - 8  # its uint64 length, little-endian
+    data[at : at + 8] = length.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="truncated GGUF file"):
+        read_gguf(path)
