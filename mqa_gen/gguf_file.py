@@ -172,17 +172,17 @@ def _reader_class():
                 if offs + 8 * n > size:  # each string takes at least its 8-byte length
                     raise _Truncated("the header", offs)
                 buffer = memoryview(plain)
-                starts = np.empty(n, dtype=np.int64)
+                starts, lengths = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
                 unpack = u64.unpack_from
                 try:
                     for i in range(n):  # each string's length precedes it: one pass, in order
-                        starts[i] = offs + 8
-                        offs += 8 + unpack(buffer, offs)[0]
+                        length = unpack(buffer, offs)[0]
+                        starts[i], lengths[i] = offs + 8, length
+                        offs += 8 + length
                 except (struct.error, OverflowError):  # a length past the end of the file (or of int64)
                     raise _Truncated("the header", offs) from None
                 if offs > size:
                     raise _Truncated("the header", offs)
-                lengths = np.diff(np.append(starts, offs + 8)) - 8
                 strings = _decode_strings(plain, starts, lengths)
                 if strings is not None:  # contents() is [] then; read_gguf takes `strings`
                     self._decoded = strings
@@ -275,11 +275,11 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data, t.tensor_type)
 
     metadata: dict[str, Any] = {}
+    bulk = getattr(reader, "string_arrays", {})  # the stock reader (a fallback) has none
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
         try:
-            bulk = getattr(reader, "string_arrays", {})
             metadata[key] = bulk[key] if key in bulk else field.contents()
         except Exception as e:  # e.g. a string that is not valid UTF-8
             raise ModelFileError(f"corrupt GGUF metadata value {key!r} in {path}: {_short(e)}") from None

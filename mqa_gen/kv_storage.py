@@ -121,9 +121,9 @@ class Float16Storage(CacheStorage):
     block_bytes = 2
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        from .kernels.halfprec import float32_to_half_bits  # Numba loads only when a cache stores
+        from .kernels.halfprec import float32_array_to_half_bits  # Numba loads only when a cache stores
 
-        return float32_to_half_bits(x)
+        return float32_array_to_half_bits(x)
 
     def decode(self, stored: np.ndarray) -> np.ndarray:
         return stored.view(np.float16).astype(np.float32)

@@ -36,6 +36,9 @@ ROW_BLOCK = 128
 #: Below this many new rows the Numba kernel is faster (set-up of a dozen NumPy calls per group).
 MIN_ROWS = 32
 
+#: Cache element types the products read (after :func:`_float32_rows`): float32 and float16 bits;
+#: the others (q8_0, q4_0 blocks) go to the Numba kernel, which reads them in place.
+_PRODUCT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))
 
 
 def _float32_rows(cache: np.ndarray, first: int, stop: int) -> np.ndarray:
@@ -45,10 +48,6 @@ def _float32_rows(cache: np.ndarray, first: int, stop: int) -> np.ndarray:
     out = np.empty((cache.shape[0], stop - first, cache.shape[2]), np.float32)
     half_rows_to_f32(cache, first, stop, out)
     return out
-
-
-#: Cache element types the products read (after :func:`_float32_rows`): float32 and float16 bits.
-_PRODUCT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))
 
 
 def prefill_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float,

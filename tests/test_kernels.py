@@ -280,15 +280,16 @@ def test_half_rows_to_f32_is_numpys_cast_for_a_row_range():
     out = np.full((2, 6, 2048), 7.0, np.float32)
     half_rows_to_f32(bits, 3, 9, out)
     expected = bits[:, 3:9].view(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(out.view(np.uint32)[~np.isnan(expected)], expected.view(np.uint32)[~np.isnan(expected)])
+    number = ~np.isnan(expected)
+    np.testing.assert_array_equal(out.view(np.uint32)[number], expected.view(np.uint32)[number])
     assert np.array_equal(np.isnan(out), np.isnan(expected))
 
 
 @pytest.mark.parametrize("shape", [(5,), (300, 3, 64)])  # below and above the size NumPy keeps
-def test_float32_to_half_bits_is_numpys_cast(shape):
+def test_float32_array_to_half_bits_is_numpys_cast(shape):
     """Bits equal to NumPy's float16 cast for every non-NaN value (rounding ties, overflow to inf,
     subnormals); a NaN stays a NaN."""
-    from mqa_gen.kernels.halfprec import float32_to_half_bits
+    from mqa_gen.kernels.halfprec import float32_array_to_half_bits
 
     n = int(np.prod(shape))
     patterns = (np.arange(n, dtype=np.uint64) * 0x9E3779B1 % (1 << 32)).astype(np.uint32)
@@ -296,7 +297,7 @@ def test_float32_to_half_bits_is_numpys_cast(shape):
     x = patterns.view(np.float32).reshape(shape)
     with np.errstate(over="ignore"):
         expected = x.astype(np.float16)
-        got = float32_to_half_bits(x)
+        got = float32_array_to_half_bits(x)
     assert got.dtype == np.uint16 and got.shape == x.shape
     nan = np.isnan(x)
     np.testing.assert_array_equal(got[~nan], expected.view(np.uint16)[~nan])

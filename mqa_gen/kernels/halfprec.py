@@ -74,11 +74,11 @@ def _encode_half_hardware(x, out):
         out[i] = half_bits_from_float32(x[i])
 
 
-#: Elements below which :func:`float32_to_half_bits` leaves the cast to NumPy (1 µs against 2–8).
+#: Elements below which :func:`float32_array_to_half_bits` leaves the cast to NumPy (1 µs against 2–8).
 _SMALL_ENCODE = 4096
 
 
-def float32_to_half_bits(x: np.ndarray) -> np.ndarray:
+def float32_array_to_half_bits(x: np.ndarray) -> np.ndarray:
     """float32 array → uint16 [same shape], the bits of NumPy's ``x.astype(np.float16)`` (nearest,
     ties to even; a NaN stays NaN, quieted where the CPU converts): with the CPU's conversion
     instruction where it has one (:data:`~mqa_gen.kernels.bits.HAS_F16C`), vectorised — 0.1 ns an
