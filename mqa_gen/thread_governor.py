@@ -100,6 +100,13 @@ class ThreadGovernor:
         self.moves = 0  # how many times the count changed (for reports and tests)
         self.probes = 0
 
+    def count_set_from_outside(self) -> None:
+        """The thread count was just set (``--threads``): the next step takes it as the ceiling and
+        starts over. :meth:`step` sees a change by itself, but not a count equal to the one it had
+        picked — a ``-t 1`` after it had settled on 1 thread kept the old ceiling of 2, and its
+        next probe went back up to 2."""
+        self.ceiling = 0
+
     def _restart(self, ceiling: int) -> None:
         self.ceiling = ceiling
         # A thread's first start begins on 1 thread and probes up: when a core is busy, each early
@@ -117,7 +124,7 @@ class ThreadGovernor:
     def step(self, rows: int):
         """Time one decode step of ``rows`` rows at the count this policy picks for it."""
         current = self._get()
-        if current != (self._probe_to or self.threads):  # someone set a new count: it is the ceiling
+        if not self.ceiling or current != (self._probe_to or self.threads):  # a new count: the ceiling
             self._restart(current)
         if self.ceiling > 1 and not self._probe_to and self._until_probe <= 0:
             self._start_probe(rows)
@@ -196,6 +203,14 @@ def governor() -> ThreadGovernor | None:
 
         gov = _local.governor = ThreadGovernor(numba.get_num_threads, numba.set_num_threads)
     return gov
+
+
+def count_set_from_outside() -> None:
+    """Tell the calling OS thread's governor, if it has one, that its thread count was just set
+    from outside (:meth:`ThreadGovernor.count_set_from_outside`)."""
+    gov = getattr(_local, "governor", None)
+    if gov is not None:
+        gov.count_set_from_outside()
 
 
 @contextmanager

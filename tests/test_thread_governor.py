@@ -113,6 +113,21 @@ def test_a_count_set_from_outside_becomes_the_new_ceiling():
     assert gov.ceiling == 2 and m.history[-1] == 2
 
 
+def test_a_count_set_from_outside_equal_to_the_governors_own_is_the_new_ceiling():
+    """A process that runs several commands (tests, a library user): the governor had settled on
+    1 thread under ceiling 2, then `--threads 1` sets the same count. Told of it, it never probes
+    back up to 2."""
+    m = Machine(2, contended)
+    gov = ThreadGovernor(m.get, m.set, m.clock)
+    m.run(gov, 50)
+    assert gov.threads == 1 and gov.ceiling == 2
+    m.threads = 1  # set_threads(1): the count it already had
+    gov.count_set_from_outside()
+    before = len(m.history)
+    m.run(gov, 2 * MAX_INTERVAL)
+    assert gov.ceiling == 1 and set(m.history[before:]) == {1} and m.threads == 1
+
+
 def test_one_thread_as_the_ceiling_is_left_alone():
     m = Machine(1, quiet)
     gov = ThreadGovernor(m.get, m.set, m.clock)

@@ -107,8 +107,11 @@ def set_threads(threads: int | None) -> None:
     the idle cores (:func:`idle_cores`)."""
     import numba
 
+    from ..thread_governor import count_set_from_outside
+
     cores = numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(min(threads, cores) if threads else idle_cores(cores))
+    count_set_from_outside()  # the ceiling even when it equals the count the governor had picked
 
 
 def ensure_kernels(quiet: bool) -> None:
