@@ -98,34 +98,50 @@ class Attention:
         new.qkv = FusedProjections((new.wq, wk, wv))
         return new
 
-    def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
+    def __call__(self, x: np.ndarray, batch: Batch, last_only: bool = False) -> np.ndarray:
         """Attend the batch's N new rows x (float32 [N, d_model]), each sequence over its own cache.
 
         Writes this layer's K/V rows into each sequence's cache (the caller advances the caches
         after the last layer). Returns float32 [N, d_model].
+
+        ``last_only`` (a prefill's last layer, where only each sequence's last row goes on to the
+        logits): every row's K/V is still computed and stored, but the queries, attention and
+        W_o run for the B last rows only (:attr:`Batch.last_rows`), and the result is float32
+        [B, d_model]. llama.cpp prunes its last layer's rows the same way.
         """
         N = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x)  # (N, H·D), (N, KV·D), (N, KV·D)
-        if self.q_norm is not None:  # per-head RMSNorm, in place on the (N·H, D) rows
-            rmsnorm(q.reshape(N * H, D), self.q_norm, self.norm_eps, q.reshape(N * H, D))
+        if last_only:
+            q, k, v = self.wq(x[batch.last_rows]), self.wk(x), self.wv(x)  # (B, H·D), (N, KV·D), (N, KV·D)
+        else:
+            q, k, v = self.qkv(x)  # (N, H·D), (N, KV·D), (N, KV·D)
+        M = q.shape[0]  # the rows that attend: N, or B with last_only
+        if self.q_norm is not None:  # per-head RMSNorm, in place on the (M·H, D) and (N·KV, D) rows
+            rmsnorm(q.reshape(M * H, D), self.q_norm, self.norm_eps, q.reshape(M * H, D))
             rmsnorm(k.reshape(N * KV, D), self.k_norm, self.norm_eps, k.reshape(N * KV, D))
-        q = np.ascontiguousarray(q.reshape(N, H, D), dtype=np.float32)  # (N, H, D); the kernels are float32
+        q = np.ascontiguousarray(q.reshape(M, H, D), dtype=np.float32)  # (M, H, D); the kernels are float32
         k = np.ascontiguousarray(k.reshape(N, KV, D), dtype=np.float32)  # (N, KV, D)
         v = np.ascontiguousarray(v.reshape(N, KV, D), dtype=np.float32)  # (N, KV, D)
         if self.rope_theta is not None:
             cos, sin = batch.rope(self.rope_theta)  # (N, D/2), each row at its own position
-            rope(q, cos, sin, self.rope_interleaved)
+            if last_only:
+                rope(q, cos[batch.last_rows], sin[batch.last_rows], self.rope_interleaved)
+            else:
+                rope(q, cos, sin, self.rope_interleaved)
             rope(k, cos, sin, self.rope_interleaved)
-        o = np.empty((N, H, D), dtype=np.float32)  # (N, H, D)
+        o = np.empty((M, H, D), dtype=np.float32)  # (M, H, D)
         if batch.decode:
             self.attend_decode(q, k, v, batch, o)
         else:
             for b, cache in enumerate(batch.caches):
                 rows = batch.rows(b)
                 keys, values, start = cache.layers[self.layer].update_and_fetch(k[rows], v[rows], int(batch.starts[b]))
-                prefill_attention(q[rows], keys, values, start, self.scale, self.window, o[rows])
-        return self.wo(o.reshape(N, H * D))  # (N, d_model)
+                if last_only:  # the last new row alone, at its own cache index
+                    last = start + rows.stop - rows.start - 1
+                    prefill_attention(q[b : b + 1], keys, values, last, self.scale, self.window, o[b : b + 1])
+                else:
+                    prefill_attention(q[rows], keys, values, start, self.scale, self.window, o[rows])
+        return self.wo(o.reshape(M, H * D))  # (M, d_model)
 
     def attend_decode(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch, o: np.ndarray) -> None:
         """The decode step's attention, into o (float32 [B, H, D]): row b (q [B, H, D], k, v

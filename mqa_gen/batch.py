@@ -76,6 +76,11 @@ class Batch:
         """N, the new tokens of all sequences together."""
         return int(self.offsets[-1])
 
+    @property
+    def last_rows(self) -> np.ndarray:
+        """int64 [B]: the index of each sequence's last new row (the rows whose logits a prefill returns)."""
+        return self.offsets[1:] - 1
+
     def rows(self, b: int) -> slice:
         """The rows of sequence ``b``."""
         return slice(int(self.offsets[b]), int(self.offsets[b + 1]))

@@ -67,7 +67,7 @@ def recorded_attention(model, ids):
         recorders.append(block.attention)
         blocks.append(block)
     probe = model.replace(blocks=blocks)
-    probe.forward(ids, probe.new_cache(len(ids)))
+    probe.forward(ids, probe.new_cache(len(ids)), all_logits=True)  # every layer attends with every row
     return [r.calls[0] for r in recorders]
 
 

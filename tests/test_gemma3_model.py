@@ -57,6 +57,31 @@ def test_chunked_prefill_across_the_window_equals_one_prefill(tiny_gemma):
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-4 * np.abs(whole).max())
 
 
+@pytest.mark.parametrize("cuts", [(0, 3), (0, 2 * WINDOW + 3), (0, 3, 2 * WINDOW + 3)])
+def test_a_prefill_runs_its_last_layer_for_the_last_row_only(tiny_gemma, cuts):
+    """A prefill's last layer attends, projects and runs its MLP for each sequence's last row alone
+    (what the logits need) yet stores every row's K/V: its logits equal the last row of a forward
+    that computes every row, and so does every cached K/V row — in prompts within the window,
+    across it (the ring's wrapped path) and prefilled in two chunks."""
+    ids = np.random.default_rng(1).integers(0, tiny_gemma.config.vocab_size, cuts[-1])
+    seen_rows = []
+    last = copy.copy(tiny_gemma.blocks[-1])
+    last.attention = copy.copy(last.attention)
+    wo = last.attention.wo
+    last.attention.wo = lambda o: seen_rows.append(o.shape[0]) or wo(o)
+    model = tiny_gemma.replace(blocks=tiny_gemma.blocks[:-1] + [last])
+    pruned, full = model.new_cache(len(ids)), model.new_cache(len(ids))
+    for a, b in zip(cuts, cuts[1:]):
+        seen_rows.clear()
+        logits = model.forward(ids[a:b], pruned)
+        assert seen_rows == [1]
+        every_row = model.forward(ids[a:b], full, all_logits=True)
+        np.testing.assert_allclose(logits, every_row[-1], atol=1e-5 * np.abs(every_row).max(), rtol=0)
+    for mine, theirs in zip(pruned.layers, full.layers):
+        np.testing.assert_array_equal(mine.keys, theirs.keys)
+        np.testing.assert_array_equal(mine.values, theirs.values)
+
+
 def test_sliding_layers_ignore_tokens_outside_the_window(tiny_gemma):
     """With every layer sliding, the last logits depend only on the last WINDOW·layers tokens;
     change a token further back and nothing moves — change one inside and the logits do."""

@@ -42,7 +42,9 @@ class Decoder:
     Args:
         config: the model's :class:`~mqa_gen.config.ModelConfig`.
         embeddings: [vocab_size, d_model] (``rows(ids)`` looks tokens up; a :mod:`mqa_gen.linear`
-            object). blocks: one callable ``block(x [N, d_model], batch) → [N, d_model]`` per layer.
+            object). blocks: one callable ``block(x [N, d_model], batch) → [N, d_model]`` per layer;
+            the last is also called as ``block(x, batch, last_only=True) → [B, d_model]`` in a
+            prefill, returning each sequence's last row only (llama's block shows how).
         final_norm: float32 [d_model]. output: [vocab_size, d_model] (the embeddings when tied).
         embed_scale: factor on the embedding rows (Gemma scales them by √d_model).
     """
@@ -139,11 +141,14 @@ class Decoder:
             x = self.embeddings.rows(tokens)  # (N, d_model)
             if self.embed_scale != 1.0:
                 x *= np.float32(self.embed_scale)
-            for block in self.blocks:
+            *early, last = self.blocks
+            for block in early:
                 x = block(x, batch)  # (N, d_model)
+            if all_logits or batch.decode:
+                x = last(x, batch)  # (N, d_model)
+            else:  # only each sequence's last row goes on: the last layer computes those alone
+                x = last(x, batch, last_only=True)  # (B, d_model)
             batch.advance()
-            if not all_logits and not batch.decode:
-                x = x[batch.offsets[1:] - 1]  # (B, d_model): each sequence's last row
             logits = self.output(rms_norm(x, self.final_norm, c.norm_eps))  # (B or N, vocab)
         if all_logits:
             return [logits[batch.rows(b)] for b in range(batch.size)]

@@ -88,13 +88,14 @@ class Gemma3Block:
         self.mlp_norm, self.post_mlp_norm = norms["ffn_norm"], norms["post_ffw_norm"]
         self.attention, self.mlp, self.eps = attention, mlp, eps
 
-    def __call__(self, x: np.ndarray, batch) -> np.ndarray:
-        """x: float32 [N, d_model] → float32 [N, d_model] (a decode step may overwrite x)."""
+    def __call__(self, x: np.ndarray, batch, last_only: bool = False) -> np.ndarray:
+        """x: float32 [N, d_model] → float32 [N, d_model] (a decode step may overwrite x); with
+        ``last_only``, float32 [B, d_model], each sequence's last row (as llama's block)."""
         fused = fused_decode_layer(self) if batch.decode else None
         if fused is not None:
             return fused(x, batch)  # the same arithmetic in three calls (mqa_gen.decode_layer)
-        a = self.attention(rms_norm(x, self.attn_norm, self.eps), batch)
-        h = x + rms_norm(a, self.post_attn_norm, self.eps)
+        a = self.attention(rms_norm(x, self.attn_norm, self.eps), batch, last_only)
+        h = (x[batch.last_rows] if last_only else x) + rms_norm(a, self.post_attn_norm, self.eps)
         m = self.mlp(rms_norm(h, self.mlp_norm, self.eps))
         return h + rms_norm(m, self.post_mlp_norm, self.eps)
 

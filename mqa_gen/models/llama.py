@@ -95,12 +95,15 @@ class LlamaBlock:
         self.mlp_norm, self.mlp = mlp_norm, mlp
         self.eps = eps
 
-    def __call__(self, x: np.ndarray, batch) -> np.ndarray:
-        """x: float32 [N, d_model] → float32 [N, d_model] (a decode step may overwrite x)."""
+    def __call__(self, x: np.ndarray, batch, last_only: bool = False) -> np.ndarray:
+        """x: float32 [N, d_model] → float32 [N, d_model] (a decode step may overwrite x); with
+        ``last_only``, float32 [B, d_model], each sequence's last row (see
+        :meth:`~mqa_gen.attention.Attention.__call__`)."""
         fused = fused_decode_layer(self) if batch.decode else None
         if fused is not None:
             return fused(x, batch)  # the same arithmetic in three calls (mqa_gen.decode_layer)
-        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), batch)
+        a = self.attention(rms_norm(x, self.attn_norm, self.eps), batch, last_only)
+        h = (x[batch.last_rows] if last_only else x) + a
         return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
 
 
