@@ -111,11 +111,12 @@ class Attention:
         """
         N = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        attending = batch.last_rows if last_only else slice(None)  # the rows whose queries attend
         if last_only:
-            q, k, v = self.wq(x[batch.last_rows]), self.wk(x), self.wv(x)  # (B, H·D), (N, KV·D), (N, KV·D)
+            q, k, v = self.wq(x[attending]), self.wk(x), self.wv(x)  # (B, H·D), (N, KV·D), (N, KV·D)
         else:
             q, k, v = self.qkv(x)  # (N, H·D), (N, KV·D), (N, KV·D)
-        M = q.shape[0]  # the rows that attend: N, or B with last_only
+        M = q.shape[0]  # N, or B with last_only
         if self.q_norm is not None:  # per-head RMSNorm, in place on the (M·H, D) and (N·KV, D) rows
             rmsnorm(q.reshape(M * H, D), self.q_norm, self.norm_eps, q.reshape(M * H, D))
             rmsnorm(k.reshape(N * KV, D), self.k_norm, self.norm_eps, k.reshape(N * KV, D))
@@ -124,10 +125,7 @@ class Attention:
         v = np.ascontiguousarray(v.reshape(N, KV, D), dtype=np.float32)  # (N, KV, D)
         if self.rope_theta is not None:
             cos, sin = batch.rope(self.rope_theta)  # (N, D/2), each row at its own position
-            if last_only:
-                rope(q, cos[batch.last_rows], sin[batch.last_rows], self.rope_interleaved)
-            else:
-                rope(q, cos, sin, self.rope_interleaved)
+            rope(q, cos[attending], sin[attending], self.rope_interleaved)
             rope(k, cos, sin, self.rope_interleaved)
         o = np.empty((M, H, D), dtype=np.float32)  # (M, H, D)
         if batch.decode:

@@ -119,11 +119,14 @@ class Float16Storage(CacheStorage):
     aliases = ("float16",)
     array_dtype = np.dtype(np.uint16)
     block_bytes = 2
+    _to_half_bits = None  # halfprec's encoder, looked up on first use (importing it loads Numba)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        from .kernels.halfprec import float32_array_to_half_bits  # Numba loads only when a cache stores
+        if self._to_half_bits is None:  # once, not on each decode step's two writes per layer
+            from .kernels.halfprec import float32_array_to_half_bits
 
-        return float32_array_to_half_bits(x)
+            self._to_half_bits = float32_array_to_half_bits
+        return self._to_half_bits(x)
 
     def decode(self, stored: np.ndarray) -> np.ndarray:
         return stored.view(np.float16).astype(np.float32)
