@@ -33,8 +33,9 @@ _ACTIVATIONS = {swiglu: False, geglu_tanh: True}
 
 
 def _weights(linear: QuantizedLinear) -> tuple:
-    """(codes, scales, mins) — mins None for the int8 layout — as the kernels take a matrix."""
-    return linear.codes, linear.scales, linear.mins
+    """(codes, scales, mins, quads) — mins None for the int8 layout, quads None unless int8 dot
+    products are on — as the kernels take a matrix."""
+    return linear.codes, linear.scales, linear.mins, linear.quads
 
 
 class _Buffers:
@@ -131,14 +132,15 @@ def fused_decode_layer(block) -> FusedDecodeLayer | None:
     ``post_attn_norm`` and ``post_mlp_norm``. The step is built on first use and kept on the
     block; it is rebuilt when the block's attention or MLP object has been replaced since (a
     ``copy.copy`` of a block with new K/V projections, as :func:`mqa_gen.regroup.regroup_model`
-    makes, shares the old one until then)."""
+    makes, shares the old one until then), or int8 dot products were switched on or off."""
     if not ENABLED:
         return None
-    kept = block.__dict__.get("_fused_decode")  # (attention, mlp, step or None)
-    if kept is None or kept[0] is not block.attention or kept[1] is not block.mlp:
+    int8_dot = getattr(block.attention.wq, "quads", None) is not None  # the weight tuples hold the quads
+    kept = block.__dict__.get("_fused_decode")  # (attention, mlp, int8_dot, step or None)
+    if kept is None or kept[0] is not block.attention or kept[1] is not block.mlp or kept[2] != int8_dot:
         fused = None
         if FusedDecodeLayer.applies(block.attention, block.mlp):
             fused = FusedDecodeLayer(block.attention, block.mlp, block.attn_norm, block.mlp_norm, block.eps,
                                      getattr(block, "post_attn_norm", None), getattr(block, "post_mlp_norm", None))
-        kept = block._fused_decode = (block.attention, block.mlp, fused)
-    return kept[2]
+        kept = block._fused_decode = (block.attention, block.mlp, int8_dot, fused)
+    return kept[3]

@@ -7,6 +7,10 @@
   once for all of them, so a batched decode step reads every matrix once. Many rows (a prefill)
   dequantise the matrix into a temporary float32 array and multiply with BLAS through NumPy:
   prompt-sized products are compute-bound, and no float32 copy outlives the call.
+  With int8 dot products switched on (:meth:`QuantizedLinear.set_int8_dot`, the CLI's
+  ``--int8-dot``), every product rounds its input rows to 8 bits first (:mod:`mqa_gen.kernels.int8_dot`):
+  up to :data:`SMALL_BATCH` rows multiply integer codes, more rows multiply the rounded rows
+  with BLAS, so prefill and decode compute the same function.
 * :class:`DenseLinear` — a float32 matrix (F32/F16 tensors, other quantisation types, and the
   K/V projections that ``--kv-heads`` rewrites).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .gguf_file import GGUFFile
+from .kernels import int8_dot
 from .kernels.quant import (
     tile_rows,
     untile_rows,
@@ -119,6 +124,25 @@ class QuantizedLinear:
             packed = repack(raw, out_features, in_features)
         self.codes, self.scales = packed[0], packed[1]
         self.mins = packed[2] if len(packed) == 3 else None
+        self.quads = None  # the codes in the row-quad layout while int8 dot products are on
+
+    def set_int8_dot(self, on: bool) -> None:
+        """Switch int8 dot products on (products round their input to 8 bits and multiply integer
+        codes, :mod:`mqa_gen.kernels.int8_dot`) or off (exact float32 products, the default). On
+        keeps a second copy of the codes in the row-quad layout (as many bytes as the codes).
+
+        Raises:
+            FastPathUnavailable: on, on a CPU without AVX2.
+        """
+        if not on:
+            self.quads = None
+        elif self.quads is None:
+            int8_dot.require_fast_path()
+            self.quads = int8_dot.row_quads(self.codes)
+
+    def _int8_product(self, x: np.ndarray, y: np.ndarray) -> None:
+        """y = x̃ Wᵀ with integer codes: x float32 [n, in_features] C-contiguous, y float32 [n, out]."""
+        int8_dot.product(self.quads, self.scales, self.mins, *int8_dot.quantized(x), y)
 
     @property
     def packed(self) -> tuple[np.ndarray, ...]:
@@ -146,12 +170,16 @@ class QuantizedLinear:
 
         clone.codes, clone.scales = repeat(self.codes), repeat(self.scales)
         clone.mins = None if self.mins is None else repeat(self.mins)
+        clone.quads = None
+        clone.set_int8_dot(self.quads is not None)
         return clone
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """W x for one float32 vector x [in_features] → float32 [out_features] (``out`` if given)."""
         y = np.empty(self.out_features, np.float32) if out is None else out
-        if self.mins is not None:
+        if self.quads is not None:
+            self._int8_product(x[None], y[None])
+        elif self.mins is not None:
             q4_1_matvec(self.codes, self.scales, self.mins, x, y)
         else:
             int8_matvec(self.codes, self.scales, x, y)
@@ -166,11 +194,15 @@ class QuantizedLinear:
         if n <= SMALL_BATCH:
             y = np.empty((n, self.out_features), np.float32)
             x = np.ascontiguousarray(x, dtype=np.float32)
-            if self.mins is not None:
+            if self.quads is not None:
+                self._int8_product(x, y)
+            elif self.mins is not None:
                 q4_1_matmul(self.codes, self.scales, self.mins, x, y)
             else:
                 int8_matmul(self.codes, self.scales, x, y)
             return y
+        if self.quads is not None:
+            x = int8_dot.rounded(x)  # the rounding the integer kernels apply, in a BLAS product
         return x @ self.dequantize_transposed()[:, : self.out_features]
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
@@ -230,6 +262,12 @@ class FusedProjections:
         """x: float32 [N, in_features] → one float32 [N, out_features] array per matrix."""
         if x.shape[0] != 1:
             return [w(x) for w in self.linears]
+        if self._fused_kernel is not None and all(w.quads is not None for w in self.linears):
+            slots = [(w.quads, w.scales, w.mins, y) for w, y in zip(self.linears, self.rows)]
+            slots += [(a.quads[:0], a.scales[:0], None if a.mins is None else a.mins[:0], y[:, :0])
+                      for a, y in [(self.linears[0], self.rows[0])] * (3 - len(slots))]
+            int8_dot.products(*(a for slot in slots for a in slot), *int8_dot.quantized(np.ascontiguousarray(x)))
+            return self.rows
         if self._fused_kernel is not None:
             self._fused_kernel(*self._fused_args, np.ascontiguousarray(x[0]))
             return self.rows

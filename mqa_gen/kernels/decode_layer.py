@@ -18,9 +18,11 @@ fused step's logits equal the unfused step's bit for bit (tests/test_decode_laye
 removes is the Python between kernels — temporaries, reshapes, dispatch — which was a fifth of a
 SmolLM2 decode step at depth 0 (BENCHMARKS.md, "Where SmolLM2 decode time goes").
 
-A weight matrix is passed as a tuple ``(codes, scales, mins)`` in the 4-bit affine layout (Q4_1,
-Q4_K) or ``(codes, scales, None)`` in the int8 layout (Q8_0, Q5_0, Q6_K) — see
-:mod:`mqa_gen.kernels.quant`. Numba compiles one specialisation per mix of layouts and dtypes:
+A weight matrix is passed as a tuple ``(codes, scales, mins, quads)`` in the 4-bit affine layout
+(Q4_1, Q4_K) or ``(codes, scales, None, quads)`` in the int8 layout (Q8_0, Q5_0, Q6_K) — see
+:mod:`mqa_gen.kernels.quant`; ``quads`` is None, or the codes in the row-quad layout when int8 dot
+products are on (:mod:`mqa_gen.kernels.int8_dot`: the rows are rounded to 8 bits once per input
+and the products multiply integers). Numba compiles one specialisation per mix of layouts and dtypes:
 ``mins is None`` is known when a specialisation is typed, so each keeps only its own kernels. The
 optional norms and the RoPE tables are likewise None or arrays.
 """
@@ -32,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from .flags import FASTMATH
+from .int8_dot import product as int8_product, products as int8_products, quantized
 from .quant import int8_matmul, int8_matvec, int8_matvec3, q4_1_matmul, q4_1_matvec, q4_1_matvec3
 from .rowwise import geglu_tanh, rmsnorm, rope, swiglu
 
@@ -43,12 +46,16 @@ numba.get_num_threads()
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _product_of(codes, scales, mins, x, y):
+def _product_of(codes, scales, mins, quads, x, y):
     """y = x Wᵀ for x float32 [n, cols], y float32 [n, rows]: the matrix × vector kernel for one
-    row, the few-rows kernel otherwise (as :class:`mqa_gen.linear.QuantizedLinear` chooses).
-    ``mins is None`` (the int8 layout) is a test Numba settles when it compiles: the weights are
-    separate arguments here so that it can."""
-    if mins is None:
+    row, the few-rows kernel otherwise (as :class:`mqa_gen.linear.QuantizedLinear` chooses), or
+    the integer kernel when ``quads`` is given. ``mins is None`` (the int8 layout) and ``quads is
+    None`` are tests Numba settles when it compiles: the weights are separate arguments here so
+    that it can."""
+    if quads is not None:
+        qx, dx, qsum = quantized(x)
+        int8_product(quads, scales, mins, qx, dx, qsum, y)
+    elif mins is None:
         if x.shape[0] == 1:
             int8_matvec(codes, scales, x[0], y[0])
         else:
@@ -63,7 +70,7 @@ def _product_of(codes, scales, mins, x, y):
 @njit(cache=True, fastmath=FASTMATH)
 def _product(w, x, y):
     """y = x Wᵀ for a weight tuple w (module docstring)."""
-    _product_of(w[0], w[1], w[2], x, y)
+    _product_of(w[0], w[1], w[2], w[3], x, y)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -87,9 +94,25 @@ def _fused(ca, sa, ma, cb, sb, mb, cc, sc, mc, x, ya, yb, yc):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _int8_fused(qa, sa, ma, qb, sb, mb, qc, sc, mc, x, ya, yb, yc):
+    """The integer kernels' :func:`_fused`: x rounded to 8 bits once, then two or three matrices of
+    one layout in one parallel region, for any number of rows; False, doing nothing, unless every
+    matrix has row-quad codes and all share a layout (decided when compiled)."""
+    if qa is None or qb is None or qc is None:
+        return False
+    if (ma is None) != (mb is None) or (ma is None) != (mc is None):
+        return False
+    qx, dx, qsum = quantized(x)
+    int8_products(qa, sa, ma, ya, qb, sb, mb, yb, qc, sc, mc, yc, qx, dx, qsum)
+    return True
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _three_products(wa, wb, wc, x, ya, yb, yc):
     """ya, yb, yc = x Waᵀ, x Wbᵀ, x Wcᵀ: one parallel region for one row and three matrices of
-    one layout, one product each otherwise."""
+    one layout (or any rows, with int8 dot products on), one product each otherwise."""
+    if _int8_fused(wa[3], wa[1], wa[2], wb[3], wb[1], wb[2], wc[3], wc[1], wc[2], x, ya, yb, yc):
+        return
     if not _fused(wa[0], wa[1], wa[2], wb[0], wb[1], wb[2], wc[0], wc[1], wc[2], x, ya, yb, yc):
         _product(wa, x, ya)
         _product(wb, x, yb)
@@ -97,17 +120,30 @@ def _three_products(wa, wb, wc, x, ya, yb, yc):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _no_tiles(mins):
-    """A 0-tile slice of ``mins``, or None for the int8 layout's None."""
-    if mins is None:
+def _is_given(a):
+    """``a is not None``, settled when compiled (a tuple's item is not an argument Numba prunes on)."""
+    return a is not None
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _no_tiles(a):
+    """A 0-tile slice of ``a`` (minimums or row-quad codes), or None for None."""
+    if a is None:
         return None
-    return mins[:0]
+    return a[:0]
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _two_products(wa, wb, x, ya, yb):
     """ya, yb = x Waᵀ, x Wbᵀ; for one row of two matrices of one layout the three-matrix kernel's
-    third slot gets 0-tile slices of the first (as FusedProjections passes)."""
+    third slot gets 0-tile slices of the first (as FusedProjections passes). With int8 dot
+    products on, two products (:func:`_product`): the integer kernels' fused call with a third slot
+    made of slices here left an exception pending at random steps of Gemma 3's decode (Numba
+    0.68; not seen with three real matrices, nor with the slots' arrays passed from Python)."""
+    if _is_given(wa[3]):
+        _product(wa, x, ya)
+        _product(wb, x, yb)
+        return
     if not _fused(wa[0], wa[1], wa[2], wb[0], wb[1], wb[2], wa[0][:0], wa[1][:0], _no_tiles(wa[2]),
                        x, ya, yb, ya[:, :0]):
         _product(wa, x, ya)
@@ -195,7 +231,7 @@ def warm_up() -> None:
     def matrix(type_name):
         repack, block, nbytes = block_bytes[type_name]
         packed = repack(np.zeros((TILE, d // block * nbytes), np.uint8), TILE, d)
-        return packed if len(packed) == 3 else (*packed, None)
+        return (*packed, None) if len(packed) == 3 else (*packed, None, None)  # no int8 dot products
 
     def gain(size=d):
         g = np.ones(size, f32)

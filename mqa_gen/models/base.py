@@ -56,13 +56,32 @@ class Decoder:
         self.final_norm, self.output = final_norm, output
         self.embed_scale = embed_scale
         self._scratch: DecodeScratch | None = None
+        self.int8_dot = False  #: whether int8 dot products are on (:meth:`set_int8_dot`)
 
     def replace(self, *, config: ModelConfig | None = None, blocks: list | None = None) -> "Decoder":
         """A new decoder sharing this one's weights, with another config and/or blocks (regrouped
         KV heads, instrumented blocks)."""
         new = type(self)(config or self.config, self.embeddings, blocks if blocks is not None else self.blocks,
                          self.final_norm, self.output, self.embed_scale)
+        new.int8_dot = self.int8_dot  # the matrices are shared, and so is their mode
         return new
+
+    def set_int8_dot(self, on: bool) -> None:
+        """Switch int8 dot products (:mod:`mqa_gen.kernels.int8_dot`: activations rounded to 8 bits
+        per block of 32, integer codes multiplied, as llama.cpp does) on or off for every
+        quantised matrix of the blocks and the output head. Off, the default, keeps float32
+        products (logits as transformers'). Embedding lookups are unchanged either way.
+
+        Raises:
+            FastPathUnavailable: on, on a CPU without AVX2.
+        """
+        matrices = [getattr(part, name, None) for block in self.blocks
+                    for part in (getattr(block, "attention", None), getattr(block, "mlp", None))
+                    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        for matrix in matrices + [self.output]:
+            if hasattr(matrix, "set_int8_dot"):
+                matrix.set_int8_dot(on)
+        self.int8_dot = on
 
     def new_cache(self, max_seq_len: int | None = None, dtype="f32") -> KVCache:
         """An empty KV cache for one sequence of this model (ring buffers for sliding-window
