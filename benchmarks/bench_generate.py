@@ -37,6 +37,10 @@ columns is the first mqa-gen engine listed, every later mqa-gen engine is a peer
 ``--engines mqa-gen@HEAD,mqa-gen@v1`` gives HEAD / v1 (a snapshot of HEAD, unlike plain
 ``mqa-gen``, ignores uncommitted edits in the checkout).
 
+An engine name ending in ``+int8`` (``mqa-gen+int8``, ``mqa-gen@REV+int8``) runs that mqa-gen with
+int8 dot products on (``--int8-dot``; the library's ``model.set_int8_dot(True)``), so the default
+float32 path and the fast path are measured side by side in one run.
+
 ``--rounds R`` runs every engine's child R times, round-robin in an order rotated each round
 (A B, then B A, ...), so slow drift of a shared machine falls on every engine alike; each speed is
 then the median of all R × ``--repeats`` runs, and the notes give each engine's spread (min–max of
@@ -124,8 +128,14 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+#: Engine-name suffix for mqa-gen with ``--int8-dot`` (``mqa-gen+int8``, ``mqa-gen@REV+int8``).
+INT8_SUFFIX = "+int8"
+
+
 def is_mqa_gen(engine: str) -> bool:
-    """True for the installed mqa-gen and for a snapshot of it, ``mqa-gen@REV``."""
+    """True for the installed mqa-gen and for a snapshot of it, ``mqa-gen@REV``, either with
+    :data:`INT8_SUFFIX`."""
+    engine = engine.removesuffix(INT8_SUFFIX)
     return engine == "mqa-gen" or engine.startswith("mqa-gen@")
 
 
@@ -203,8 +213,12 @@ def child_mqa_gen(spec: dict) -> dict:
         compile_kernels()
     loaded = load(spec["model_path"])
     model, tok = loaded.model, loaded.tokenizer
+    int8_dot = os.environ.get("MQA_GEN_BENCH_INT8_DOT") == "1"  # set by engine_env for a +int8 engine
+    if int8_dot:  # (an older snapshot has no such switch: it is only called when asked for)
+        model.set_int8_dot(True)
     result = {
         "engine": "mqa-gen",
+        "int8_dot": int8_dot,
         "source": str(Path(mqa_gen.__file__).resolve().parent),  # the installed tree or a snapshot's
         "versions": {"python": platform.python_version(), "numba": numba.__version__, "numpy": np.__version__},
         "threads": {"numba": numba.get_num_threads(), **{v: os.environ.get(v) for v in THREAD_VARS},
@@ -495,10 +509,13 @@ def extract_snapshot(commit: str, dest: Path) -> Path:
     return dest
 
 
-def engine_env(threads: int, source: Path | None) -> dict:
-    """An engine's environment: :func:`thread_env`, and for a snapshot its tree first on PYTHONPATH
-    (before the installed package, which an editable install finds only after sys.path)."""
+def engine_env(threads: int, source: Path | None, engine: str = "") -> dict:
+    """An engine's environment: :func:`thread_env`, for a snapshot its tree first on PYTHONPATH
+    (before the installed package, which an editable install finds only after sys.path), and for a
+    ``+int8`` engine the variable that makes its child switch int8 dot products on."""
     env = thread_env(threads)
+    if engine.endswith(INT8_SUFFIX):
+        env["MQA_GEN_BENCH_INT8_DOT"] = "1"
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source)] + [x for x in [env.get("PYTHONPATH")] if x])
     return env
@@ -696,7 +713,7 @@ def measure_ttft_cli(runner: Runner, args, spec: dict, engine: str, cold: bool, 
     if is_mqa_gen(engine):
         cmd = mqa_gen_cli() + ["generate", "-m", spec["model_path"], "--prompt-file", str(SHORT_PROMPT_FILE),
                                "--no-chat", "-n", "1", "--json", "--threads", str(args.threads),
-                               "--cache-dtype", args.cache_dtype]
+                               "--cache-dtype", args.cache_dtype] + (["--int8-dot"] if engine.endswith(INT8_SUFFIX) else [])
         with tempfile.TemporaryDirectory(prefix="bench-numba-") as tmp:
             # An empty Numba cache makes the first run compile every kernel, as on a fresh install.
             env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "numba")
@@ -903,6 +920,8 @@ def parse_ints(text: str) -> list[int]:
 def parse_engines(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     for name in names:
+        if name.removesuffix(INT8_SUFFIX) != name and is_mqa_gen(name):
+            continue  # mqa-gen with --int8-dot
         if name in LATER_ENGINES:
             raise argparse.ArgumentTypeError(LATER_ENGINES[name])
         if name.startswith("mqa-gen@") and len(name) > len("mqa-gen@"):
@@ -916,8 +935,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", type=parse_engines, default=list(ENGINES),
-                   help="comma-separated: mqa-gen,llama.cpp,transformers, and mqa-gen@REV for mqa-gen "
-                        "as of git revision REV")
+                   help="comma-separated: mqa-gen,llama.cpp,transformers, mqa-gen@REV for mqa-gen "
+                        "as of git revision REV, and +int8 after either for it with --int8-dot")
     p.add_argument("-m", "--model", default="smollm2-135m-instruct", help="model name or GGUF path")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per speed figure; the median is shown")
@@ -962,11 +981,12 @@ def main(argv: list[str] | None = None) -> int:
     engines = []
     for name in args.engines:
         if name.startswith("mqa-gen@"):
+            suffix = INT8_SUFFIX if name.endswith(INT8_SUFFIX) else ""
             try:
-                full, short = resolve_revision(name.split("@", 1)[1])
+                full, short = resolve_revision(name.removesuffix(suffix).split("@", 1)[1])
             except ValueError as e:
                 p.error(f"--engines {name}: {e}")
-            name = f"mqa-gen@{short}"
+            name = f"mqa-gen@{short}{suffix}"
             commits[name] = full
         if name in engines:
             p.error(f"--engines lists {name} twice")
@@ -1036,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
             for engine in engines[k:] + engines[:k]:
                 runner.log(f"{engine}: speeds (round {r + 1} of {args.rounds}, repeats={args.repeats})")
                 res = runner.child(python.get(engine, sys.executable), "mqa-gen" if is_mqa_gen(engine) else engine,
-                                   engine_env(args.threads, sources.get(engine)))
+                                   engine_env(args.threads, sources.get(engine), engine))
                 if res is None:
                     notes.append(f"{engine}: the benchmark child of round {r + 1} failed; see stderr of the run.")
                     continue
@@ -1050,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
             res = merge_rounds(runs[engine])
             runner.log(f"{engine}: time to first token in fresh processes")
             res.update(measure_ttft_cli(runner, args, spec, engine, args.cold,
-                                        engine_env(args.threads, sources.get(engine))))
+                                        engine_env(args.threads, sources.get(engine), engine)))
             results[engine] = res
 
         thread_check = {}

@@ -10,7 +10,7 @@
   With int8 dot products switched on (:meth:`QuantizedLinear.set_int8_dot`, the CLI's
   ``--int8-dot``), every product rounds its input rows to 8 bits first (:mod:`mqa_gen.kernels.int8_dot`):
   up to :data:`SMALL_BATCH` rows multiply integer codes, more rows multiply the rounded rows
-  with BLAS, so prefill and decode compute the same function.
+  with BLAS, so a prefill and a decode step apply the same rounding.
 * :class:`DenseLinear` — a float32 matrix (F32/F16 tensors, other quantisation types, and the
   K/V projections that ``--kv-heads`` rewrites).
 """

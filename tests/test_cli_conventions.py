@@ -204,7 +204,8 @@ def test_json_echoes_settings_usage_and_the_stop_string(invoke):
     assert out["text"] == " 5," and out["finish_reason"] == "stop" and out["stop_string"] == " 6"  # the earlier one
     assert out["settings"] == {"temperature": 0.0, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1,
                                "repeat_last_n": 16, "seed": 11, "max_tokens": 20, "stop": [" 7", " 6"],
-                               "ignore_eos": False, "ctx_size": 200, "kv_heads": 9, "cache_dtype": "f16"}  # llama.cpp's name
+                               "ignore_eos": False, "ctx_size": 200, "kv_heads": 9, "cache_dtype": "f16",  # llama.cpp's name
+                               "int8_dot": False}
     usage = out["usage"]
     assert usage["prompt_tokens"] == out["prompt_tokens"]
     assert usage["completion_tokens"] == len(out["token_ids"])

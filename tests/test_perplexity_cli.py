@@ -43,8 +43,8 @@ def small_reference(smollm2):
 def test_json_reports_the_method_and_its_values(invoke, small_reference):
     out = run_json(invoke, TEXT, *SMALL)
     assert set(out) == {"model", "text", "text_tokens", "ctx", "chunks", "chunks_available", "first_scored",
-                        "scored_per_chunk", "scored_tokens", "add_bos", "kv_heads", "cache_dtype", "perplexity",
-                        "perplexity_stderr", "mean_nll", "running_perplexity", "seconds", "kl", "saved_kl_base"}
+                        "scored_per_chunk", "scored_tokens", "add_bos", "kv_heads", "cache_dtype", "int8_dot",
+                        "perplexity", "perplexity_stderr", "mean_nll", "running_perplexity", "seconds", "kl", "saved_kl_base"}
     assert (out["ctx"], out["chunks"], out["first_scored"], out["scored_per_chunk"], out["scored_tokens"]) == \
         (64, 4, 32, 31, 124)
     assert out["text_tokens"] == small_reference.plan.n_text_tokens > 2200
@@ -81,6 +81,17 @@ def test_cache_dtype_and_kv_heads_flow_through(invoke, small_reference):
     assert half["perplexity"] == pytest.approx(small_reference.perplexity, rel=0.01)
     mha = run_json(invoke, TEXT, *SMALL, "-q", "--kv-heads", "9")  # exact expansion: the same model
     assert mha["kv_heads"] == 9 and mha["perplexity"] == pytest.approx(small_reference.perplexity, rel=1e-4)
+
+
+def test_int8_dot_products_flow_through(invoke, small_reference, smollm2):
+    """--int8-dot scores the text with rounded activations: another perplexity, near the float32
+    one (the measured cost is in BENCHMARKS.md), and the process's model is switched off after."""
+    fast = run_json(invoke, TEXT, *SMALL, "-q", "--int8-dot")
+    assert fast["int8_dot"] is True
+    assert fast["perplexity"] != small_reference.perplexity
+    assert fast["perplexity"] == pytest.approx(small_reference.perplexity, rel=0.05)
+    again = run_json(invoke, TEXT, *SMALL, "-q")
+    assert again["int8_dot"] is False and again["perplexity"] == pytest.approx(small_reference.perplexity, rel=1e-9)
 
 
 def test_kl_base_round_trip(invoke, tmp_path):

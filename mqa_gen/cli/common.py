@@ -218,7 +218,7 @@ def cache_dtype_option():
 
 def generation_options(f):
     """The options ``generate``, ``batch`` and ``chat`` share, in --help order: -n, the sampling
-    flags (--temp … --seed), --stop, --ignore-eos, --ctx-size, --kv-heads, --cache-dtype, each
+    flags (--temp … --seed), --stop, --ignore-eos, --ctx-size, --kv-heads, --cache-dtype, --int8-dot, each
     with llama.cpp's spelling beside ours. They arrive as the keyword arguments
     :func:`setup_generation` takes."""
     for option in reversed(_GENERATION_OPTIONS):
@@ -247,6 +247,10 @@ _GENERATION_OPTIONS = [
     click.option("-c", "--ctx-size", type=int, default=None, help="Context in tokens (default: the model's)."),
     click.option("--kv-heads", type=int, default=None, help="Regroup KV heads: 1 = MQA, n_heads = MHA."),
     cache_dtype_option(),
+    click.option("--int8-dot", is_flag=True,
+                 help="Round activations to 8 bits per block of 32 and multiply integer codes, as llama.cpp does: "
+                      "faster decode, slightly different logits (perplexity cost: BENCHMARKS.md). Off: float32 "
+                      "products, logits as transformers'. Needs AVX2."),
 ]
 
 def generation_option(name: str):
@@ -342,7 +346,8 @@ class GenerationSetup:
         return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
                 "repeat_penalty": p.repetition_penalty, "repeat_last_n": p.repeat_last_n, "seed": p.seed,
                 "max_tokens": self.max_tokens, "stop": list(self.stop), "ignore_eos": self.ignore_eos,
-                "ctx_size": self.ctx, "kv_heads": self.net.config.n_kv_heads, "cache_dtype": self.cache_dtype}
+                "ctx_size": self.ctx, "kv_heads": self.net.config.n_kv_heads, "cache_dtype": self.cache_dtype,
+                "int8_dot": self.net.int8_dot}
 
 
 def system_prompt_option(*names: str):
@@ -377,10 +382,33 @@ def read_chat_template(path: str | None) -> str | None:
     return text
 
 
+def set_int8_dot(net, on: bool, quiet: bool = False) -> None:
+    """``--int8-dot`` on or off for ``net`` (a model a process may reuse: off is set too); on, the
+    integer kernels are compiled first if no earlier run did (a notice on stderr unless ``quiet``).
+
+    Raises:
+        OptionError: on, on a CPU without AVX2.
+    """
+    from ..kernels.int8_dot import FastPathUnavailable
+
+    try:
+        net.set_int8_dot(on)
+    except FastPathUnavailable as e:
+        raise OptionError(f"--int8-dot: {e}") from None
+    if on:
+        from ..kernels.warmup import compile_int8_kernels, int8_kernels_are_compiled
+
+        ensure_kernels(quiet)  # the float32 kernels first, with their progress bar on a first run
+        if not int8_kernels_are_compiled() and not quiet:
+            stderr.print("[dim]Compiling the --int8-dot kernels (first --int8-dot run only)[/dim]")
+        compile_int8_kernels()
+
+
 def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens: int, temperature: float,
                      top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int,
                      seed: int | None, stop: tuple[str, ...], ignore_eos: bool, ctx_size: int | None,
-                     kv_heads: int | None, cache_dtype: str, draw_seed: bool = True) -> GenerationSetup:
+                     kv_heads: int | None, cache_dtype: str, int8_dot: bool = False,
+                     draw_seed: bool = True) -> GenerationSetup:
     """Check the :func:`generation_options` values, set the threads, load the model (status line on
     stderr), compile the kernels on the first run (with a progress bar) and regroup the KV heads.
 
@@ -428,6 +456,7 @@ def setup_generation(model: str, quiet: bool, threads: int | None, *, max_tokens
     if ignore_eos:
         params = replace(params, suppress_ids=frozenset(end_of_turn_ids(loaded.tokenizer)))
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
+    set_int8_dot(net, int8_dot, quiet)
     check_cache_dtype(cache_dtype, net.config.head_dim)
     trained = loaded.config.context_length
     if ctx_size is not None and ctx_size > trained:

@@ -74,6 +74,7 @@ def _echo(text: str, quiet: bool, nl: bool = True) -> None:
               help="Score only the first N chunks; -1 = all the text holds.")
 @generation_option("kv_heads")
 @generation_option("cache_dtype")
+@generation_option("int8_dot")
 @click.option("--save-kl-base", "save_base", default=None, metavar="OUT",
               help="Write this model's top-k next-token distributions at every scored position to OUT, "
                    "for later runs to compare against with --kl-base.")
@@ -86,7 +87,7 @@ def _echo(text: str, quiet: bool, nl: bool = True) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 @threads_option
-def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_base, kl_top_k, as_json, quiet,
+def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, int8_dot, save_base, kl_base, kl_top_k, as_json, quiet,
                threads):
     """Perplexity of a model on the text in FILE (- = stdin), by llama-perplexity's method: the text
     cut into chunks of --ctx tokens, each run from an empty KV cache and scored on its second half.
@@ -123,6 +124,7 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
     if ctx > trained:
         raise PerplexityError(f"--ctx {ctx:,} is above the model's context of {trained:,} tokens")
     net = loaded.model if kv_heads is None else regroup_model(loaded.model, kv_heads)
+    common.set_int8_dot(net, int8_dot, quiet)
     common.check_cache_dtype(cache_dtype, net.config.head_dim)
     common.ensure_kernels(quiet)
     tokenizer = loaded.tokenizer
@@ -138,7 +140,8 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
     _echo(f"perplexity: {plan.n_chunks} chunk{'s' if plan.n_chunks != 1 else ''} of {ctx:,} tokens from {label} "
           f"({plan.n_text_tokens:,} tokens{', BOS first in each chunk' if tokenizer.add_bos else ''}), each scored "
           f"on its last {plan.scored_per_chunk:,} ({plan.n_scored:,} in all); {loaded.name}, "
-          f"{net.config.n_kv_heads} KV head{'s' if net.config.n_kv_heads != 1 else ''}, {dtype_name} cache", quiet)
+          f"{net.config.n_kv_heads} KV head{'s' if net.config.n_kv_heads != 1 else ''}, {dtype_name} cache"
+          f"{', int8 dot products' if int8_dot else ''}", quiet)
     result = chunked_perplexity(net, plan, cache_dtype, top_k=top_k, base=base,
                                 on_chunk=lambda i, ppl: _echo(f"[{i}]{ppl:.4f},", quiet, nl=False))
     _echo("", quiet)
@@ -158,7 +161,7 @@ def perplexity(file, model, ctx, chunks, kv_heads, cache_dtype, save_base, kl_ba
             "chunks": plan.n_chunks, "chunks_available": plan.available, "first_scored": plan.first,
             "scored_per_chunk": plan.scored_per_chunk, "scored_tokens": plan.n_scored,
             "add_bos": bool(tokenizer.add_bos), "kv_heads": net.config.n_kv_heads, "cache_dtype": dtype_name,
-            "perplexity": result.perplexity, "perplexity_stderr": result.stderr, "mean_nll": result.mean_nll,
+            "int8_dot": int8_dot, "perplexity": result.perplexity, "perplexity_stderr": result.stderr, "mean_nll": result.mean_nll,
             "running_perplexity": result.running, "seconds": result.seconds, "kl": None, "saved_kl_base": saved,
         }
         if result.kl is not None:

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit
 
 from .flags import FASTMATH
-from .int8_dot import product as int8_product, products as int8_products, quantized
+from .int8_dot import no_tiles as _no_tiles, product as int8_product, products as int8_products, quantized
 from .quant import int8_matmul, int8_matvec, int8_matvec3, q4_1_matmul, q4_1_matvec, q4_1_matvec3
 from .rowwise import geglu_tanh, rmsnorm, rope, swiglu
 
@@ -126,14 +126,6 @@ def _is_given(a):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _no_tiles(a):
-    """A 0-tile slice of ``a`` (minimums or row-quad codes), or None for None."""
-    if a is None:
-        return None
-    return a[:0]
-
-
-@njit(cache=True, fastmath=FASTMATH)
 def _two_products(wa, wb, x, ya, yb):
     """ya, yb = x Waᵀ, x Wbᵀ; for one row of two matrices of one layout the three-matrix kernel's
     third slot gets 0-tile slices of the first (as FusedProjections passes). With int8 dot
@@ -217,10 +209,13 @@ SHIPPED_MIXES = {
 }
 
 
-def warm_up() -> None:
+def warm_up(int8_dot: bool = False) -> None:
     """Compile (or load) the step for each of :data:`SHIPPED_MIXES` on tiny matrices, with the
-    optional parts each model has (Gemma 3: QK-norm, post-norms, GeGLU). A model with another mix
-    compiles its own on its first decode step, once; the disk cache keeps it."""
+    optional parts each model has (Gemma 3: QK-norm, post-norms, GeGLU); with ``int8_dot``, the
+    step with row-quad codes (``--int8-dot``) instead. A model with another mix compiles its own
+    on its first decode step, once; the disk cache keeps it."""
+    from .int8_dot import row_quads
+
     from .quant import TILE, repack_q4_1, repack_q4_k, repack_q5_0, repack_q6_k
 
     f32 = np.float32
@@ -231,7 +226,8 @@ def warm_up() -> None:
     def matrix(type_name):
         repack, block, nbytes = block_bytes[type_name]
         packed = repack(np.zeros((TILE, d // block * nbytes), np.uint8), TILE, d)
-        return (*packed, None) if len(packed) == 3 else (*packed, None, None)  # no int8 dot products
+        quads = row_quads(packed[0]) if int8_dot else None
+        return (*packed, quads) if len(packed) == 3 else (*packed, None, quads)
 
     def gain(size=d):
         g = np.ones(size, f32)

@@ -284,9 +284,18 @@ def _int8_block_dots(typingctx, codes, start, groups, qx, x_start, x_sum, out):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
+def _store_tile(acc, t, y):
+    """y[:, tile t's rows] = acc [n, TILE], leaving out the padding rows past y's last."""
+    T = acc.shape[1]
+    for k in range(acc.shape[0]):
+        for r in range(min(T, y.shape[1] - t * T)):
+            y[k, t * T + r] = acc[k, r]
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _nibble_tile(codes, scales, mins, qx, dx, qsum, t, y):
     """Tile t of y = x̃ Wᵀ for every row of x̃ (4-bit layout, row-quad codes; module docstring)."""
-    n_tiles, nb, groups, T = codes.shape[0], codes.shape[1], codes.shape[2], codes.shape[3]
+    nb, groups, T = codes.shape[1], codes.shape[2], codes.shape[3]
     flat = codes.reshape(-1)
     n = qx.shape[0]
     isum = np.empty(T, np.int32)
@@ -299,9 +308,7 @@ def _nibble_tile(codes, scales, mins, qx, dx, qsum, t, y):
             m_term = d * np.float32(qsum[k, 2 * b] + qsum[k, 2 * b + 1])
             for r in range(T):
                 acc[k, r] += as_float32(scales[t, b, r]) * (d * np.float32(isum[r])) + as_float32(mins[t, b, r]) * m_term
-    for k in range(n):
-        for r in range(min(T, y.shape[1] - t * T)):
-            y[k, t * T + r] = acc[k, r]
+    _store_tile(acc, t, y)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -323,9 +330,7 @@ def _int8_tile(codes, scales, qx, dx, qsum, t, y):
             d = dx[k, x_start // X_BLOCK]
             for r in range(T):
                 acc[k, r] += as_float32(scales[t, b, r]) * (d * np.float32(isum[r]))
-    for k in range(n):
-        for r in range(min(T, y.shape[1] - t * T)):
-            y[k, t * T + r] = acc[k, r]
+    _store_tile(acc, t, y)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -370,11 +375,12 @@ def quantized(x):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _empty_slot(mins):
-    """A 0-tile slice of ``mins``, or None for the int8 layout's None."""
-    if mins is None:
+def no_tiles(a):
+    """A 0-tile slice of ``a`` (minimums or codes: an empty slot of a three-matrix kernel), or
+    None for None (the int8 layout's minimums)."""
+    if a is None:
         return None
-    return mins[:0]
+    return a[:0]
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -392,8 +398,8 @@ def products(qa, sa, ma, ya, qb, sb, mb, yb, qc, sc, mc, yc, qx, dx, qsum):
 @njit(cache=True, fastmath=FASTMATH)
 def product(quads, scales, mins, qx, dx, qsum, y):
     """y = x̃ Wᵀ for one matrix (row-quad codes, scales, minimums or None); y float32 [n, rows]."""
-    products(quads, scales, mins, y, quads[:0], scales[:0], _empty_slot(mins), y[:, :0],
-             quads[:0], scales[:0], _empty_slot(mins), y[:, :0], qx, dx, qsum)
+    products(quads, scales, mins, y, quads[:0], scales[:0], no_tiles(mins), y[:, :0],
+             quads[:0], scales[:0], no_tiles(mins), y[:, :0], qx, dx, qsum)
 
 
 def rounded(x: np.ndarray) -> np.ndarray:
@@ -402,3 +408,26 @@ def rounded(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     rounded_rows(x, out)
     return out
+
+
+def warm_up() -> None:
+    """Compile (or load) the integer kernels: products of each layout (4-bit with float16 and
+    float32 scales, int8 with blocks of 32 and 16) for one and two rows, and the rounding. Run by
+    the first ``--int8-dot`` (:func:`mqa_gen.kernels.warmup.compile_int8_kernels`, which also warms
+    the fused decode step with row-quad codes), not by every first run."""
+    from .quant import repack_q4_1, repack_q4_k, repack_q6_k, repack_q8_0
+
+    f32 = np.float32
+    for packed in (repack_q4_1(np.zeros((TILE, 8 * 20), np.uint8), TILE, 256),
+                   repack_q4_k(np.zeros((TILE, 144), np.uint8), TILE, 256),
+                   repack_q8_0(np.zeros((TILE, 8 * 34), np.uint8), TILE, 256),
+                   repack_q6_k(np.zeros((TILE, 210), np.uint8), TILE, 256)):
+        codes, scales, mins = packed[0], packed[1], (packed[2] if len(packed) == 3 else None)
+        quads = row_quads(codes)
+        for n in (1, 2):
+            x = np.ones((n, 256), f32)
+            y = np.empty((n, TILE), f32)
+            product(quads, scales, mins, *quantized(x), y)
+            products(quads, scales, mins, y, quads, scales, mins, y, quads[:0], scales[:0], no_tiles(mins),
+                     y[:, :0], *quantized(x))
+            rounded(x)

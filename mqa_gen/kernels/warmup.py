@@ -27,14 +27,14 @@ from .numba_cache import user_cache_dir
 WARMED_MODULES = (rowwise, halfprec, cache_rows, attention, quant, decode_layer)
 
 
-def _marker_path() -> Path:
+def _marker_path(what: str = "kernels") -> Path:
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for source in sorted(here.glob("*.py")):
         digest.update(source.read_bytes())
     digest.update(f"{numba.__version__}|{sys.version}|{platform.machine()}|{here}".encode())
     cache_root = Path(os.environ.get("NUMBA_CACHE_DIR") or user_cache_dir()).parent
-    return cache_root / f"kernels-compiled-{digest.hexdigest()[:16]}"
+    return cache_root / f"{what}-compiled-{digest.hexdigest()[:16]}"
 
 
 def kernels_are_compiled() -> bool:
@@ -87,3 +87,30 @@ def compile_kernels(progress: Callable[[int, int], None] | None = None) -> None:
         marker.touch()
     except OSError:
         pass  # a read-only home only costs the notice being shown again
+
+
+def int8_kernels_are_compiled() -> bool:
+    """True when an earlier run compiled (and cached) the ``--int8-dot`` kernels for this install."""
+    return _marker_path("int8-kernels").exists()
+
+
+def compile_int8_kernels() -> bool:
+    """Compile (or load) the ``--int8-dot`` kernels (:func:`~mqa_gen.kernels.int8_dot.warm_up`, and
+    the fused decode step with row-quad codes)
+    unless a marker says an earlier run did, after :func:`compile_kernels` (they share helpers).
+    Returns True when it compiled, False when the marker was there."""
+    from . import int8_dot
+
+    marker = _marker_path("int8-kernels")
+    if marker.exists():
+        return False
+    if not kernels_are_compiled():
+        compile_kernels()
+    int8_dot.warm_up()
+    decode_layer.warm_up(int8_dot=True)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
+    return True
