@@ -203,6 +203,10 @@ class QuantizedLinear:
             return y
         if self.quads is not None:
             x = int8_dot.rounded(x)  # the rounding the integer kernels apply, in a BLAS product
+        return self._blas_product(x)
+
+    def _blas_product(self, x: np.ndarray) -> np.ndarray:
+        """x Wᵀ through a temporary float32 Wᵀ and BLAS: x float32 [N, in] → [N, out]."""
         return x @ self.dequantize_transposed()[:, : self.out_features]
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
@@ -260,14 +264,10 @@ class FusedProjections:
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """x: float32 [N, in_features] → one float32 [N, out_features] array per matrix."""
+        if self._fused_kernel is not None and all(w.quads is not None for w in self.linears):
+            return self._int8_products(np.ascontiguousarray(x, dtype=np.float32))
         if x.shape[0] != 1:
             return [w(x) for w in self.linears]
-        if self._fused_kernel is not None and all(w.quads is not None for w in self.linears):
-            slots = [(w.quads, w.scales, w.mins, y) for w, y in zip(self.linears, self.rows)]
-            slots += [(a.quads[:0], a.scales[:0], None if a.mins is None else a.mins[:0], y[:, :0])
-                      for a, y in [(self.linears[0], self.rows[0])] * (3 - len(slots))]
-            int8_dot.products(*(a for slot in slots for a in slot), *int8_dot.quantized(np.ascontiguousarray(x)))
-            return self.rows
         if self._fused_kernel is not None:
             self._fused_kernel(*self._fused_args, np.ascontiguousarray(x[0]))
             return self.rows
@@ -277,6 +277,23 @@ class FusedProjections:
             else:
                 y[:] = w(x)[0]
         return self.rows
+
+
+    def _int8_products(self, x: np.ndarray) -> list[np.ndarray]:
+        """With int8 dot products on: x rounded once for all the matrices (each matrix alone would
+        round it again, to the same values), then one integer kernel for them all up to
+        :data:`SMALL_BATCH` rows, or BLAS on the rounded rows above it."""
+        n = x.shape[0]
+        if n > SMALL_BATCH:
+            rounded = int8_dot.rounded(x)
+            return [w._blas_product(rounded) for w in self.linears]
+        ys = self.rows if n == 1 else [np.empty((n, w.out_features), np.float32) for w in self.linears]
+        slots = [(w.quads, w.scales, w.mins, y) for w, y in zip(self.linears, ys)]
+        first, y0 = self.linears[0], ys[0]
+        slots += [(first.quads[:0], first.scales[:0], None if first.mins is None else first.mins[:0], y0[:, :0])] \
+            * (3 - len(slots))
+        int8_dot.products(*(a for slot in slots for a in slot), *int8_dot.quantized(x))
+        return ys
 
 
 def linear_from_gguf(gguf: GGUFFile, name: str, shape: tuple[int, int]):

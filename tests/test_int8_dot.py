@@ -190,3 +190,20 @@ def test_the_first_int8_run_compiles_once(monkeypatch, tmp_path):
     assert warmup.int8_kernels_are_compiled()
     assert warmup.compile_int8_kernels() is False
     assert int8_dot not in warmup.WARMED_MODULES
+
+
+@pytest.mark.parametrize("types", [("Q4_1", "Q4_1", "Q4_1"), ("Q5_0", "Q5_0"), ("Q4_K", "Q6_K")])
+@pytest.mark.parametrize("n_rows", [1, 3, SMALL_BATCH + 6])
+def test_fused_projections_round_once_and_match_each_product(types, n_rows):
+    """FusedProjections rounds x once for its matrices (one integer kernel, or BLAS on the rounded
+    rows); each result equals that matrix's own product bit for bit, mixed layouts included."""
+    from mqa_gen.linear import FusedProjections
+
+    cols = 256
+    linears = [quantized(TILE + 3 * i, cols, t)[0] for i, t in enumerate(types)]
+    for lin in linears:
+        lin.set_int8_dot(True)
+    x = RNG.standard_normal((n_rows, cols)).astype(np.float32)
+    together = FusedProjections(linears)(x)
+    for lin, y in zip(linears, together):
+        np.testing.assert_array_equal(y, lin(x))
