@@ -286,6 +286,24 @@ def test_usage_error_from_the_installed_entry_point():
                            "(try 'mqa-gen generate --help')\n")
 
 
+def test_the_installed_entry_point_delivers_everything_before_its_fast_exit(tmp_path):
+    """The console script ends with ``os._exit`` (no interpreter teardown, issue 15): the JSON on
+    stdout, the stats and the saved-cache line on stderr and the prompt-cache file are complete,
+    and the next run reuses that file."""
+    cache = tmp_path / "p.cache"
+    args = [mqa_gen_exe(), "generate", "--prompt", COUNTING, "--no-chat", "--temp", "0", "-n", "3",
+            "--prompt-cache", str(cache)]
+    first = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env=subprocess_env())
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["text"] == " 5,"
+    assert "prompt cache" in first.stderr and "saved to" in first.stderr
+    second = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=subprocess_env())
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == " 5,"
+    assert "reused" in second.stderr
+
+
 # ───────────────────────────── a closed stdout ─────────────────────────────
 
 
