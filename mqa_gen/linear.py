@@ -8,9 +8,9 @@
   dequantise the matrix into a temporary float32 array and multiply with BLAS through NumPy:
   prompt-sized products are compute-bound, and no float32 copy outlives the call.
   With int8 dot products switched on (:meth:`QuantizedLinear.set_int8_dot`, the CLI's
-  ``--int8-dot``), every product rounds its input rows to 8 bits first (:mod:`mqa_gen.kernels.int8_dot`):
-  up to :data:`SMALL_BATCH` rows multiply integer codes, more rows multiply the rounded rows
-  with BLAS, so a prefill and a decode step apply the same rounding.
+  ``--int8-dot``), every product, whatever its row count, rounds its input rows to 8 bits and
+  multiplies integer codes (:mod:`mqa_gen.kernels.int8_dot`): a prefill runs the same kernel as a
+  decode step, about twice as fast as dequantising + BLAS with AVX-512 VNNI (BENCHMARKS.md).
 * :class:`DenseLinear` — a float32 matrix (F32/F16 tensors, other quantisation types, and the
   K/V projections that ``--kv-heads`` rewrites).
 """
@@ -191,7 +191,7 @@ class QuantizedLinear:
         n = x.shape[0]
         if n == 1:
             return self.matvec(np.ascontiguousarray(x[0]))[None]
-        if n <= SMALL_BATCH:
+        if n <= SMALL_BATCH or self.quads is not None:
             y = np.empty((n, self.out_features), np.float32)
             x = np.ascontiguousarray(x, dtype=np.float32)
             if self.quads is not None:
@@ -201,13 +201,7 @@ class QuantizedLinear:
             else:
                 int8_matmul(self.codes, self.scales, x, y)
             return y
-        if self.quads is not None:
-            x = int8_dot.rounded(x)  # the rounding the integer kernels apply, in a BLAS product
-        return self._blas_product(x)
-
-    def _blas_product(self, x: np.ndarray) -> np.ndarray:
-        """x Wᵀ through a temporary float32 Wᵀ and BLAS: x float32 [N, in] → [N, out]."""
-        return x @ self.dequantize_transposed()[:, : self.out_features]
+        return x @ self.dequantize_transposed()[:, : self.out_features]  # a temporary float32 Wᵀ, BLAS
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of W, dequantised to float32 [len(ids), in_features] (an embedding lookup)."""
@@ -281,12 +275,8 @@ class FusedProjections:
 
     def _int8_products(self, x: np.ndarray) -> list[np.ndarray]:
         """With int8 dot products on: x rounded once for all the matrices (each matrix alone would
-        round it again, to the same values), then one integer kernel for them all up to
-        :data:`SMALL_BATCH` rows, or BLAS on the rounded rows above it."""
+        round it again, to the same values), then one integer kernel for them all."""
         n = x.shape[0]
-        if n > SMALL_BATCH:
-            rounded = int8_dot.rounded(x)
-            return [w._blas_product(rounded) for w in self.linears]
         ys = self.rows if n == 1 else [np.empty((n, w.out_features), np.float32) for w in self.linears]
         slots = [(w.quads, w.scales, w.mins, y) for w, y in zip(self.linears, ys)]
         first, y0 = self.linears[0], ys[0]

@@ -43,8 +43,6 @@ def test_activation_codes_are_ggml_q8_0_codes():
     np.testing.assert_array_equal(dx.astype(np.float16), blocks[:, :, :2].copy().view(np.float16)[..., 0])
     np.testing.assert_array_equal(qsum, qx.reshape(3, 16, 16).astype(np.int64).sum(axis=2))
     assert np.abs(qx).max() <= 127
-    # The float32 rows a prefill multiplies are exactly codes × scales.
-    np.testing.assert_array_equal(int8_dot.rounded(x), (qx.reshape(3, 8, 32) * dx[:, :, None]).reshape(3, 256))
 
 
 def _check_products(lin, w, x):
@@ -61,7 +59,7 @@ SHAPES = {"Q4_1": (TILE + 3, 96), "Q8_0": (TILE - 1, 64), "Q5_0": (100, 576), "Q
 
 
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-@pytest.mark.parametrize("n_rows", [1, 3, SMALL_BATCH + 6])  # decode, a batch, a prefill (BLAS)
+@pytest.mark.parametrize("n_rows", [1, 3, SMALL_BATCH + 6])  # decode, a batch, a prefill
 def test_integer_products_equal_the_float64_product_of_the_rounded_rows(type_name, n_rows):
     lin, w = quantized(*SHAPES[type_name], type_name)
     x = RNG.standard_normal((n_rows, w.shape[1])).astype(np.float32)
@@ -76,11 +74,13 @@ def test_integer_products_equal_the_float64_product_of_the_rounded_rows(type_nam
 
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q6_K"])
 def test_a_row_does_not_depend_on_its_batch(type_name):
+    """13 rows: the micro-kernel takes 8, then 4, then 1 (mqa_gen.kernels.int8_dot); a row alone
+    gets the same bits."""
     lin, w = quantized(*SHAPES[type_name], type_name)
     lin.set_int8_dot(True)
-    x = RNG.standard_normal((5, w.shape[1])).astype(np.float32)
+    x = RNG.standard_normal((13, w.shape[1])).astype(np.float32)
     together = lin(x)
-    for i in range(5):
+    for i in range(13):
         np.testing.assert_array_equal(lin(x[i:i + 1])[0], together[i])
         np.testing.assert_array_equal(lin.matvec(x[i]), together[i])
 
@@ -99,7 +99,7 @@ def test_the_avx2_kernels_in_a_fresh_process(tmp_path):
         for type_name in ("Q4_1", "Q8_0", "Q6_K"):
             lin, w = quantized(*SHAPES[type_name], type_name)
             lin.set_int8_dot(True)
-            for n in (1, 3):
+            for n in (1, 3, 13):
                 _check_products(lin, w, rng.standard_normal((n, w.shape[1])).astype(np.float32))
         print("checked")
     """)
@@ -195,8 +195,8 @@ def test_the_first_int8_run_compiles_once(monkeypatch, tmp_path):
 @pytest.mark.parametrize("types", [("Q4_1", "Q4_1", "Q4_1"), ("Q5_0", "Q5_0"), ("Q4_K", "Q6_K")])
 @pytest.mark.parametrize("n_rows", [1, 3, SMALL_BATCH + 6])
 def test_fused_projections_round_once_and_match_each_product(types, n_rows):
-    """FusedProjections rounds x once for its matrices (one integer kernel, or BLAS on the rounded
-    rows); each result equals that matrix's own product bit for bit, mixed layouts included."""
+    """FusedProjections rounds x once for its matrices (one integer kernel for all of them); each
+    result equals that matrix's own product bit for bit, mixed layouts included."""
     from mqa_gen.linear import FusedProjections
 
     cols = 256

@@ -154,8 +154,9 @@ class Decoder:
         if batch.decode:
             gov = governor()  # decode steps pick their thread count by timing
             threads = gov.step(batch.size) if gov is not None else nullcontext()
-        else:  # BLAS does the weight products of a chunk this long; Numba's kernels keep off its cores
-            threads = one_numba_thread() if tokens.shape[0] > SMALL_BATCH else nullcontext()
+        else:  # a chunk this long multiplies the weights with BLAS: Numba's kernels keep off its cores
+            # (with int8 dot products on, the products are Numba's integer kernels, on every thread)
+            threads = one_numba_thread() if tokens.shape[0] > SMALL_BATCH and not self.int8_dot else nullcontext()
         with threads:
             x = self.embeddings.rows(tokens)  # (N, d_model)
             if self.embed_scale != 1.0:
