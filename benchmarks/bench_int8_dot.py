@@ -36,6 +36,24 @@ SHAPES = [("SmolLM2 MLP", "Q4_1", 1536, 576, True), ("SmolLM2 head", "Q8_0", 491
           ("Gemma 3 W_o", "Q4_K", 640, 1024, True), ("Gemma 3 W_down", "Q6_K", 640, 2048, True)]
 
 
+#: K-quant super-block bytes and the offsets of its float16 scales (ggml-common.h's block_q4_K,
+#: block_q6_K); gguf's quantize() has no K-quant encoder, so those matrices get random codes.
+K_BLOCKS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_matrix(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
+    """A [rows, bytes] GGUF tensor of ``type_name``: gguf's quantisation of random weights, or for
+    a K-quant random code bytes with small float16 scales."""
+    if type_name not in K_BLOCKS:
+        w = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(0.05)
+        return quantize(w, GGMLQuantizationType[type_name])
+    size, scale_offsets = K_BLOCKS[type_name]
+    blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for offset in scale_offsets:
+        blocks[:, :, offset:offset + 2] = np.full((rows, cols // 256, 1), 0.01, np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def timed(fn, calls: int) -> float:
     fn()
     t0 = time.perf_counter()
@@ -74,8 +92,7 @@ def main() -> None:
         for label, type_name, rows, cols, many in SHAPES:
             if n > 1 and not many:
                 continue
-            w = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(0.05)
-            lin = QuantizedLinear(quantize(w, GGMLQuantizationType[type_name]), type_name, rows, cols)
+            lin = QuantizedLinear(random_matrix(type_name, rows, cols, rng), type_name, rows, cols)
             fast = QuantizedLinear(None, type_name, rows, cols, packed=lin.packed)
             fast.set_int8_dot(True)
             x = rng.standard_normal((n, cols)).astype(np.float32)
