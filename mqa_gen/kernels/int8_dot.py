@@ -320,7 +320,7 @@ def _emit_tile_rows(builder, a, rows, four_bit, half_scales):
 #: The micro-kernel intrinsics' arguments, in order: row-quad codes [n_tiles, nb, groups, TILE, 4]
 #: (int8 or uint8), the tile t, blocks nb, code groups per block, values per block bs (32 or 16),
 #: x̃'s codes qx int8 [n, cols], the first row k, scales and minimums [n_tiles, nb, TILE] (float16
-#: bits or float32; the int8 layout passes its scales twice), dx float32 [n, cols/32], qsum int32
+#: bits or float32; None for the int8 layout), dx float32 [n, cols/32], qsum int32
 #: [n, cols/16], the output y float32 [n, out] (unit column stride) and ``valid``, the columns of y
 #: this tile has (TILE, or fewer for the last tile of a matrix whose rows are not whole tiles).
 _TILE_ROWS_ARGS = ("codes", "t", "nb", "groups", "bs", "qx", "k", "scales", "mins", "dx", "qsum", "y", "valid")
@@ -329,14 +329,18 @@ _ARRAY_TYPES = {"codes": (types.uint8, types.int8), "qx": (types.int8,), "scales
                 "y": (types.float32,)}
 
 
-def _tile_rows_intrinsic(rows: int, four_bit: bool):
-    """A Numba intrinsic running :func:`_emit_tile_rows` for ``rows`` rows of one layout, on the
-    arguments :data:`_TILE_ROWS_ARGS`. No bounds checks: the caller keeps every index in range."""
+def _tile_rows_intrinsic(rows: int):
+    """A Numba intrinsic running :func:`_emit_tile_rows` for ``rows`` rows, on the arguments
+    :data:`_TILE_ROWS_ARGS`; ``mins`` None means the int8 layout (decided when compiled). No
+    bounds checks: the caller keeps every index in range."""
 
     def typer(typingctx, codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid):
         args = (codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid)
         # An empty slot's minimums reach here as an Optional array (no_tiles): unwrapped below.
         plain = [a.type if isinstance(a, types.Optional) else a for a in args]
+        four_bit = not isinstance(plain[8], types.NoneType)
+        if not four_bit:
+            plain[8] = plain[7]  # the int8 layout has no minimums: the scales' view stands in, unread
         ok = ISA is not None and plain[7] == plain[8] and all(
             isinstance(ty, types.Array) and ty.dtype in _ARRAY_TYPES[name] if name in _ARRAY_TYPES
             else isinstance(ty, types.Integer) for name, ty in zip(_TILE_ROWS_ARGS, plain))
@@ -346,6 +350,9 @@ def _tile_rows_intrinsic(rows: int, four_bit: bool):
         def codegen(context, builder, signature, values):
             unpacked = {}
             for name, ty, value, plain_ty in zip(_TILE_ROWS_ARGS, signature.args, values, plain):
+                if name == "mins" and not four_bit:
+                    unpacked[name] = unpacked["scales"]
+                    continue
                 value = context.cast(builder, value, ty, plain_ty if name in _ARRAY_TYPES else types.int64)
                 unpacked[name] = _ArrayView(context, builder, plain_ty, value) if name in _ARRAY_TYPES else value
             _emit_tile_rows(builder, unpacked, rows, four_bit, plain[7].dtype == types.uint16)
@@ -353,12 +360,11 @@ def _tile_rows_intrinsic(rows: int, four_bit: bool):
 
         return types.void(*args), codegen
 
-    typer.__name__ = f"_{'nibble' if four_bit else 'int8'}_rows{rows}"
+    typer.__name__ = f"_tile_rows{rows}"
     return intrinsic(typer)
 
 
-_int8_rows8, _int8_rows4, _int8_rows1 = (_tile_rows_intrinsic(n, False) for n in (8, 4, 1))
-_nibble_rows8, _nibble_rows4, _nibble_rows1 = (_tile_rows_intrinsic(n, True) for n in (8, 4, 1))
+_tile_rows8, _tile_rows4, _tile_rows1 = (_tile_rows_intrinsic(n) for n in (8, 4, 1))
 
 
 @njit(cache=True)
@@ -398,24 +404,14 @@ def _tile(codes, scales, mins, qx, dx, qsum, t, y):
     n = qx.shape[0]
     k = 0
     while k < n:
-        if mins is None:
-            if k + 8 <= n:
-                _int8_rows8(codes, t, nb, groups, bs, qx, k, scales, scales, dx, qsum, y, valid)
-                k += 8
-            elif k + 4 <= n:
-                _int8_rows4(codes, t, nb, groups, bs, qx, k, scales, scales, dx, qsum, y, valid)
-                k += 4
-            else:
-                _int8_rows1(codes, t, nb, groups, bs, qx, k, scales, scales, dx, qsum, y, valid)
-                k += 1
-        elif k + 8 <= n:
-            _nibble_rows8(codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid)
+        if k + 8 <= n:
+            _tile_rows8(codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid)
             k += 8
         elif k + 4 <= n:
-            _nibble_rows4(codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid)
+            _tile_rows4(codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid)
             k += 4
         else:
-            _nibble_rows1(codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid)
+            _tile_rows1(codes, t, nb, groups, bs, qx, k, scales, mins, dx, qsum, y, valid)
             k += 1
 
 
