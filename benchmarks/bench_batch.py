@@ -27,6 +27,8 @@ ratio to f16, for mqa-gen and llama.cpp::
     python benchmarks/bench_batch.py --models smollm2-135m-instruct,gemma3-270m --contexts 4096 \
         --batch-sizes 1,4 --cache-types f16,q8_0,q4_0 --native-only --rounds 5 \
         --llama-batched-bench /path/to/build/bin/llama-batched-bench
+
+``--int8-dot`` runs mqa-gen's variants with int8 dot products (the CLI's ``--int8-dot``).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def main() -> None:
                    help="KV-cache types to compare, llama.cpp's names (default f16; more than f16 writes the "
                         "kv-quant section)")
     p.add_argument("--native-only", action="store_true", help="only the model's own KV-head count")
+    p.add_argument("--int8-dot", action="store_true", help="mqa-gen with int8 dot products (the CLI's --int8-dot)")
     p.add_argument("--llama-batched-bench", default=None, help="the llama-batched-bench binary (none: skip)")
     p.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
@@ -126,6 +129,8 @@ def main() -> None:
     for name in args.models.split(","):
         loaded = load(name)
         vs = variants(loaded.model, args.native_only)
+        for _, model in vs:
+            model.set_int8_dot(args.int8_dot)
         # Every (KV heads, cache type) pair is one variant; all of them interleave within a round.
         runs_of = [(label if not quant else f"{label} {t}", model, t) for label, model in vs for t in cache_types]
         per_model = report["models"][name] = {}
@@ -205,7 +210,9 @@ def markdown(report: dict, batch_sizes: list[int], args) -> str:
              f"max {load['max']:.2f}; {report['seconds'] / 60:.0f} min in all.", "",
              "Command: `python benchmarks/bench_batch.py"
              + (" --llama-batched-bench PATH" if args.llama_batched_bench else "")
-             + f" --contexts {args.contexts} --batch-sizes {args.batch_sizes} --rounds {args.rounds}`", ""]
+             + f" --models {args.models} --contexts {args.contexts} --batch-sizes {args.batch_sizes}"
+             + (" --native-only" if args.native_only else "") + (" --int8-dot" if args.int8_dot else "")
+             + f" --rounds {args.rounds}`", ""]
     for name, per_model in report["models"].items():
         for context, r in per_model.items():
             parts += [table(name, context, r, batch_sizes), ""]
@@ -255,6 +262,7 @@ def quant_markdown(report: dict, batch_sizes: list[int], args) -> str:
              + (" --llama-batched-bench PATH" if args.llama_batched_bench else "")
              + f" --models {args.models} --contexts {args.contexts} --batch-sizes {args.batch_sizes}"
              + f" --cache-types {args.cache_types}" + (" --native-only" if args.native_only else "")
+             + (" --int8-dot" if args.int8_dot else "")
              + f" --rounds {args.rounds} --decode-tokens {args.decode_tokens} --threads {args.threads}"
              + (f" --llama-prefill-threads {args.llama_prefill_threads}" if args.llama_prefill_threads else "") + "`",
              ""]
