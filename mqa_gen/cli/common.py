@@ -249,7 +249,7 @@ _GENERATION_OPTIONS = [
     cache_dtype_option(),
     click.option("--int8-dot", is_flag=True,
                  help="Round activations to 8 bits per block of 32 and multiply integer codes, as llama.cpp does: "
-                      "faster decode, slightly different logits (perplexity cost: BENCHMARKS.md). Off: float32 "
+                      "faster decode and prefill, slightly different logits (perplexity cost: BENCHMARKS.md). Off: float32 "
                       "products, logits as transformers'. Needs AVX2."),
 ]
 
