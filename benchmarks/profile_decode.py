@@ -7,7 +7,7 @@ temporaries, launching parallel regions), and the function calls per token the p
 Profiling adds a little overhead per call, so the total is a bit above the benchmark's tokens/s.
 With ``PYTHONPATH`` set to a ``git archive REV mqa_gen`` snapshot it profiles that commit. Example::
 
-    python benchmarks/profile_decode.py --depths 0,2048 --threads 2
+    python benchmarks/profile_decode.py --depths 0,2048 --threads 2 [--int8-dot]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dtype", default="float32")
+    p.add_argument("--int8-dot", action="store_true", help="int8 dot products (the CLI's --int8-dot)")
     args = p.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
     os.environ.setdefault("MQA_GEN_FIXED_THREADS", "1")  # the count asked for, every step (thread_governor.py)
@@ -36,8 +37,11 @@ def main() -> None:
 
     loaded = load(args.model)
     model = loaded.model
+    if args.int8_dot:
+        model.set_int8_dot(True)
     text_ids = loaded.tokenizer.encode(open("mqa_gen/data/ppl_english.txt", encoding="utf-8").read())
-    print(f"{loaded.config.name}, {args.threads} threads, {args.cache_dtype} cache, {args.steps} steps per depth")
+    print(f"{loaded.config.name}, {args.threads} threads, {args.cache_dtype} cache, {args.steps} steps per depth"
+          f"{', int8 dot products' if args.int8_dot else ''}")
     for depth in (int(d) for d in args.depths.split(",")):
         cache = model.new_cache(depth + args.steps + 16, args.cache_dtype)
         logits = model.forward(np.resize(text_ids, max(depth, 1)), cache)
