@@ -21,10 +21,13 @@ from numba import njit, prange
 from .bits import exp32
 from .rowwise import softmax_inplace
 from .flags import FASTMATH
-from .cache_rows import cache_row, check_cache_rows
+from .cache_rows import cache_row, check_cache_rows, prefetch_row
 
 #: Cache positions handled by one decode task; several blocks keep both cores busy even for MQA.
 DECODE_BLOCK = 128
+
+#: How many K rows ahead of the one being read the decode kernel asks for (:func:`_block_scores`).
+PREFETCH_AHEAD = 8
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -84,7 +87,7 @@ def _four_rows(cache, g, s, rows):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _block_scores(q_group, k_cache, g, s0, s1, scores, m, rows):
+def _block_scores(q_group, k_cache, v_cache, g, s0, s1, scores, m, rows):
     """scores[j, s − s0] = q_group[j] · k_cache[g, s] for s in [s0, s1), and m[j] = max(m[j], those).
 
     Four K rows at a time: each q element loaded once serves four dot products, whose four
@@ -93,6 +96,9 @@ def _block_scores(q_group, k_cache, g, s0, s1, scores, m, rows):
     G, D = q_group.shape
     s = s0
     while s + 4 <= s1:
+        for r in range(4):
+            prefetch_row(k_cache, g, s + PREFETCH_AHEAD + r)
+            prefetch_row(v_cache, g, s + r)
         k0, k1, k2, k3 = _four_rows(k_cache, g, s, rows)
         i = s - s0
         for j in range(G):
@@ -189,7 +195,7 @@ def attention_decode(q, k_caches, v_caches, slots, lengths, scale, partial, out)
                 q_group[j, d] = q[b, h0 + j, d] * scale
         scores = np.empty((G, DECODE_BLOCK), np.float32)
         m = np.full(G, -np.inf, np.float32)
-        _block_scores(q_group, k_cache, g, s0, s1, scores, m, rows)  # K rows read once per group
+        _block_scores(q_group, k_cache, v_cache, g, s0, s1, scores, m, rows)  # K rows read once per group
         for j in range(G):
             total = np.float32(0.0)
             for i in range(s1 - s0):

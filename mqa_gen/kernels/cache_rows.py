@@ -285,6 +285,42 @@ def _cache_row_overload(cache, g, s, out):
     return read
 
 
+#: Bytes per cache line on the CPUs we target (x86-64; most Arm cores).
+CACHE_LINE = 64
+
+
+@intrinsic
+def _prefetch_line(typingctx, cache, g, s, offset):
+    """Ask the CPU to start loading the cache line at byte ``offset`` of row ``cache[g, s]`` into
+    its caches (``llvm.prefetch``: read, keep in all levels). A hint only: no value, no fault for
+    an address past the array, no effect on results."""
+    if not (isinstance(cache, types.Array) and cache.ndim == 3):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        strides = cgutils.unpack_tuple(builder, array.strides, 3)
+        index = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:])]
+        start = builder.add(builder.add(builder.mul(index[0], strides[0]), builder.mul(index[1], strides[1])), index[2])
+        address = builder.gep(builder.bitcast(array.data, i8.as_pointer()), [start])
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0i8")
+        builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(cache, g, s, offset), codegen
+
+
+@njit(cache=True, inline="always")
+def prefetch_row(cache, g, s):
+    """Start loading row ``cache[g, s]`` (all its cache lines) ahead of its use: a stream of rows
+    read right after other kernels evicted them waits on memory latency rather than bandwidth
+    unless the loads are requested early (see :func:`mqa_gen.kernels.attention.attention_decode`)."""
+    for offset in range(0, cache.shape[2] * cache.itemsize, CACHE_LINE):
+        _prefetch_line(cache, g, s, offset)
+
+
 def warm_up() -> None:
     """Compile (or load) both quantisers for the float32 rows the attention block writes."""
     x = np.zeros((1, QK), np.float32)
