@@ -21,6 +21,16 @@ probe interval doubles after each probe that loses, and grows further when that 
 costly (:data:`PROBE_SHARE`), up to :data:`MAX_INTERVAL` steps; it drops back after a move. On a
 quiet machine probing costs about 1 % of the steps; under contention, at most a few %.
 
+Where the kernel's count of runnable tasks describes the CPUs we run on (Linux, an affinity
+mask as wide as the machine), the governor also looks at it every few steps (:func:`free_cpus`, a
+few µs): a probe up that would put a thread on a CPU another task wants is skipped at no cost
+instead of paying one contended step (10–20 normal ones), and a count that another task crowds in
+two looks in a row is probed down at once rather than at the next scheduled probe, which on a long
+quiet run may be 1,024 steps away. It looks at the end of a step, before the caller writes the
+step's token: a reader woken by the previous token (a terminal, a pipe) has gone back to sleep
+by then, and a second look tells a task that stays from one that passed. The timings still decide
+every move.
+
 The thread count never changes what is computed: every kernel splits its work by rows or
 tiles, not by the number of threads, so the logits are the same bits at any count
 (tests/test_thread_governor.py). Numba's thread count belongs to the calling OS thread, and so
@@ -59,6 +69,9 @@ REFERENCE_STEPS = 2
 MOVE_BELOW = 0.9
 MOVE_AT_ONCE_BELOW = 0.5
 ABORT_ABOVE = 1.5
+#: Steps between two looks at the CPUs other tasks want (:func:`free_cpus`), and before the next
+#: chance of a probe up that a look stopped.
+LOOK_INTERVAL = 8
 
 
 class ThreadGovernor:
@@ -73,6 +86,9 @@ class ThreadGovernor:
         get_threads, set_threads: read and set the calling thread's kernel thread count
             (``numba.get_num_threads`` / ``numba.set_num_threads``; tests pass fakes).
         clock: seconds, monotonic (``time.perf_counter``).
+        free_cpus: given how many threads of ours are running, how many of the machine's CPUs
+            no other task wants now, or None when unknown (:func:`free_cpus`); None (the default)
+            or always None: the timings alone decide.
 
     The ceiling is the count found set before the first step, and again whenever someone else
     changed it between steps (``--threads``, :func:`mqa_gen.cli.common.set_threads`, a
@@ -80,8 +96,13 @@ class ThreadGovernor:
     """
 
     def __init__(self, get_threads: Callable[[], int], set_threads: Callable[[int], None],
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter,
+                 free_cpus: Callable[[int], int | None] | None = None):
         self._get, self._set, self._clock = get_threads, set_threads, clock
+        self._free_cpus = free_cpus
+        self._until_look = LOOK_INTERVAL
+        self._free_seen: int | None = None  # what the latest look saw (None: nothing, or unknown)
+        self._crowded_before = False  # the latest look saw other tasks on our count's CPUs
         self.ceiling = 0  # not seen yet
         self.threads = 0
         self._times: deque[tuple[int, float]] = deque(maxlen=REFERENCE_STEPS * 4)  # (rows, seconds) at `threads`
@@ -135,6 +156,23 @@ class ThreadGovernor:
         yield
         self._record(rows, self._clock() - start)
 
+    def _look_at_other_tasks(self) -> None:
+        """At the end of a step not probing, every LOOK_INTERVAL steps and before each probe:
+        note the free CPUs for the next probe up, and probe down at the next step when other tasks
+        crowd our count in this look and the one before (module docstring)."""
+        self._until_look -= 1
+        if self._free_cpus is None or self.ceiling <= 1 or (self._until_look > 0 and self._until_probe > 0):
+            return
+        self._until_look = LOOK_INTERVAL
+        self._free_seen = free = self._free_cpus(self.threads)
+        crowded = free is not None and free < self.threads
+        if crowded and not self._crowded_before:
+            self._until_look = 1  # look again after the next step
+        elif crowded:
+            self._direction, self._until_probe = -1, 0
+            crowded = False
+        self._crowded_before = crowded
+
     def _start_probe(self, rows: int) -> None:
         # the first probe follows the first reference step: a restart on a contended count costs
         # one slow step
@@ -147,6 +185,11 @@ class ThreadGovernor:
         if not 1 <= target <= self.ceiling:
             self._direction = -self._direction
             target = self.threads + self._direction
+        free, self._free_seen = self._free_seen, None
+        if target > self.threads and free is not None and free < target:
+            # a thread would share a CPU: a contended step. Look again soon; the interval stays.
+            self._until_probe = LOOK_INTERVAL
+            return
         self._direction = -self._direction  # alternate down and up
         self._probe_to, self._probe_times, self._fresh = target, [], False
         self._reference = statistics.median(same)
@@ -160,6 +203,7 @@ class ThreadGovernor:
             else:
                 self._times.append((rows, seconds))
             self._until_probe -= 1
+            self._look_at_other_tasks()
             return
         if rows != self._probe_rows:  # the batch changed under the probe: not comparable, drop it
             self._end_probe(moved=False)
@@ -189,6 +233,31 @@ class ThreadGovernor:
         self._set(self.threads)
 
 
+def _runnable_tasks(loadavg_path: str = "/proc/loadavg") -> int | None:
+    """The machine's runnable tasks (threads) now: the number before the slash in /proc/loadavg's
+    fourth field (proc(5); cheap where /proc/stat is not, on machines with many CPUs), or None."""
+    try:
+        with open(loadavg_path, "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def free_cpus(own_threads: int, loadavg_path: str = "/proc/loadavg") -> int | None:
+    """How many of this machine's CPUs no other runnable task wants now, counting ``own_threads``
+    of ours as running (the caller and its kernel workers, which spin between parallel regions);
+    None where the count does not describe the CPUs we run on: no /proc/loadavg (not Linux), or an
+    affinity mask narrower than the machine (a container's cpuset, whose neighbours' tasks are
+    counted too). A snapshot: a task that runs in bursts may be caught either way."""
+    cpus = os.cpu_count()
+    if not cpus or not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != cpus:
+        return None
+    running = _runnable_tasks(loadavg_path)
+    if running is None:
+        return None
+    return cpus - max(0, running - own_threads)
+
+
 _local = threading.local()
 
 
@@ -201,7 +270,7 @@ def governor() -> ThreadGovernor | None:
     if gov is None:
         import numba
 
-        gov = _local.governor = ThreadGovernor(numba.get_num_threads, numba.set_num_threads)
+        gov = _local.governor = ThreadGovernor(numba.get_num_threads, numba.set_num_threads, free_cpus=free_cpus)
     return gov
 
 

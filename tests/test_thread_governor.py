@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mqa_gen import thread_governor
-from mqa_gen.thread_governor import (FIRST_INTERVAL, MAX_INTERVAL, PROBE_SHARE, PROBE_STEPS, REFERENCE_STEPS,
-                                     ThreadGovernor)
+from mqa_gen.thread_governor import (FIRST_INTERVAL, LOOK_INTERVAL, MAX_INTERVAL, PROBE_SHARE, PROBE_STEPS,
+                                     REFERENCE_STEPS, ThreadGovernor, free_cpus)
 
 
 class Machine:
@@ -101,6 +101,72 @@ def test_when_the_other_process_ends_decode_goes_back_to_all_threads():
     state["busy"] = False
     m.run(gov, 2 * MAX_INTERVAL + REFERENCE_STEPS + PROBE_STEPS)
     assert gov.threads == 2
+
+
+def test_seen_busy_cpus_spare_the_probes_up_their_contended_steps():
+    """With another task seen runnable (free_cpus), no step ever runs on a count that would share
+    a CPU; without the count (None), each probe up pays for one contended step."""
+    m = Machine(2, contended)
+    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda own: 1)
+    m.run(gov, 2000)
+    assert set(m.history) == {1} and gov.probes == 0
+    m = Machine(2, contended)
+    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda own: None)
+    m.run(gov, 2000)
+    assert m.history.count(2) == gov.probes >= 1
+
+
+def test_a_task_that_starts_late_is_met_at_the_next_look_not_the_next_scheduled_probe():
+    state = {"busy": False}
+    m = Machine(2, lambda n: contended(n) if state["busy"] else quiet(n))
+    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda own: 1 if state["busy"] else 2)
+    m.run(gov, 3000)  # quiet: on 2 threads, the probe interval grown to its maximum
+    assert gov.threads == 2 and gov._interval == MAX_INTERVAL
+    state["busy"] = True
+    start = len(m.history)
+    m.run(gov, LOOK_INTERVAL + 1)
+    m.run(gov, 1)
+    assert gov.threads == 1  # two looks in a row, then one probe step down (a move at once)
+    assert m.history[start:].count(2) <= LOOK_INTERVAL + 1
+    state["busy"] = False
+    m.run(gov, 2 * MAX_INTERVAL)
+    assert gov.threads == 2  # and back when it ends, by the timings as before
+
+
+def test_a_task_seen_in_one_look_only_moves_nothing():
+    """A reader woken by our own output (a terminal, a pipe) is runnable for a moment: one look
+    may catch it, the next does not, and the count stays."""
+    looks = {"n": 0}
+
+    def flickering(own: int) -> int:
+        looks["n"] += 1
+        return 1 if looks["n"] % 2 else 2
+
+    m = Machine(2, quiet)
+    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=flickering)
+    m.run(gov, 3000)
+    still = Machine(2, quiet)
+    plain = ThreadGovernor(still.get, still.set, still.clock)
+    still.run(plain, 3000)
+    assert gov.threads == 2 and gov.moves == plain.moves == 1
+    assert looks["n"] > 3000 // LOOK_INTERVAL and gov.probes <= plain.probes + 1
+
+
+def test_free_cpus_counts_other_runnable_tasks_only_where_it_sees_the_whole_machine(tmp_path, monkeypatch):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_bytes(b"0.50 0.40 0.30 3/120 4567\n")
+    monkeypatch.setattr(thread_governor.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(thread_governor.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert free_cpus(1, str(loadavg)) == 2  # 3 running, 1 of them ours: 2 others on 4 CPUs
+    assert free_cpus(2, str(loadavg)) == 3
+    assert free_cpus(5, str(loadavg)) == 4  # more of ours than are running: no other task
+    assert free_cpus(1, str(tmp_path / "absent")) is None
+    loadavg.write_bytes(b"0.50 0.40\n")
+    assert free_cpus(1, str(loadavg)) is None
+    # a cpuset narrower than the machine: the count covers the neighbours' CPUs too
+    monkeypatch.setattr(thread_governor.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    loadavg.write_bytes(b"0.50 0.40 0.30 1/120 4567\n")
+    assert free_cpus(1, str(loadavg)) is None
 
 
 def test_a_count_set_from_outside_becomes_the_new_ceiling():
