@@ -22,8 +22,8 @@ costly (:data:`PROBE_SHARE`), up to :data:`MAX_INTERVAL` steps; it drops back af
 quiet machine probing costs about 1 % of the steps; under contention, at most a few %.
 
 Where the kernel's count of runnable tasks describes the CPUs we run on (Linux, an affinity
-mask as wide as the machine), the governor also looks at it every few steps (:func:`free_cpus`, a
-few µs): a probe up that would put a thread on a CPU another task wants is skipped at no cost
+mask as wide as the machine), the governor also looks at it every few steps (:func:`free_cpus`,
+~50 µs): a probe up that would put a thread on a CPU another task wants is skipped at no cost
 instead of paying one contended step (10–20 normal ones), and a count that another task crowds in
 two looks in a row is probed down at once rather than at the next scheduled probe, which on a long
 quiet run may be 1,024 steps away. It looks at the end of a step, before the caller writes the
@@ -86,9 +86,9 @@ class ThreadGovernor:
         get_threads, set_threads: read and set the calling thread's kernel thread count
             (``numba.get_num_threads`` / ``numba.set_num_threads``; tests pass fakes).
         clock: seconds, monotonic (``time.perf_counter``).
-        free_cpus: given how many threads of ours are running, how many of the machine's CPUs
-            no other task wants now, or None when unknown (:func:`free_cpus`); None (the default)
-            or always None: the timings alone decide.
+        free_cpus: how many of the machine's CPUs no other process wants now, or None when
+            unknown (:func:`free_cpus`); None (the default) or always None: the timings alone
+            decide.
 
     The ceiling is the count found set before the first step, and again whenever someone else
     changed it between steps (``--threads``, :func:`mqa_gen.cli.common.set_threads`, a
@@ -97,7 +97,7 @@ class ThreadGovernor:
 
     def __init__(self, get_threads: Callable[[], int], set_threads: Callable[[int], None],
                  clock: Callable[[], float] = time.perf_counter,
-                 free_cpus: Callable[[int], int | None] | None = None):
+                 free_cpus: Callable[[], int | None] | None = None):
         self._get, self._set, self._clock = get_threads, set_threads, clock
         self._free_cpus = free_cpus
         self._until_look = LOOK_INTERVAL
@@ -164,7 +164,7 @@ class ThreadGovernor:
         if self._free_cpus is None or self.ceiling <= 1 or (self._until_look > 0 and self._until_probe > 0):
             return
         self._until_look = LOOK_INTERVAL
-        self._free_seen = free = self._free_cpus(self.threads)
+        self._free_seen = free = self._free_cpus()
         crowded = free is not None and free < self.threads
         if crowded and not self._crowded_before:
             self._until_look = 1  # look again after the next step
@@ -233,29 +233,49 @@ class ThreadGovernor:
         self._set(self.threads)
 
 
-def _runnable_tasks(loadavg_path: str = "/proc/loadavg") -> int | None:
+def _runnable_tasks(proc: str) -> int | None:
     """The machine's runnable tasks (threads) now: the number before the slash in /proc/loadavg's
     fourth field (proc(5); cheap where /proc/stat is not, on machines with many CPUs), or None."""
     try:
-        with open(loadavg_path, "rb") as f:
+        with open(f"{proc}/loadavg", "rb") as f:
             return int(f.read().split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def free_cpus(own_threads: int, loadavg_path: str = "/proc/loadavg") -> int | None:
-    """How many of this machine's CPUs no other runnable task wants now, counting ``own_threads``
-    of ours as running (the caller and its kernel workers, which spin between parallel regions);
-    None where the count does not describe the CPUs we run on: no /proc/loadavg (not Linux), or an
-    affinity mask narrower than the machine (a container's cpuset, whose neighbours' tasks are
-    counted too). A snapshot: a task that runs in bursts may be caught either way."""
+def _own_runnable_threads(proc: str) -> int | None:
+    """This process's runnable threads now (state R in /proc/self/task/*/stat, proc(5)): the
+    caller, and kernel workers spinning between parallel regions (Numba's, OpenBLAS's), or None."""
+    task_dir = f"{proc}/self/task"
+    try:
+        tasks = os.listdir(task_dir)
+    except OSError:
+        return None
+    running = 0
+    for task in tasks:
+        try:
+            with open(f"{task_dir}/{task}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # a thread that just ended
+            continue
+        after_name = stat.rfind(b")")  # the name, in parentheses, may hold spaces and parentheses
+        running += stat[after_name + 2:after_name + 3] == b"R"
+    return running
+
+
+def free_cpus(proc: str = "/proc") -> int | None:
+    """How many of this machine's CPUs no other process's runnable task wants now (the machine's
+    runnable tasks less this process's), or None where the count does not describe the CPUs we run
+    on: no /proc (not Linux), or an affinity mask narrower than the machine (a container's cpuset,
+    whose neighbours' tasks are counted too). A snapshot of two counts read ~50 µs apart: a task
+    that runs in bursts may be caught either way."""
     cpus = os.cpu_count()
     if not cpus or not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != cpus:
         return None
-    running = _runnable_tasks(loadavg_path)
-    if running is None:
+    running, own = _runnable_tasks(proc), _own_runnable_threads(proc)
+    if running is None or own is None:
         return None
-    return cpus - max(0, running - own_threads)
+    return cpus - max(0, running - own)
 
 
 _local = threading.local()
@@ -292,6 +312,47 @@ def fixed_threads():
         yield
     finally:
         _local.fixed = before
+
+
+#: Seconds between the two looks that must both see a CPU taken before a prefill chunk runs on
+#: fewer threads (a task woken for a moment is gone again by the second).
+SECOND_LOOK_AFTER = 0.001
+
+
+def uncrowded_count(threads: int) -> int:
+    """The thread count, at most ``threads``, whose threads each have a CPU no other task wants
+    now: ``threads`` itself unless two looks :data:`SECOND_LOOK_AFTER` apart both see fewer free
+    CPUs (:func:`free_cpus`), or where the count is unknown or pinned (:func:`fixed_threads`,
+    ``MQA_GEN_FIXED_THREADS=1``)."""
+    if threads <= 1 or governor() is None:
+        return threads
+    free = free_cpus()
+    if free is None or free >= threads:
+        return threads
+    time.sleep(SECOND_LOOK_AFTER)
+    free = free_cpus()
+    return threads if free is None or free >= threads else max(1, free)
+
+
+@contextmanager
+def prefill_threads():
+    """Within this block (a prefill chunk whose products run on Numba's threads: up to
+    SMALL_BATCH rows, or int8 dot products), the calling OS thread's Numba kernels run on
+    :func:`uncrowded_count` threads; the count it had comes back after. A decode step is timed
+    against its neighbours (:class:`ThreadGovernor`); a prefill chunk is one long step with none,
+    so it looks at the other tasks instead. Measured with one core busy (BENCHMARKS.md): a
+    23-token prompt took ~1.1 s on 2 contended threads against 0.2 s on 1."""
+    import numba
+
+    before = numba.get_num_threads()
+    count = uncrowded_count(before)
+    if count != before:
+        numba.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            numba.set_num_threads(before)
 
 
 @contextmanager

@@ -8,7 +8,8 @@ import pytest
 
 from mqa_gen import thread_governor
 from mqa_gen.thread_governor import (FIRST_INTERVAL, LOOK_INTERVAL, MAX_INTERVAL, PROBE_SHARE, PROBE_STEPS,
-                                     REFERENCE_STEPS, ThreadGovernor, free_cpus)
+                                     REFERENCE_STEPS, ThreadGovernor, free_cpus, prefill_threads,
+                                     uncrowded_count)
 
 
 class Machine:
@@ -107,11 +108,11 @@ def test_seen_busy_cpus_spare_the_probes_up_their_contended_steps():
     """With another task seen runnable (free_cpus), no step ever runs on a count that would share
     a CPU; without the count (None), each probe up pays for one contended step."""
     m = Machine(2, contended)
-    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda own: 1)
+    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda: 1)
     m.run(gov, 2000)
     assert set(m.history) == {1} and gov.probes == 0
     m = Machine(2, contended)
-    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda own: None)
+    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda: None)
     m.run(gov, 2000)
     assert m.history.count(2) == gov.probes >= 1
 
@@ -119,7 +120,7 @@ def test_seen_busy_cpus_spare_the_probes_up_their_contended_steps():
 def test_a_task_that_starts_late_is_met_at_the_next_look_not_the_next_scheduled_probe():
     state = {"busy": False}
     m = Machine(2, lambda n: contended(n) if state["busy"] else quiet(n))
-    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda own: 1 if state["busy"] else 2)
+    gov = ThreadGovernor(m.get, m.set, m.clock, free_cpus=lambda: 1 if state["busy"] else 2)
     m.run(gov, 3000)  # quiet: on 2 threads, the probe interval grown to its maximum
     assert gov.threads == 2 and gov._interval == MAX_INTERVAL
     state["busy"] = True
@@ -138,7 +139,7 @@ def test_a_task_seen_in_one_look_only_moves_nothing():
     may catch it, the next does not, and the count stays."""
     looks = {"n": 0}
 
-    def flickering(own: int) -> int:
+    def flickering() -> int:
         looks["n"] += 1
         return 1 if looks["n"] % 2 else 2
 
@@ -152,21 +153,71 @@ def test_a_task_seen_in_one_look_only_moves_nothing():
     assert looks["n"] > 3000 // LOOK_INTERVAL and gov.probes <= plain.probes + 1
 
 
-def test_free_cpus_counts_other_runnable_tasks_only_where_it_sees_the_whole_machine(tmp_path, monkeypatch):
-    loadavg = tmp_path / "loadavg"
-    loadavg.write_bytes(b"0.50 0.40 0.30 3/120 4567\n")
+def test_free_cpus_counts_other_processes_runnable_tasks_only_where_it_sees_the_whole_machine(tmp_path, monkeypatch):
+    proc = tmp_path / "proc"
+    tasks = proc / "self" / "task"
+    for task, state in ((101, "R"), (102, "S"), (103, "R")):  # ours: the caller and a spinning worker
+        (tasks / str(task)).mkdir(parents=True)
+        (tasks / str(task) / "stat").write_text(f"{task} (py (worker) x) {state} 1 2 3\n")
+    (proc / "loadavg").write_text("0.50 0.40 0.30 3/120 4567\n")
     monkeypatch.setattr(thread_governor.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(thread_governor.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert free_cpus(1, str(loadavg)) == 2  # 3 running, 1 of them ours: 2 others on 4 CPUs
-    assert free_cpus(2, str(loadavg)) == 3
-    assert free_cpus(5, str(loadavg)) == 4  # more of ours than are running: no other task
-    assert free_cpus(1, str(tmp_path / "absent")) is None
-    loadavg.write_bytes(b"0.50 0.40\n")
-    assert free_cpus(1, str(loadavg)) is None
+    assert free_cpus(str(proc)) == 3  # 3 running, 2 of them ours: 1 other task on 4 CPUs
+    (proc / "loadavg").write_text("0.50 0.40 0.30 1/120 4567\n")  # read at another moment than ours
+    assert free_cpus(str(proc)) == 4
+    assert free_cpus(str(tmp_path / "absent")) is None
+    (proc / "loadavg").write_text("0.50 0.40\n")
+    assert free_cpus(str(proc)) is None
     # a cpuset narrower than the machine: the count covers the neighbours' CPUs too
+    (proc / "loadavg").write_text("0.50 0.40 0.30 3/120 4567\n")
     monkeypatch.setattr(thread_governor.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    loadavg.write_bytes(b"0.50 0.40 0.30 1/120 4567\n")
-    assert free_cpus(1, str(loadavg)) is None
+    assert free_cpus(str(proc)) is None
+
+
+def test_free_cpus_on_this_machine_sees_a_busy_process():
+    import subprocess
+    import sys
+    import time
+
+    if thread_governor.free_cpus() is None:
+        pytest.skip("no whole-machine count of runnable tasks here")
+    quiet_looks = [thread_governor.free_cpus() for _ in range(20)]
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        busy_looks = [thread_governor.free_cpus() for _ in range(20)]
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # each look is a snapshot (other tasks on a shared machine come and go): compare the best
+    assert max(busy_looks) <= max(quiet_looks) - 1
+
+
+def test_a_prefill_chunk_runs_on_the_threads_no_other_task_crowds(monkeypatch):
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    monkeypatch.delenv("MQA_GEN_FIXED_THREADS", raising=False)
+    seen = {"free": [1, 1]}
+    monkeypatch.setattr(thread_governor, "free_cpus", lambda: seen["free"].pop(0))
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with prefill_threads():
+            inside = numba.get_num_threads()
+        assert inside == 1 and numba.get_num_threads() == 2 and seen["free"] == []  # two looks, then back
+        seen["free"] = [1, 2]  # a task seen once only (woken for a moment): the count stays
+        assert uncrowded_count(2) == 2 and seen["free"] == []
+        seen["free"] = [None]
+        assert uncrowded_count(2) == 2
+        seen["free"] = [0, 0]  # every CPU wanted: still one thread
+        assert uncrowded_count(2) == 1
+        seen["free"] = [1, 1]
+        with thread_governor.fixed_threads():  # a pinned count is left as set, without a look
+            assert uncrowded_count(2) == 2 and seen["free"] == [1, 1]
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_a_count_set_from_outside_becomes_the_new_ceiling():
@@ -269,6 +320,9 @@ def test_a_long_prefill_chunk_runs_numba_on_one_thread_and_gives_the_count_back(
         return real_rmsnorm(*args)
 
     monkeypatch.setattr(base, "rmsnorm", counting_rmsnorm)  # every RMSNorm of the forward pass
+    # the routing alone: no looks at other tasks (OpenBLAS's threads, spinning after the long
+    # chunk's products where NumPy loaded before mqa_gen, would be one)
+    monkeypatch.setattr(thread_governor, "free_cpus", lambda: None)
     before = numba.get_num_threads()
     numba.set_num_threads(2)
     try:

@@ -25,7 +25,7 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..kernels import rmsnorm
 from ..linear import SMALL_BATCH
-from ..thread_governor import governor, one_numba_thread
+from ..thread_governor import governor, one_numba_thread, prefill_threads
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -154,9 +154,10 @@ class Decoder:
         if batch.decode:
             gov = governor()  # decode steps pick their thread count by timing
             threads = gov.step(batch.size) if gov is not None else nullcontext()
-        else:  # a chunk this long multiplies the weights with BLAS: Numba's kernels keep off its cores
-            # (with int8 dot products on, the products are Numba's integer kernels, on every thread)
-            threads = one_numba_thread() if tokens.shape[0] > SMALL_BATCH and not self.int8_dot else nullcontext()
+        elif tokens.shape[0] > SMALL_BATCH and not self.int8_dot:
+            threads = one_numba_thread()  # BLAS multiplies the weights: Numba's kernels keep off its cores
+        else:  # Numba's kernels multiply the weights (with int8 dot products on, at any length)
+            threads = prefill_threads()  # on the threads no other task crowds
         with threads:
             x = self.embeddings.rows(tokens)  # (N, d_model)
             if self.embed_scale != 1.0:
