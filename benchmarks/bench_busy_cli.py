@@ -10,7 +10,9 @@ cores. Three settings, interleaved round by round:
 * ``N fixed``: ``--threads N`` with the governor off (``MQA_GEN_FIXED_THREADS=1``);
 * ``N governed``: ``--threads N`` as a user runs it.
 
-Decode tokens/s is the CLI's own ``stats.decode_tokens_per_s``. Prints medians of ``--rounds``
+Decode tokens/s is the CLI's own ``stats.decode_tokens_per_s``; the prompt's prefill time
+(``stats.prefill_seconds``, 23 tokens) is reported beside it, since a prefill chunk picks its
+thread count too. Prints medians of ``--rounds``
 and the load average; with ``--write`` updates the "busy-core-cli" section of BENCHMARKS.md::
 
     python benchmarks/bench_busy_cli.py --threads 2 --busy 1 --rounds 6 --write
@@ -35,8 +37,8 @@ from report_section import loadavg, write_section  # noqa: E402
 PROMPT = "Count from 1 to 1000: 1, 2, 3, 4,"
 
 
-def decode_rate(model: str, tokens: int, threads: int, governed: bool) -> float:
-    """One fresh `mqa-gen generate` process: its decode tokens/s."""
+def rates(model: str, tokens: int, threads: int, governed: bool) -> tuple[float, float]:
+    """One fresh `mqa-gen generate` process: its decode tokens/s and prefill milliseconds."""
     env = {**os.environ}
     env.pop("MQA_GEN_FIXED_THREADS", None)
     if not governed:
@@ -45,7 +47,8 @@ def decode_rate(model: str, tokens: int, threads: int, governed: bool) -> float:
            "generate", "-m", model, "--prompt", PROMPT, "--no-chat",
            "--temp", "0", "-n", str(tokens), "--threads", str(threads), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, check=True)
-    return json.loads(out.stdout)["stats"]["decode_tokens_per_s"]
+    stats = json.loads(out.stdout)["stats"]
+    return stats["decode_tokens_per_s"], stats["prefill_seconds"] * 1e3
 
 
 def main() -> int:
@@ -59,27 +62,32 @@ def main() -> int:
     args = p.parse_args()
     n = args.threads
     settings = [("1 thread", 1, False), (f"{n} fixed", n, False), (f"{n} governed", n, True)]
-    decode_rate(args.model, 4, 1, False)  # warm: kernels compiled and cached, pages in
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in settings}
+    rates(args.model, 4, 1, False)  # warm: kernels compiled and cached, pages in
+    decode: dict[str, list[float]] = {name: [] for name, _, _ in settings}
+    prefill: dict[str, list[float]] = {name: [] for name, _, _ in settings}
     with busy_cores(args.busy):
         load_start = loadavg()[0]
         for _ in range(args.rounds):
             for name, threads, governed in settings:
-                rates[name].append(decode_rate(args.model, args.tokens, threads, governed))
+                tok_s, prefill_ms = rates(args.model, args.tokens, threads, governed)
+                decode[name].append(tok_s)
+                prefill[name].append(prefill_ms)
         load_end = loadavg()[0]
-    one = statistics.median(rates["1 thread"])
-    rows = [f"| {name} | {statistics.median(r):.1f} | {min(r):.1f}–{max(r):.1f} | {statistics.median(r) / one:.2f} |"
-            for name, r in rates.items()]
+    one = statistics.median(decode["1 thread"])
+    rows = [f"| {name} | {statistics.median(r):.1f} | {min(r):.1f}–{max(r):.1f} | {statistics.median(r) / one:.2f} | "
+            f"{statistics.median(prefill[name]):.0f} | {min(prefill[name]):.0f}–{max(prefill[name]):.0f} |"
+            for name, r in decode.items()]
     body = [
         "## A whole `mqa-gen generate` with a busy core (issue 15)",
         "",
         f"`python benchmarks/bench_busy_cli.py --threads {n} --busy {args.busy} --tokens {args.tokens}"
         f" --rounds {args.rounds}` — {os.cpu_count()} CPUs, {args.model}, fresh processes decoding "
         f"{args.tokens} tokens each while {args.busy} pure-Python spin loop(s) run; settings interleaved "
-        f"round by round; decode tok/s from the CLI's stats, medians of {args.rounds}.",
+        f"round by round; decode tok/s and the prompt's prefill time (23 tokens) from the CLI's stats, "
+        f"medians of {args.rounds}.",
         "",
-        "| setting | decode tok/s (median) | range | ÷ 1 thread |",
-        "|---|---:|---:|---:|",
+        "| setting | decode tok/s (median) | range | ÷ 1 thread | prefill ms (median) | range |",
+        "|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
         f"Load average (1 min) at start → end: {load_start:.1f} → {load_end:.1f}",
