@@ -298,7 +298,7 @@ def _prefetch_line(typingctx, cache, g, s, offset):
         return None
 
     def codegen(context, builder, signature, args):
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        i8, i32 = ir.IntType(8), ir.IntType(32)
         array = context.make_array(signature.args[0])(context, builder, args[0])
         strides = cgutils.unpack_tuple(builder, array.strides, 3)
         index = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:])]
