@@ -275,7 +275,7 @@ def free_cpus(proc: str = "/proc") -> int | None:
     running, own = _runnable_tasks(proc), _own_runnable_threads(proc)
     if running is None or own is None:
         return None
-    return cpus - max(0, running - own)
+    return max(0, cpus - max(0, running - own))  # more tasks than CPUs: none free
 
 
 _local = threading.local()

@@ -165,6 +165,8 @@ def test_free_cpus_counts_other_processes_runnable_tasks_only_where_it_sees_the_
     assert free_cpus(str(proc)) == 3  # 3 running, 2 of them ours: 1 other task on 4 CPUs
     (proc / "loadavg").write_text("0.50 0.40 0.30 1/120 4567\n")  # read at another moment than ours
     assert free_cpus(str(proc)) == 4
+    (proc / "loadavg").write_text("9.0 9.0 9.0 9/120 4567\n")  # 7 others on 4 CPUs
+    assert free_cpus(str(proc)) == 0
     assert free_cpus(str(tmp_path / "absent")) is None
     (proc / "loadavg").write_text("0.50 0.40\n")
     assert free_cpus(str(proc)) is None
@@ -175,13 +177,13 @@ def test_free_cpus_counts_other_processes_runnable_tasks_only_where_it_sees_the_
 
 
 def test_free_cpus_on_this_machine_sees_a_busy_process():
+    import os
     import subprocess
     import sys
     import time
 
     if thread_governor.free_cpus() is None:
         pytest.skip("no whole-machine count of runnable tasks here")
-    quiet_looks = [thread_governor.free_cpus() for _ in range(20)]
     spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.3)
@@ -189,8 +191,8 @@ def test_free_cpus_on_this_machine_sees_a_busy_process():
     finally:
         spinner.kill()
         spinner.wait()
-    # each look is a snapshot (other tasks on a shared machine come and go): compare the best
-    assert max(busy_looks) <= max(quiet_looks) - 1
+    # the spinner is runnable at every look; other tasks of a shared machine can only take more
+    assert all(look is not None and 0 <= look <= os.cpu_count() - 1 for look in busy_looks)
 
 
 def test_a_prefill_chunk_runs_on_the_threads_no_other_task_crowds(monkeypatch):
