@@ -281,10 +281,16 @@ def free_cpus(proc: str = "/proc") -> int | None:
 _local = threading.local()
 
 
+def _count_pinned() -> bool:
+    """Whether the calling OS thread's count stays as set: ``MQA_GEN_FIXED_THREADS=1`` or inside
+    :func:`fixed_threads`."""
+    return os.environ.get("MQA_GEN_FIXED_THREADS") == "1" or getattr(_local, "fixed", False)
+
+
 def governor() -> ThreadGovernor | None:
     """The calling OS thread's governor of Numba's thread count, or None when
     ``MQA_GEN_FIXED_THREADS=1`` or inside :func:`fixed_threads` (the count stays as set)."""
-    if os.environ.get("MQA_GEN_FIXED_THREADS") == "1" or getattr(_local, "fixed", False):
+    if _count_pinned():
         return None
     gov = getattr(_local, "governor", None)
     if gov is None:
@@ -324,7 +330,7 @@ def uncrowded_count(threads: int) -> int:
     now: ``threads`` itself unless two looks :data:`SECOND_LOOK_AFTER` apart both see fewer free
     CPUs (:func:`free_cpus`), or where the count is unknown or pinned (:func:`fixed_threads`,
     ``MQA_GEN_FIXED_THREADS=1``)."""
-    if threads <= 1 or governor() is None:
+    if threads <= 1 or _count_pinned():
         return threads
     free = free_cpus()
     if free is None or free >= threads:
